@@ -1,0 +1,252 @@
+"""Model: a transformer (or any JAX function with hooks) as a pure function over params.
+
+`run` captures and edits activations at named sites; `prefix` + `run_suffix` split a run
+at a site so many edited suffixes can share one prefix (the measurement engine's cache).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..edits import Edit, flatten_edits, position_axis
+from ..errors import JfigError, ShapeError, SiteError
+from ..sites import NEEDS_RESID_MID, NEEDS_RESID_PRE, RESIDUAL_STAGES, block_site, model_sites, parse_site
+from .config import ModelConfig
+from .forward import StopRun, forward
+
+TRACE_COUNT = {"run": 0}  # incremented each time a run is traced (tests check for retracing)
+
+
+class RunOutput(NamedTuple):
+    logits: jax.Array | None           # [batch, seq, vocab], None when the run stopped early
+    cache: dict[str, jax.Array]        # site -> activations (after edits at that site)
+
+
+class Prefix(NamedTuple):
+    """Activations at `site` and the residual a suffix run from there also needs."""
+
+    site: str
+    acts: jax.Array                    # activations at `site`
+    resid: jax.Array | None            # resid_pre / resid_mid / embed when `site` needs it
+
+
+class _EditHook:
+    """Applies edits and records captures; `sites` is what the forward must call it for."""
+
+    def __init__(self, edits: tuple[Edit, ...], capture: tuple[str, ...], stop: str | None):
+        self.edits, self.capture, self.stop = edits, capture, stop
+        self.sites = frozenset([e.site for e in edits] + list(capture))
+        self.cache: dict[str, jax.Array] = {}
+        self.seen: set[str] = set()
+
+    def __call__(self, site: str, x):
+        self.seen.add(site)
+        if site not in self.sites and site != self.stop:
+            return x
+        for e in self.edits:
+            if e.site == site:
+                x = e.apply(x, position_axis(site))
+        if site in self.capture:
+            self.cache[site] = x
+        if site == self.stop:
+            raise StopRun(site)
+        return x
+
+
+def _resid_site_for(site: str) -> str | None:
+    """The residual a suffix run from `site` needs besides the site's own activations."""
+    if site == "hook_pos_embed":
+        return "hook_embed"
+    s = parse_site(site)
+    if s.layer < 0 or s.stage in RESIDUAL_STAGES:
+        return None
+    if s.stage in NEEDS_RESID_PRE:
+        return block_site(s.layer, "hook_resid_pre")
+    if s.stage in NEEDS_RESID_MID:
+        return block_site(s.layer, "hook_resid_mid")
+    raise SiteError(f"a suffix run cannot start at {site!r}: start at a residual, hook_attn_out, "
+                    f"attn.hook_z, mlp.hook_post or hook_mlp_out site")
+
+
+@partial(jax.jit, static_argnames=("cfg", "apply_fn", "capture", "stop", "start", "want_logits", "freeze"))
+def _run(params, tokens, edits, start_acts, start_resid, *, cfg, apply_fn, capture, stop, start, want_logits, freeze):
+    TRACE_COUNT["run"] += 1
+    hook = _EditHook(edits, capture, stop)
+    out = None
+    try:
+        if apply_fn is not None:
+            out = apply_fn(params, tokens, hook)
+        else:
+            out = forward(cfg, params, tokens=tokens, hook=hook, stop=stop, start=start, start_acts=start_acts,
+                          start_resid=start_resid, logits=want_logits, freeze=freeze)
+    except StopRun:
+        out = None
+    missing = [s for s in capture if s not in hook.cache]
+    if missing:
+        raise SiteError(f"the run never reached site(s) {missing}: the model function did not call hook() there"
+                        + (f" before stopping at {stop!r}" if stop else ""))
+    return RunOutput(logits=out if want_logits else None, cache=hook.cache)
+
+
+class Model(eqx.Module):
+    """A language model as a pure function of its parameter pytree.
+
+    Attributes: `params` (pytree), `config` (frozen ModelConfig, None for wrapped
+    functions), `tokenizer` (or None), `sites` (site names in forward order).
+    """
+
+    params: Any
+    config: ModelConfig | None = eqx.field(static=True)
+    tokenizer: Any = eqx.field(static=True, default=None)
+    sites: tuple[str, ...] = eqx.field(static=True, default=())
+    apply_fn: Callable | None = eqx.field(static=True, default=None)
+    site_widths: tuple = eqx.field(static=True, default=())
+    n_vocab: int | None = eqx.field(static=True, default=None)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, params, tokenizer=None) -> "Model":
+        sites = model_sites(config.n_layers, pos_embed=config.positional == "learned")
+        return cls(params=params, config=config, tokenizer=tokenizer, sites=sites, apply_fn=None,
+                   site_widths=tuple((s, _builtin_width(config, s)) for s in sites))
+
+    @classmethod
+    def from_function(cls, apply: Callable, params, *, sites, tokenizer=None, vocab_size: int | None = None,
+                      site_widths: dict | None = None) -> "Model":
+        """Wrap any JAX model: `apply(params, tokens, hook) -> logits`, calling `hook(site, x) -> x`
+        at every site in `sites` (in forward order) and using what it returns.
+
+        Edits and capture work as for built-in models. Prefix caching (`prefix` /
+        `run_suffix`) is not available: jfig cannot restart an opaque function mid-way.
+        `site_widths` (site -> last-axis width) lets jfig check SAE/site mismatches up front.
+        """
+        if not sites:
+            raise SiteError("from_function needs the tuple of site names the function calls hook() at")
+        return cls(params=params, config=None, tokenizer=tokenizer, sites=tuple(sites), apply_fn=apply,
+                   site_widths=tuple(sorted((site_widths or {}).items())), n_vocab=vocab_size)
+
+    # ---------------------------------------------------------------- checks
+    @property
+    def vocab_size(self) -> int | None:
+        return self.config.vocab_size if self.config is not None else self.n_vocab
+
+    def check_site(self, site: str) -> str:
+        if not isinstance(site, str) or site not in self.sites:
+            hint = f"sites run from {self.sites[0]!r} to {self.sites[-1]!r}" if self.sites else "no sites"
+            raise SiteError(f"unknown site {site!r}: this model has {len(self.sites)} sites ({hint})")
+        return site
+
+    def site_width(self, site: str) -> int | None:
+        return dict(self.site_widths).get(site)
+
+    def _check_tokens(self, tokens):
+        if isinstance(tokens, (list, tuple)):
+            tokens = np.asarray(tokens)
+        if not hasattr(tokens, "dtype") or not hasattr(tokens, "ndim"):
+            raise ShapeError(f"tokens must be an int array [batch, seq] or [seq], got {type(tokens).__name__}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ShapeError(f"tokens must have an integer dtype, got {tokens.dtype}")
+        if tokens.ndim == 1:
+            tokens = tokens[None, :]
+        if tokens.ndim != 2:
+            raise ShapeError(f"tokens must have rank 2 [batch, seq] (or 1), got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] == 0:
+            raise ShapeError("tokens has sequence length 0; expected at least one token")
+        vocab = self.vocab_size
+        if vocab is not None and not isinstance(tokens, jax.core.Tracer):
+            t = np.asarray(tokens)
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= vocab:
+                raise ShapeError(f"token id {hi if hi >= vocab else lo} is outside the vocabulary [0, {vocab})")
+        if self.config is not None:
+            if self.config.positional == "learned" and tokens.shape[1] > self.config.max_seq_len:
+                raise ShapeError(f"sequence length {tokens.shape[1]} exceeds the model's {self.config.max_seq_len} positions")
+        return jnp.asarray(tokens, jnp.int32)
+
+    def _check_edits(self, edits) -> tuple[Edit, ...]:
+        flat = flatten_edits(edits)
+        for e in flat:
+            self.check_site(e.site)
+            sae = getattr(e, "sae", None)
+            width = self.site_width(e.site)
+            if sae is not None and width is not None and sae.d_in != width:
+                raise ShapeError(f"SAE d_in {sae.d_in} does not match site {e.site} width {width}")
+        return flat
+
+    def _check_capture(self, capture) -> tuple[str, ...]:
+        if capture is None:
+            return ()
+        if isinstance(capture, str):
+            capture = (capture,)
+        return tuple(dict.fromkeys(self.check_site(s) for s in capture))
+
+    # ---------------------------------------------------------------- runs
+    def run(self, tokens, *, edits=(), capture=(), stop_at: str | None = None, logits: bool = True,
+            freeze: bool = False) -> RunOutput:
+        """Run on tokens [batch, seq] (or [seq]); returns RunOutput(logits, cache).
+
+        edits: Edit objects (or Compose); capture: site names to return in `cache`;
+        stop_at: stop after this site (no logits); freeze: stop gradients through norm
+        scales and attention patterns (direct effects).
+        """
+        tokens = self._check_tokens(tokens)
+        flat = self._check_edits(edits)
+        capture = self._check_capture(capture)
+        if stop_at is not None:
+            self.check_site(stop_at)
+        return _run(self.params, tokens, flat, None, None, cfg=self.config, apply_fn=self.apply_fn,
+                    capture=capture, stop=stop_at, start=None, want_logits=logits and stop_at is None,
+                    freeze=freeze)
+
+    def prefix(self, tokens, site: str, *, edits=()) -> Prefix:
+        """Run up to `site` and return what a suffix run from there needs."""
+        self._require_builtin("prefix")
+        self.check_site(site)
+        need = _resid_site_for(site)
+        cap = (site,) + ((need,) if need else ())
+        out = self.run(tokens, edits=edits, capture=cap, stop_at=site, logits=False)
+        return Prefix(site, out.cache[site], out.cache.get(need) if need else None)
+
+    def run_suffix(self, prefix: Prefix, *, edits=(), capture=(), stop_at: str | None = None,
+                   logits: bool = False, freeze: bool = False) -> RunOutput:
+        """Continue a run from `prefix.site` with its activations; edits at that site apply first.
+
+        Equals the matching part of a full run. No unembedding unless `logits=True`.
+        """
+        self._require_builtin("run_suffix")
+        start = self.check_site(prefix.site)
+        flat = self._check_edits(edits)
+        capture = self._check_capture(capture)
+        order = {s: i for i, s in enumerate(self.sites)}
+        for s in list(capture) + [e.site for e in flat] + ([stop_at] if stop_at else []):
+            self.check_site(s)
+            if order[s] < order[start]:
+                raise SiteError(f"site {s!r} comes before the suffix start {start!r}")
+        if _resid_site_for(start) is not None and prefix.resid is None:
+            raise ShapeError(f"a suffix run from {start!r} also needs the residual {_resid_site_for(start)!r}")
+        return _run(self.params, None, flat, jnp.asarray(prefix.acts), prefix.resid, cfg=self.config,
+                    apply_fn=None, capture=capture, stop=stop_at, start=start,
+                    want_logits=logits and stop_at is None, freeze=freeze)
+
+    def _require_builtin(self, what: str):
+        if self.apply_fn is not None:
+            raise JfigError(f"{what} needs a built-in model: a model wrapped with Model.from_function "
+                            f"cannot be restarted mid-way; use run(..., edits=...) instead")
+
+
+def _builtin_width(cfg: ModelConfig, site: str) -> int | None:
+    """Width an SAE at `site` must have (heads flattened for q/k/v/z); None for patterns."""
+    local = parse_site(site).local
+    if local == "mlp.hook_post":
+        return cfg.d_mlp
+    if local in ("attn.hook_q", "attn.hook_z"):
+        return cfg.n_heads * cfg.d_head      # SAEs on these sites see the heads flattened
+    if local in ("attn.hook_k", "attn.hook_v"):
+        return cfg.n_kv_heads * cfg.d_head
+    if local == "attn.hook_pattern":
+        return None
+    return cfg.d_model
