@@ -43,6 +43,7 @@ class ModelConfig:
     positional: str = "rope"          # "rope" | "learned"
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    rope_freq_factors: tuple[float, ...] | None = None  # GGUF rope_freqs: per-frequency divisors
     attn_scale: float | None = None   # multiplier on q·k; None -> 1/sqrt(d_head)
     attn_softcap: float | None = None
     final_softcap: float | None = None

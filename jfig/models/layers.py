@@ -44,6 +44,8 @@ def rope_inv_freq(cfg: ModelConfig):
     """Inverse frequencies [d_head/2], with Llama-3 scaling when configured."""
     e = cfg.d_head
     inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    if cfg.rope_freq_factors is not None:
+        inv = inv / jnp.asarray(cfg.rope_freq_factors, jnp.float32)
     rs = cfg.rope_scaling
     if rs is None:
         return inv

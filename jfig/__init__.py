@@ -1,0 +1,20 @@
+"""jfig: Feature Interaction Graphs for sparse-autoencoder features of transformer models, in JAX.
+
+Curated public API; see docs/ for guides and ../DESIGN for the contract.
+"""
+from . import edits, errors, sites
+from .edits import Ablate, Clamp, Compose, Patch, Steer
+from .errors import FormatError, JfigError, ShapeError, SiteError
+from .models.config import ModelConfig
+from .models.model import Model, Prefix, RunOutput
+from .models.registry import DEFAULT_MODEL, load_model
+from .models.tokenizer import Tokenizer
+from .saes import SAE, load_sae, save_sae
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Ablate", "Clamp", "Compose", "DEFAULT_MODEL", "FormatError", "JfigError", "Model", "ModelConfig", "Patch",
+    "Prefix", "RunOutput", "SAE", "ShapeError", "SiteError", "Steer", "Tokenizer", "edits", "errors",
+    "load_model", "load_sae", "save_sae", "sites",
+]

