@@ -70,11 +70,13 @@ class Edit(eqx.Module):
 
 def _clamp_delta(sae, feature, value, x):
     """Change of x when `feature` (int [] or [n]) of `sae` is set to `value`, keeping the error."""
-    flat = x
-    f, stats = sae.encode_with_stats(flat)
+    f, stats = sae.encode_with_stats(x)
     feats = jnp.atleast_1d(feature)
     vals = jnp.broadcast_to(jnp.asarray(value, f.dtype), feats.shape)
-    dirs = jax.vmap(lambda i: sae.decode_direction(i, stats), out_axes=-2)(feats)  # [..., n, d_in]
+    dirs = jax.vmap(lambda i: sae.decode_direction(i, stats))(feats)  # [n, ..., d_in | n_heads, d_head]
+    if dirs.shape[-1] != sae.d_in:  # hook_z SAEs hand back [..., n_heads, d_head]
+        dirs = dirs.reshape(*dirs.shape[:-2], sae.d_in)
+    dirs = jnp.moveaxis(dirs, 0, -2)  # [..., n, d_in]
     cur = jnp.take(f, feats, axis=-1)  # [..., n]
     delta = jnp.einsum("...n,...nd->...d", vals - cur, jnp.broadcast_to(dirs, cur.shape + dirs.shape[-1:]))
     return delta.reshape(x.shape)
