@@ -1,0 +1,109 @@
+"""The `jfig` command line. `jfig --help` lists the commands."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DEMO_PROMPTS = (
+    "The capital of France is",
+    "When Mary and John went to the store, John gave a drink to",
+    "<|im_start|>user\nWhat is the opposite of hot?<|im_end|>\n<|im_start|>assistant\n",
+)
+
+
+def _load(model_name: str):
+    import jfig
+    t = time.time()
+    model = jfig.load_model(model_name)
+    c = model.config
+    print(f"loaded {c.name or model_name}: {c.family}, {c.n_layers} layers, d_model {c.d_model}, "
+          f"{c.n_heads} heads ({c.n_kv_heads} kv), vocab {c.vocab_size} in {time.time() - t:.1f}s")
+    return model
+
+
+def _show_prompt(model, prompt: str, saes, top: int) -> None:
+    import jax
+    import jax.numpy as jnp
+    tok = model.tokenizer
+    ids = tok.encode(prompt)
+    sites = tuple(s.site for s in saes)
+    out = model.run(jnp.asarray([ids]), capture=sites)
+    probs = jax.nn.softmax(out.logits[0, -1])
+    best = jnp.argsort(-probs)[:top]
+    print(f"\nprompt: {prompt!r}  ({len(ids)} tokens)")
+    print("  next token: " + ", ".join(f"{tok.decode([int(i)])!r} {float(probs[i]):.3f}" for i in best))
+    for sae in saes:
+        f = sae.encode(out.cache[sae.site])[0, -1]
+        idx = jnp.argsort(-f)[:top]
+        active = int((f > 0).sum())
+        print(f"  {sae.site}: {active} active features at the last token; top "
+              + ", ".join(f"#{int(i)}={float(f[i]):.2f}" for i in idx if f[i] > 0))
+
+
+def cmd_run(args) -> int:
+    import jfig
+    model = _load(args.model)
+    saes = [jfig.load_sae(p) for p in args.sae]
+    for prompt in args.prompt or DEMO_PROMPTS:
+        _show_prompt(model, prompt, saes, args.top)
+    return 0
+
+
+def cmd_sites(args) -> int:
+    model = _load(args.model)
+    for s in model.sites:
+        print(s)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the offline default model (it grows as capabilities land)."""
+    import jfig
+    model = _load(args.model)
+    saes = [jfig.load_sae(p) for p in args.sae]
+    if not saes:
+        print("(no SAE given: pass --sae PATH to also list the most active features at its site)")
+    for prompt in DEMO_PROMPTS:
+        _show_prompt(model, prompt, saes, args.top)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jfig", description="Feature Interaction Graphs for SAE features, in JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--model", default="smollm2-135m", help="model name, .gguf file or HF folder")
+        sp.add_argument("--sae", action="append", default=[], help="SAE folder or params.npz (repeatable)")
+        sp.add_argument("--top", type=int, default=5, help="how many tokens/features to show")
+
+    d = sub.add_parser("demo", help="run jfig's main job on the offline default model")
+    common(d)
+    d.add_argument("--out", default=None, help="output folder (used by later stages)")
+    d.set_defaults(fn=cmd_demo)
+    r = sub.add_parser("run", help="next-token prediction and most active SAE features for prompts")
+    common(r)
+    r.add_argument("prompt", nargs="*", help="prompt text (default: a few demo prompts)")
+    r.set_defaults(fn=cmd_run)
+    s = sub.add_parser("sites", help="list the model's site names in forward order")
+    s.add_argument("--model", default="smollm2-135m")
+    s.set_defaults(fn=cmd_sites)
+    return p
+
+
+def main(argv=None) -> int:
+    from .errors import JfigError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except JfigError as e:
+        print(f"jfig: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jfig: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
