@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import FormatError
 from .config import ModelConfig, gemma2_config, gpt2_config, llama_config
 from .gguf_reader import GGUFContents, read_gguf
-from .hf_loader import check_param_shapes
+from .hf_loader import check_param_shapes, stack_layers
 
 LLAMA_ARCHS = ("llama", "mistral", "smollm")
 
@@ -35,6 +35,9 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def config_from_gguf(g: GGUFContents) -> ModelConfig:
     arch = g.require("general.architecture")
+    if arch not in ("gpt2", "gemma2") + LLAMA_ARCHS:  # before reading keys other architectures lack
+        raise FormatError(f"{g.path}: general.architecture {arch!r} is not supported; "
+                          f"expected one of gpt2, gemma2, {', '.join(LLAMA_ARCHS)}")
     a = lambda k, default=None: g.metadata.get(f"{arch}.{k}", default)  # noqa: E731
     req = lambda k: g.require(f"{arch}.{k}")  # noqa: E731
     d, h, L = int(req("embedding_length")), int(req("attention.head_count")), int(req("block_count"))
@@ -60,14 +63,12 @@ def config_from_gguf(g: GGUFContents) -> ModelConfig:
                              norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-6)),
                              attn_softcap=_opt_float(a("attn_logit_softcapping")),
                              final_softcap=_opt_float(a("final_logit_softcapping")))
-    if arch in LLAMA_ARCHS:
-        factors = None
-        if "rope_freqs.weight" in g.tensor_names:
-            factors = tuple(float(x) for x in g.tensor("rope_freqs.weight"))
-        return llama_config(**common, norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
-                            rope_freq_factors=factors, qkv_bias="blk.0.attn_q.bias" in g.tensor_names,
-                            tied_embeddings="output.weight" not in g.tensor_names)
-    raise FormatError(f"{g.path}: general.architecture {arch!r} is not supported; expected llama, gemma2 or gpt2")
+    factors = None  # the Llama family
+    if "rope_freqs.weight" in g.tensor_names:
+        factors = tuple(float(x) for x in g.tensor("rope_freqs.weight"))
+    return llama_config(**common, norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
+                        rope_freq_factors=factors, qkv_bias="blk.0.attn_q.bias" in g.tensor_names,
+                        tied_embeddings="output.weight" not in g.tensor_names)
 
 
 def _opt_float(x):
@@ -111,7 +112,7 @@ def params_from_gguf(cfg: ModelConfig, g: GGUFContents) -> dict:
                 p["ln_mlp_post_w"] = need(b + "post_ffw_norm.weight") - norm_shift
         layers.append(p)
     params = {"embed": need("token_embd.weight"), "ln_f_w": need("output_norm.weight") - norm_shift,
-              "blocks": {k: np.stack([np.asarray(l[k], np.float32) for l in layers]) for k in layers[0]}}
+              "blocks": stack_layers(cfg, layers, g.path)}
     if cfg.family == "gpt2":
         params["pos_embed"] = need("position_embd.weight")
         params["ln_f_b"] = need("output_norm.bias")

@@ -135,7 +135,7 @@ def params_from_hf_state_dict(cfg: ModelConfig, sd: dict, path="state dict") -> 
         params = {"embed": get("model.embed_tokens.weight"), "ln_f_w": get("model.norm.weight")}
         if not cfg.tied_embeddings:
             params["unembed"] = get("lm_head.weight").T
-    params["blocks"] = {k: np.stack([np.asarray(layers[i][k], np.float32) for i in range(L)]) for k in layers[0]}
+    params["blocks"] = stack_layers(cfg, layers, path)
     params = {k: (np.asarray(v, np.float32) if not isinstance(v, dict) else v) for k, v in params.items()}
     check_param_shapes(cfg, params, path)
     return params
@@ -153,6 +153,22 @@ def expected_shapes(cfg: ModelConfig) -> dict:
     import jax
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     return jax.tree.map(lambda s: tuple(s.shape), shapes)
+
+
+def stack_layers(cfg: ModelConfig, layers: list[dict], path) -> dict:
+    """Per-layer params -> {name: [n_layers, ...]}, each layer's shape checked against the config first."""
+    exp = expected_shapes(cfg)["blocks"]
+    blocks = {}
+    for k in layers[0]:
+        want = exp[k][1:] if k in exp else tuple(np.shape(layers[0][k]))
+        for i, layer in enumerate(layers):
+            if k not in layer:
+                raise FormatError(f"{path}: layer {i} lacks parameter blocks.{k} (expected shape {want})")
+            if tuple(np.shape(layer[k])) != want:
+                raise FormatError(f"{path}: layer {i} parameter blocks.{k} has shape {tuple(np.shape(layer[k]))}, "
+                                  f"expected {want} from the config")
+        blocks[k] = np.stack([np.asarray(layer[k], np.float32) for layer in layers])
+    return blocks
 
 
 def check_param_shapes(cfg: ModelConfig, params: dict, path) -> None:
