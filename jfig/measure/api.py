@@ -1,0 +1,185 @@
+"""measure_effects: causal effects of source features on every target feature.
+
+Design (docs/measure.md): the prefix up to the source site runs once per input batch;
+the suffix is vmapped over a chunk of sources (and α levels) inside one jit, stopping at
+the last target site; chunks are sized from a memory budget and padded so nothing
+recompiles; the source axis is sharded over all local devices when there are several.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import JfigError, ShapeError
+from .engine import METHODS, POSITION_MODES, Plan, chunk_effects
+from .select import auto_chunk, choose_inputs, nonzero_quantiles
+from .types import Effects, FeatureList, feature_list, saes_by_site, site_order
+
+
+def _progress(total, desc, enabled):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="src", disable=not enabled, dynamic_ncols=True)
+
+
+def default_targets(saes: dict, source_sites) -> FeatureList:
+    """Every feature of every SAE at or after the earliest source site."""
+    first = min(site_order(s) for s in source_sites)
+    spec = {s: np.arange(sae.d_sae) for s, sae in sorted(saes.items(), key=lambda kv: site_order(kv[0]))
+            if site_order(s) >= first}
+    return feature_list(spec, saes)
+
+
+def prefix_pass(model, src_sae, feats, tokens, batch_size: int, builtin: bool):
+    """Source-site activations [N, S, d], the residual a suffix needs, and the sources' values [N, S, n]."""
+    acts, resids, vals = [], [], []
+    cols = jnp.asarray(feats)
+    site = src_sae.site
+    for b in range(0, tokens.shape[0], batch_size):
+        tb = tokens[b: b + batch_size]
+        if builtin:
+            pre = model.prefix(tb, site)
+            a, r = pre.acts, pre.resid
+        else:
+            a, r = model.run(tb, capture=(site,), stop_at=site).cache[site], None
+        if not bool(jnp.isfinite(a).all()):
+            raise ShapeError(f"activations at {site} contain NaN or inf (input rows {b}..{b + len(tb) - 1})")
+        acts.append(a)
+        resids.append(r)
+        vals.append(jnp.take(src_sae.encode(a), cols, axis=-1))
+    resid = None if resids[0] is None else jnp.concatenate(resids)
+    return jnp.concatenate(acts), resid, jnp.concatenate(vals)
+
+
+def _levels(method, vals_np, alphas, atlas_q):
+    """(alpha_lo, alpha_hi, median) per source, [n] each; for mean_ablate alpha_lo is the mean."""
+    flat = vals_np.reshape(-1, vals_np.shape[-1])
+    q = atlas_q if atlas_q is not None else nonzero_quantiles(flat)
+    lo, med, hi = q[:, 0], q[:, 1], q[:, 2]
+    if alphas is not None:
+        a = np.asarray(alphas, np.float32)
+        a = np.broadcast_to(a, (flat.shape[1], 2)) if a.ndim <= 1 else a
+        lo, hi = a[:, 0], a[:, 1]
+    if method == "clamp":
+        bad = np.isfinite(lo) & np.isfinite(hi) & (hi <= lo)
+        hi = np.where(bad, lo + np.maximum(np.abs(lo), 1.0) * 0.5, hi)  # degenerate quantiles: widen
+    if method == "mean_ablate":
+        lo = flat.mean(0)
+    return (np.nan_to_num(lo).astype(np.float32), np.nan_to_num(hi, nan=1.0).astype(np.float32),
+            np.nan_to_num(med, nan=np.inf).astype(np.float32))
+
+
+def _bytes_per_source(model, plan, m, s, tgt_saes) -> float:
+    cfg = model.config
+    width = (cfg.d_model * 10 + cfg.d_mlp * 3 + cfg.n_heads * s) if cfg is not None else 4096
+    width += sum(t.d_sae * 2 for t in tgt_saes)
+    levels = 2 if plan.method in ("clamp", "ablate", "mean_ablate") else 3
+    return 4.0 * levels * m * s * width
+
+
+def _mesh_put(arrays, n_dev):
+    if n_dev <= 1:
+        return arrays
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.asarray(jax.devices()[:n_dev]), ("sources",))
+    return [jax.device_put(a, NamedSharding(mesh, P("sources", *([None] * (a.ndim - 1))))) for a in arrays]
+
+
+def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", positions: str = "same",
+                    targets=None, inputs_per_source: int = 32, alphas=None, atlas=None, clamp_at: str = "active",
+                    batch_size: int = 32, memory_budget: float = 2e9, chunk_size: int | None = None,
+                    keep_per_input: bool = False, devices: int | None = None, seed: int = 0,
+                    progress: bool = True) -> Effects:
+    """Effects of each source feature on every target feature, averaged over inputs.
+
+    model: a jfig Model; saes: SAEs (list or {site: SAE}); sources: (site, feature) pairs or
+    {site: features}; tokens: int [N, seq]. method: "clamp" (finite difference between α_hi
+    and α_lo, divided by their gap), "ablate" (clamp to 0 minus clean), "mean_ablate" (clamp to
+    the feature's mean minus clean), "jacobian" (∂f_j/∂α_i by forward-mode jvp) or
+    "jacobian_direct" (the same with attention patterns and norm scales frozen).
+    positions: "same" (read where the source was clamped), "later" (only at later, unclamped
+    positions), "all" (every position from the first clamp on). Each source is measured on up
+    to `inputs_per_source` inputs where it fires above its median; α levels default to its
+    10th/90th percentiles of non-zero activations (from `atlas` if given, else these inputs).
+
+    Returns Effects with mean/var/n [n_sources, n_targets].
+
+    >>> eff = measure_effects(model, [sae8, sae12], {"blocks.8.hook_resid_post": [3, 17]}, tokens)
+    >>> eff.mean.shape                     # (2, d_sae8 + d_sae12)
+    """
+    if method not in METHODS:
+        raise JfigError(f"unknown method {method!r}; expected one of {METHODS}")
+    if positions not in POSITION_MODES:
+        raise JfigError(f"unknown positions mode {positions!r}; expected one of {POSITION_MODES}")
+    saes = saes_by_site(saes)
+    for site, sae in saes.items():
+        model.check_site(site)
+        w = model.site_width(site)
+        if w is not None and sae.d_in != w:
+            raise ShapeError(f"SAE d_in {sae.d_in} does not match site {site} width {w}")
+    src = feature_list(sources, saes)
+    if len(src) == 0:
+        raise JfigError("no source features given")
+    tgt = feature_list(targets, saes) if targets is not None else default_targets(saes, src.unique_sites())
+    tokens = model._check_tokens(tokens)
+    builtin = model.apply_fn is None
+    n_dev = devices if devices is not None else len(jax.local_devices())
+    mean = np.full((len(src), len(tgt)), np.nan, np.float32)
+    var = np.full_like(mean, np.nan)
+    count = np.zeros_like(mean)
+    alph = np.zeros((len(src), 2), np.float32)
+    per_input = np.zeros((len(src), inputs_per_source, len(tgt)), np.float32) if keep_per_input else None
+    in_w = np.zeros((len(src), inputs_per_source), np.float32)
+    in_idx = np.zeros((len(src), inputs_per_source), np.int32)
+    bar = _progress(len(src), f"measure {method}", progress)
+    for site in sorted(src.unique_sites(), key=site_order):
+        rows = src.at(site)
+        tsites = tuple(s for s in tgt.unique_sites() if site_order(s) >= site_order(site))
+        if not tsites:
+            bar.update(len(rows))
+            continue
+        tsites = tuple(sorted(tsites, key=site_order))
+        tcols_idx = [tgt.at(s) for s in tsites]
+        tcols = tuple(jnp.asarray(tgt.features[c], jnp.int32) for c in tcols_idx)
+        tgt_saes = tuple(saes[s] for s in tsites)
+        plan = Plan(site, tsites, method, positions, clamp_at, builtin)
+        feats = src.features[rows]
+        acts, resid, vals = prefix_pass(model, saes[site], feats, tokens, batch_size, builtin)
+        vals_np = np.asarray(vals)
+        atlas_q = atlas.activation_quantiles(site, feats) if atlas is not None else None
+        a_rows = None if alphas is None else (np.asarray(alphas) if np.ndim(alphas) <= 1 else np.asarray(alphas)[rows])
+        lo, hi, med = _levels(method, vals_np, a_rows, atlas_q)
+        idx, wgt = choose_inputs(vals_np.max(axis=1), med, inputs_per_source, seed)
+        alph[rows] = np.stack([lo, hi], -1)
+        in_w[rows], in_idx[rows] = wgt, idx
+        S = tokens.shape[1]
+        c = chunk_size or auto_chunk(_bytes_per_source(model, plan, inputs_per_source, S, tgt_saes),
+                                     memory_budget, len(rows), n_dev)
+        if n_dev > 1:
+            c = max(n_dev, int(math.ceil(c / n_dev)) * n_dev)
+        toks_all = None if builtin else tokens
+        order = np.concatenate([np.concatenate(tcols_idx)])
+        for start in range(0, len(rows), c):
+            sl = np.arange(start, min(start + c, len(rows)))
+            pad = np.concatenate([sl, np.full(c - len(sl), sl[-1])])   # fixed chunk shape: no recompiles
+            wpad = wgt[pad] * (np.arange(c) < len(sl))[:, None]
+            args = _mesh_put([jnp.asarray(idx[pad]), jnp.asarray(wpad), jnp.asarray(pad, jnp.int32),
+                              jnp.asarray(feats[pad], jnp.int32), jnp.asarray(lo[pad]), jnp.asarray(hi[pad])], n_dev)
+            n, mu, m2, e, wv = chunk_effects(model, plan, saes[site], tgt_saes, tcols, acts, resid, toks_all, vals,
+                                             *args, keep_per_input)
+            n, mu, m2 = np.asarray(n)[: len(sl)], np.asarray(mu)[: len(sl)], np.asarray(m2)[: len(sl)]
+            r = rows[sl]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean[np.ix_(r, order)] = np.where(n[:, None] > 0, mu, np.nan)
+                var[np.ix_(r, order)] = np.where(n[:, None] > 1, m2 / np.maximum(n[:, None] - 1, 1), np.nan)
+            count[np.ix_(r, order)] = n[:, None]
+            if keep_per_input:
+                per_input[np.ix_(r, np.arange(inputs_per_source), order)] = np.asarray(e)[: len(sl)]
+                in_w[r] = np.asarray(wv)[: len(sl)]
+            bar.update(len(sl))
+    bar.close()
+    return Effects(mean=mean, var=var, n=count, sources=src, targets=tgt, method=method, positions=positions,
+                   alphas=alph, per_input=per_input, input_weight=in_w, input_index=in_idx,
+                   options=dict(inputs_per_source=inputs_per_source, clamp_at=clamp_at, seed=seed))

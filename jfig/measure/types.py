@@ -1,0 +1,124 @@
+"""Result containers and feature references for the measurement engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import JfigError, SiteError
+from ..sites import parse_site
+
+
+@dataclass(frozen=True)
+class FeatureList:
+    """An ordered list of (site, feature) pairs; `sites` and `features` are parallel arrays."""
+
+    sites: tuple[str, ...]
+    features: np.ndarray  # [n] int
+
+    def __len__(self):
+        return len(self.sites)
+
+    def __iter__(self):
+        return iter(zip(self.sites, self.features.tolist()))
+
+    def __getitem__(self, i):
+        return self.sites[i], int(self.features[i])
+
+    def at(self, site: str) -> np.ndarray:
+        """Row indices of the entries at `site`."""
+        return np.asarray([i for i, s in enumerate(self.sites) if s == site], np.int64)
+
+    def unique_sites(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.sites))
+
+    def as_table(self):
+        import pyarrow as pa
+        return pa.table({"site": list(self.sites), "feature": self.features.astype(np.int64)})
+
+
+def feature_list(spec, saes: dict) -> FeatureList:
+    """FeatureList from [(site, feature), ...], {site: features}, or an existing FeatureList."""
+    if isinstance(spec, FeatureList):
+        out = spec
+    elif isinstance(spec, dict):
+        sites, feats = [], []
+        for site, fs in spec.items():
+            fs = np.atleast_1d(np.asarray(fs, np.int64))
+            sites += [site] * len(fs)
+            feats.append(fs)
+        out = FeatureList(tuple(sites), np.concatenate(feats) if feats else np.zeros(0, np.int64))
+    else:
+        pairs = list(spec)
+        if pairs and not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+            raise JfigError("features must be (site, feature) pairs, a {site: features} dict or a FeatureList")
+        out = FeatureList(tuple(p[0] for p in pairs), np.asarray([int(p[1]) for p in pairs], np.int64))
+    for site in out.unique_sites():
+        if site not in saes:
+            raise SiteError(f"no SAE given for site {site!r}; SAEs are at {sorted(saes)}")
+        d = saes[site].d_sae
+        fs = out.features[out.at(site)]
+        if len(fs) and (fs.min() < 0 or fs.max() >= d):
+            raise JfigError(f"feature index {int(fs.max() if fs.max() >= d else fs.min())} out of range for the "
+                            f"SAE at {site} with d_sae {d}")
+    return out
+
+
+def saes_by_site(saes) -> dict:
+    """{site: SAE} from a dict, a list of SAEs, or one SAE."""
+    if isinstance(saes, dict):
+        return dict(saes)
+    if hasattr(saes, "site"):
+        return {saes.site: saes}
+    out = {}
+    for s in saes:
+        if s.site in out:
+            raise JfigError(f"two SAEs given for site {s.site!r}")
+        out[s.site] = s
+    return out
+
+
+def site_order(site: str) -> tuple:
+    try:
+        s = parse_site(site)
+        return (s.layer, s.stage)
+    except SiteError:
+        return (10**9, 0)
+
+
+@dataclass
+class Effects:
+    """Per-pair effect statistics over inputs.
+
+    mean, var, n: [n_sources, n_targets]; `n` counts the inputs an entry averages over
+    (0 where the target cannot be affected, e.g. it comes before the source; mean is NaN there).
+    per_input (optional): [n_sources, M, n_targets] per-input effects, with `input_weight`
+    [n_sources, M] (1 for a real input, 0 for padding) and `input_index` [n_sources, M].
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    n: np.ndarray
+    sources: FeatureList
+    targets: FeatureList
+    method: str
+    positions: str
+    alphas: np.ndarray | None = None          # [n_sources, 2] (lo, hi) or [n_sources, 1]
+    per_input: np.ndarray | None = None
+    input_weight: np.ndarray | None = None
+    input_index: np.ndarray | None = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def sem(self) -> np.ndarray:
+        """Standard error of the mean, [n_sources, n_targets]."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.sqrt(self.var / np.maximum(self.n, 1))
+
+    def top(self, k: int = 10) -> list[tuple[Any, Any, float]]:
+        """The k largest |mean| entries as ((source site, feature), (target site, feature), mean)."""
+        m = np.nan_to_num(self.mean)
+        flat = np.argsort(-np.abs(m), axis=None)[:k]
+        rows, cols = np.unravel_index(flat, m.shape)
+        return [(self.sources[r], self.targets[c], float(m[r, c])) for r, c in zip(rows, cols)]
