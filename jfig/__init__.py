@@ -2,9 +2,10 @@
 
 Curated public API; see docs/ for guides and ../DESIGN for the contract.
 """
-from . import edits, errors, sites
+from . import data, edits, errors, sites
 from .edits import Ablate, Clamp, Compose, Patch, Steer
 from .errors import FormatError, JfigError, ShapeError, SiteError
+from .measure import Effects, GatingEffects, measure_effects, measure_gating, weight_effects
 from .models.config import ModelConfig
 from .models.model import Model, Prefix, RunOutput
 from .models.registry import DEFAULT_MODEL, load_model
@@ -14,7 +15,8 @@ from .saes import SAE, load_sae, save_sae
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ablate", "Clamp", "Compose", "DEFAULT_MODEL", "FormatError", "JfigError", "Model", "ModelConfig", "Patch",
-    "Prefix", "RunOutput", "SAE", "ShapeError", "SiteError", "Steer", "Tokenizer", "edits", "errors",
-    "load_model", "load_sae", "save_sae", "sites",
+    "Ablate", "Clamp", "Compose", "DEFAULT_MODEL", "Effects", "FormatError", "GatingEffects", "JfigError", "Model",
+    "ModelConfig", "Patch", "Prefix", "RunOutput", "SAE", "ShapeError", "SiteError", "Steer", "Tokenizer", "data",
+    "edits", "errors", "load_model", "load_sae", "measure_effects", "measure_gating", "save_sae", "sites",
+    "weight_effects",
 ]
