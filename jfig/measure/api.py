@@ -91,7 +91,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
                     targets=None, inputs_per_source: int = 32, alphas=None, atlas=None, clamp_at: str = "active",
                     batch_size: int = 32, memory_budget: float = 2e9, chunk_size: int | None = None,
                     keep_per_input: bool = False, devices: int | None = None, seed: int = 0,
-                    progress: bool = True) -> Effects:
+                    direction: str = "decoder", progress: bool = True) -> Effects:
     """Effects of each source feature on every target feature, averaged over inputs.
 
     model: a jfig Model; saes: SAEs (list or {site: SAE}); sources: (site, feature) pairs or
@@ -99,6 +99,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
     and α_lo, divided by their gap), "ablate" (clamp to 0 minus clean), "mean_ablate" (clamp to
     the feature's mean minus clean), "jacobian" (∂f_j/∂α_i by forward-mode jvp) or
     "jacobian_direct" (the same with attention patterns and norm scales frozen).
+    direction: "decoder" (d_i) or "random" (a random direction with d_i's norm: the null control).
     positions: "same" (read where the source was clamped), "later" (only at later, unclamped
     positions), "all" (every position from the first clamp on). Each source is measured on up
     to `inputs_per_source` inputs where it fires above its median; α levels default to its
@@ -111,6 +112,8 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
     """
     if method not in METHODS:
         raise JfigError(f"unknown method {method!r}; expected one of {METHODS}")
+    if direction not in ("decoder", "random"):
+        raise JfigError(f"unknown direction {direction!r}; expected 'decoder' or 'random'")
     if positions not in POSITION_MODES:
         raise JfigError(f"unknown positions mode {positions!r}; expected one of {POSITION_MODES}")
     saes = saes_by_site(saes)
@@ -144,7 +147,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         tcols_idx = [tgt.at(s) for s in tsites]
         tcols = tuple(jnp.asarray(tgt.features[c], jnp.int32) for c in tcols_idx)
         tgt_saes = tuple(saes[s] for s in tsites)
-        plan = Plan(site, tsites, method, positions, clamp_at, builtin)
+        plan = Plan(site, tsites, method, positions, clamp_at, builtin, direction, seed)
         feats = src.features[rows]
         acts, resid, vals = prefix_pass(model, saes[site], feats, tokens, batch_size, builtin)
         vals_np = np.asarray(vals)
@@ -182,4 +185,4 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
     bar.close()
     return Effects(mean=mean, var=var, n=count, sources=src, targets=tgt, method=method, positions=positions,
                    alphas=alph, per_input=per_input, input_weight=in_w, input_index=in_idx,
-                   options=dict(inputs_per_source=inputs_per_source, clamp_at=clamp_at, seed=seed))
+                   options=dict(inputs_per_source=inputs_per_source, clamp_at=clamp_at, seed=seed, direction=direction))

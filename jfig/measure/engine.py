@@ -31,6 +31,8 @@ class Plan:
     positions: str = "same"
     clamp_at: str = "active"          # "active": every position where the source fires; "argmax": its strongest
     builtin: bool = True              # prefix caching available
+    direction: str = "decoder"        # "decoder": d_i; "random": a random direction with d_i's norm (null control)
+    direction_seed: int = 0
 
     @property
     def stop_site(self) -> str:
@@ -95,6 +97,12 @@ def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tok
     if acts.ndim == 4 and direction.shape[-2:] != acts.shape[-2:]:
         direction = direction.reshape(*direction.shape[:-1], *acts.shape[-2:])
     direction = jnp.broadcast_to(direction, acts.shape)
+    if plan.direction == "random":
+        key = jax.random.fold_in(jax.random.PRNGKey(plan.direction_seed), feature)
+        r = jax.random.normal(key, acts.shape[2:])
+        r = r / jnp.linalg.norm(r)
+        norms = jnp.sqrt(jnp.sum(direction.reshape(*acts.shape[:2], -1) ** 2, -1)).reshape(acts.shape[:2] + extra)
+        direction = norms[..., None] * r
     valid = (rm.sum(-1) > 0).astype(jnp.float32)
     cmx, fix = cm.reshape(cm.shape + extra), fi.reshape(fi.shape + extra)
 

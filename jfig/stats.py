@@ -1,0 +1,126 @@
+"""Significance for measured effects: nulls, p-values, multiple-testing corrections, edge kinds.
+
+- **Permutation test** (seed 000 §6.2 step 4, "shuffle clamping assignments"): each per-input
+  effect is a paired difference between two runs (α_hi vs α_lo, or clamped vs clean). Under
+  the null of no effect the two runs are exchangeable, so swapping them — flipping the sign of
+  that input's difference — leaves the distribution unchanged. The statistic is |mean|; the
+  p-value is (1 + #{|null| ≥ |observed|}) / (1 + B) over B random sign assignments.
+- **Random-direction control**: the same measurement with d_i replaced by random directions of
+  the same norm (`measure_effects(..., direction="random")`); τ is the 99th percentile of its
+  |effects|, the default edge threshold.
+- **Label permutation** for the conditional gating statistic G_k: shuffle which inputs count as
+  "k active".
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@partial(jax.jit, static_argnames=("n_perm",))
+def _sign_flip_counts(e, w, key, n_perm: int):
+    """#{b : |mean_b| ≥ |mean_obs|} for sign-flipped means. e [S, M, T], w [S, M]."""
+    n = jnp.maximum(w.sum(-1), 1.0)[:, None]                          # [S, 1]
+    obs = jnp.abs(jnp.einsum("sm,smt->st", w, e) / n)
+    signs = jax.random.rademacher(key, (n_perm, e.shape[0], e.shape[1]), dtype=e.dtype)   # [B, S, M]
+
+    def body(count, s):
+        null = jnp.abs(jnp.einsum("sm,smt->st", w * s, e) / n)
+        return count + (null >= obs - 1e-12 * jnp.abs(obs)), None
+
+    count, _ = jax.lax.scan(body, jnp.zeros(obs.shape, jnp.int32), signs)
+    return count
+
+
+def sign_flip_pvalues(per_input, weight, *, n_perm: int = 1000, seed: int = 0, chunk: int = 64) -> np.ndarray:
+    """Two-sided permutation p-values [S, T] from per-input paired effects [S, M, T] and weights [S, M].
+
+    Entries with no inputs get NaN. Sources are processed in chunks to bound memory.
+    """
+    per_input = np.nan_to_num(np.asarray(per_input, np.float32))
+    weight = np.asarray(weight, np.float32)
+    S, M, T = per_input.shape
+    out = np.full((S, T), np.nan, np.float64)
+    key = jax.random.PRNGKey(seed)
+    for s0 in range(0, S, chunk):
+        sl = slice(s0, min(S, s0 + chunk))
+        e = per_input[sl]
+        w = weight[sl]
+        pad = chunk - e.shape[0]
+        if pad:  # fixed shapes: one compilation
+            e = np.concatenate([e, np.zeros((pad, M, T), e.dtype)])
+            w = np.concatenate([w, np.zeros((pad, M), w.dtype)])
+        cnt = np.asarray(_sign_flip_counts(jnp.asarray(e), jnp.asarray(w), jax.random.fold_in(key, s0), n_perm))
+        p = (1.0 + cnt[: sl.stop - sl.start]) / (1.0 + n_perm)
+        has = weight[sl].sum(-1) > 0
+        out[sl] = np.where(has[:, None], p, np.nan)
+    return out
+
+
+def label_permutation_pvalue(e, group, *, n_perm: int = 1000, seed: int = 0) -> np.ndarray:
+    """p-values [T] for |mean(e[group]) − mean(e[~group])| under shuffled group labels. e [M, T]."""
+    e = np.asarray(e, np.float64)
+    group = np.asarray(group, bool)
+    if group.all() or not group.any():
+        return np.full(e.shape[1], np.nan)
+    obs = np.abs(e[group].mean(0) - e[~group].mean(0))
+    rng = np.random.default_rng(seed)
+    perms = np.stack([rng.permutation(group) for _ in range(n_perm)])          # [B, M]
+    g = perms.astype(np.float64)
+    null = np.abs(g @ e / g.sum(1, keepdims=True) - (1 - g) @ e / (1 - g).sum(1, keepdims=True))
+    return (1.0 + (null >= obs - 1e-12 * obs).sum(0)) / (1.0 + n_perm)
+
+
+def bonferroni(p, m: int | None = None) -> np.ndarray:
+    """Bonferroni-adjusted p-values, capped at 1; m defaults to the number of finite p-values."""
+    p = np.asarray(p, np.float64)
+    m = int(np.isfinite(p).sum()) if m is None else m
+    return np.minimum(p * max(m, 1), 1.0)
+
+
+def benjamini_hochberg(p) -> np.ndarray:
+    """Benjamini–Hochberg q-values (same shape; NaN stays NaN)."""
+    p = np.asarray(p, np.float64)
+    flat = p.ravel()
+    ok = np.isfinite(flat)
+    q = np.full_like(flat, np.nan)
+    pv = flat[ok]
+    m = pv.size
+    if m:
+        order = np.argsort(pv)
+        ranked = pv[order] * m / np.arange(1, m + 1)
+        ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+        out = np.empty(m)
+        out[order] = np.minimum(ranked, 1.0)
+        q[ok] = out
+    return q.reshape(p.shape)
+
+
+def null_threshold(null_effects, q: float = 0.99) -> float:
+    """τ: the q-quantile of |null effects| (finite entries)."""
+    a = np.abs(np.asarray(null_effects, np.float64))
+    a = a[np.isfinite(a)]
+    return float(np.quantile(a, q)) if a.size else 0.0
+
+
+def significant(mean, p, *, tau: float = 0.0, alpha: float = 0.01, correction: str = "bonferroni"):
+    """Boolean mask of edges: corrected p < alpha and |mean| > tau; also returns the corrected values."""
+    if correction == "bonferroni":
+        adj = bonferroni(p)
+    elif correction in ("bh", "fdr", "benjamini-hochberg"):
+        adj = benjamini_hochberg(p)
+    elif correction == "none":
+        adj = np.asarray(p, np.float64)
+    else:
+        raise ValueError(f"unknown correction {correction!r}; expected bonferroni, bh or none")
+    m = np.asarray(mean, np.float64)
+    keep = np.isfinite(adj) & (adj < alpha) & np.isfinite(m) & (np.abs(m) > tau)
+    return keep, adj
+
+
+def edge_kind(mean) -> np.ndarray:
+    """'excitatory' for positive effects, 'inhibitory' for negative."""
+    return np.where(np.asarray(mean) > 0, "excitatory", "inhibitory")
