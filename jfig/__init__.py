@@ -10,7 +10,8 @@ from .models.config import ModelConfig
 from .models.model import Model, Prefix, RunOutput
 from .models.registry import DEFAULT_MODEL, load_model
 from .models.tokenizer import Tokenizer
-from .saes import SAE, load_sae, save_sae
+from .graph import InteractionGraph, load_graph
+from .saes import SAE, default_saes, load_sae, sae_metrics, save_sae, train_sae
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,5 @@ __all__ = [
     "Ablate", "Clamp", "Compose", "DEFAULT_MODEL", "Effects", "FormatError", "GatingEffects", "JfigError", "Model",
     "ModelConfig", "Patch", "Prefix", "RunOutput", "SAE", "ShapeError", "SiteError", "Steer", "Tokenizer", "data",
     "edits", "errors", "load_model", "load_sae", "measure_effects", "measure_gating", "save_sae", "sites",
-    "weight_effects",
+    "weight_effects", "InteractionGraph", "load_graph", "default_saes", "sae_metrics", "train_sae",
 ]

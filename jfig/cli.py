@@ -69,6 +69,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_saes(args) -> int:
+    """Train (or load from the cache) the default SAEs and print their quality metrics."""
+    from .saes.defaults import default_saes, metrics_table
+    model = _load(args.model)
+    over = {k: v for k, v in dict(d_sae=args.d_sae, k=args.k, tokens=args.tokens, epochs=args.epochs).items()
+            if v is not None}
+    if args.layers:
+        over["sites"] = tuple(f"blocks.{l}.hook_resid_post" for l in args.layers)
+    saes, manifest = default_saes(model, force=args.force, **over)
+    print(metrics_table(manifest))
+    print(f"corpus hash {manifest['corpus_hash'][:16]}…, {manifest['train_tokens']} training tokens, "
+          f"trained in {manifest['seconds']} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jfig", description="Feature Interaction Graphs for SAE features, in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -86,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
     r.add_argument("prompt", nargs="*", help="prompt text (default: a few demo prompts)")
     r.set_defaults(fn=cmd_run)
+    t = sub.add_parser("saes", help="train (or load cached) default SAEs and print FVU, L0, dead fraction, CE recovered")
+    t.add_argument("--model", default="smollm2-135m")
+    t.add_argument("--layers", type=int, nargs="*", help="residual layers (default 6 10 14 18)")
+    t.add_argument("--d-sae", type=int, default=None)
+    t.add_argument("--k", type=int, default=None)
+    t.add_argument("--tokens", type=int, default=None, help="training tokens per site")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--force", action="store_true", help="retrain even if cached")
+    t.set_defaults(fn=cmd_saes)
     s = sub.add_parser("sites", help="list the model's site names in forward order")
     s.add_argument("--model", default="smollm2-135m")
     s.set_defaults(fn=cmd_sites)

@@ -2,5 +2,10 @@
 
 from jfig.saes.loaders import load_sae, load_sparsity, save_sae
 from jfig.saes.sae import SAE, fold_activation_norm_scaling_factor, fold_W_dec_norm
+from jfig.saes.metrics import activation_metrics, sae_metrics
+from jfig.saes.train import TrainConfig, fit, train_sae
+from jfig.saes.defaults import DefaultSAESettings, default_saes
 
-__all__ = ["SAE", "load_sae", "load_sparsity", "save_sae", "fold_W_dec_norm", "fold_activation_norm_scaling_factor"]
+__all__ = ["SAE", "DefaultSAESettings", "TrainConfig", "activation_metrics", "default_saes", "fit", "load_sae",
+           "load_sparsity", "sae_metrics", "save_sae", "train_sae", "fold_W_dec_norm",
+           "fold_activation_norm_scaling_factor"]
