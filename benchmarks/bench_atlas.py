@@ -11,6 +11,7 @@ counts), timed after compilation.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from functools import partial
@@ -29,6 +30,16 @@ SITES = ("blocks.8.hook_resid_post", "blocks.10.hook_resid_post", "blocks.12.hoo
 def forward_encode(model, saes, tokens, *, sites):
     out = model.run(tokens, capture=sites, stop_at=sites[-1], logits=False)
     return [sae.encode(out.cache[s]) for sae, s in zip(saes, sites)]
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main():
@@ -68,7 +79,7 @@ def main():
         rows.append((f"atlas step, method={method} (compile {compile_s:.1f} s)", (time.perf_counter() - t) / a.batches,
                      f"{acc.nbytes() / 2**20:.0f}"))
 
-    print(f"machine: {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind} "
+    print(f"machine: {cpu_name()} ({os.cpu_count()} cores), {jax.devices()[0].device_kind} "
           f"({jax.device_count()} device, {jax.default_backend()}), jax {jax.__version__}")
     print(f"settings: smollm2-135m, sites {', '.join(SITES)}; TopK SAEs d_sae {a.d_sae}, k {a.k}; "
           f"batch {a.batch} x seq {a.seq} = {n_tok} tokens; window 5 (6 site pairs), position_window 0; "

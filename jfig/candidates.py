@@ -56,7 +56,7 @@ class Report:
         lines = [f"{'step':{w}s} {'before':>14s} {'after':>14s} {'kept':>8s}  note"]
         for r in self.rows:
             kept = f"{100 * r['after'] / r['before']:.3g}%" if r["before"] else "-"
-            lines.append(f"{r['step']:{w}s} {r['before']:14,d} {r['after']:14,d} {kept:>8s}  {r['note']}")
+            lines.append(f"{r['step']:{w}s} {r['before']:14,d} {r['after']:14,d} {kept:>8s}  {r['note']}".rstrip())
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -122,7 +122,8 @@ def _ablation_chunk(model, sae, acts, resid, tokens, rowmask, base_logits, feats
 
 
 def ablation_effects(model, sae, tokens, features, *, kind: str = "loss", batch_size: int = 8,
-                     chunk: int | None = None, memory_budget: int = 1 << 30) -> tuple[np.ndarray, np.ndarray]:
+                     chunk: int | None = None, memory_budget: int = 1 << 30,
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Downstream causal effect of ablating each feature where it is active.
 
     For feature i: ablate i (error-preserving clamp to 0) at every position where it is active,
@@ -144,6 +145,10 @@ def ablation_effects(model, sae, tokens, features, *, kind: str = "loss", batch_
         per = b * tokens.shape[1] * (4 * (model.vocab_size or 1) + 64 * sae.d_in) * 4
         chunk = max(1, min(len(feats), memory_budget // per))
     totals, counts = np.zeros(len(feats)), np.zeros(len(feats), np.int64)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=-(-len(tokens) // b) * len(feats), desc=f"ablation {sae.site}", unit="feature")
     for r in range(0, len(tokens), b):
         tb = tokens[r:r + b]
         rows = len(tb)
@@ -162,6 +167,10 @@ def ablation_effects(model, sae, tokens, features, *, kind: str = "loss", batch_
                                      site=sae.site, kind=kind, builtin=builtin)
             totals[c:c + len(fc)] += np.asarray(tot)[:len(fc)]
             counts[c:c + len(fc)] += np.asarray(n)[:len(fc)]
+            if bar is not None:
+                bar.update(len(fc))
+    if bar is not None:
+        bar.close()
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, totals / counts, np.nan), counts
 
@@ -206,7 +215,7 @@ def decoder_alignment(source_sae, target_sae, sources=None, targets=None) -> tup
 
 # ---------------------------------------------------------------------------------- selection
 
-def _importance(atlas, sae, model, tokens, kind, pool, batch_size, chunk):
+def _importance(atlas, sae, model, tokens, kind, pool, batch_size, chunk, progress):
     """Per tracked feature of sae.site: (rate, effect, importance); effect nan where not measured."""
     site = sae.site
     rate = atlas.firing_rate(site)[atlas.features[site]]
@@ -217,7 +226,7 @@ def _importance(atlas, sae, model, tokens, kind, pool, batch_size, chunk):
     effect = np.full_like(rate, np.nan)
     if len(measured):
         effect[measured], _ = ablation_effects(model, sae, tokens, atlas.features[site][measured], kind=kind,
-                                               batch_size=batch_size, chunk=chunk)
+                                               batch_size=batch_size, chunk=chunk, progress=progress)
     return rate, effect, rate * effect
 
 
@@ -225,7 +234,7 @@ def select_candidates(atlas, saes, *, model=None, tokens=None, top_k: int = 200,
                       min_pmi: float | None = None, keep_low_coact: bool = True, low_coact_p: float = 1e-3,
                       min_alignment: float | None = None, alignment_window: int | None = 1, window: int = 5,
                       importance: str = "loss", importance_pool: int | None = None, batch_size: int = 8,
-                      chunk: int | None = None) -> Candidates:
+                      chunk: int | None = None, progress: bool = False) -> Candidates:
     """Candidate pairs by importance, co-activation (incl. low co-activation), decoder alignment and
     layer window (seed 000 §4); see the module docstring and docs/atlas.md.
 
@@ -255,7 +264,8 @@ def select_candidates(atlas, saes, *, model=None, tokens=None, top_k: int = 200,
 
     feat_rows, chosen = [], {}
     for site in atlas.sites:
-        rate, effect, imp = _importance(atlas, saes[site], model, tokens, importance, pool, batch_size, chunk)
+        rate, effect, imp = _importance(atlas, saes[site], model, tokens, importance, pool, batch_size, chunk,
+                                        progress)
         score = np.where(np.isnan(imp), -np.inf, imp)
         order = np.argsort(-score, kind="stable")
         chosen[site] = np.sort(order[np.isfinite(score[order])][:top_k])      # tracked positions

@@ -251,6 +251,19 @@ def test_no_retrace_across_batches_of_a_build(tiny, whole):
     assert_atlases_equal(again, whole)
 
 
+def test_large_saes_track_their_most_frequent_features(tiny, whole):
+    model, saes, tokens = tiny
+    sub = build_atlas(model, saes, tokens, max_tracked=16, selection_batches=100, **BUILD)
+    pos = {}
+    for s in sub.sites:
+        want = np.sort(np.argsort(-whole.firing_count(s), kind="stable")[:16])
+        np.testing.assert_array_equal(sub.features[s], want)
+        np.testing.assert_array_equal(sub.firing_count(s), whole.firing_count(s))
+        pos[s] = whole.tracked_index(s, want)
+    for a, b in sub.pairs:
+        np.testing.assert_array_equal(sub.coactivation(a, b), whole.coactivation(a, b)[np.ix_(pos[a], pos[b])])
+
+
 def test_save_load_round_trip(tiny, whole, tmp_path):
     path = tmp_path / "atlas"
     whole.save(path)
