@@ -313,11 +313,11 @@ def select_candidates(atlas, saes, *, model=None, tokens=None, top_k: int = 200,
         i, j = np.nonzero(keep)
         imp_a = feat_rows[order_of[a]].column("importance").to_numpy()[ra]
         imp_b = feat_rows[order_of[b]].column("importance").to_numpy()[rb]
-        parts.append(pa.table(dict(
+        parts.append(pa.Table.from_pydict(dict(
             source_site=[a] * len(i), source=fa[i], target_site=[b] * len(i), target=fb[j],
             layer_distance=np.full(len(i), layer[b] - layer[a]), low_coactivation=low[i, j], count=co[i, j],
             p_cond=p_cond[i, j], pmi=pmi[i, j], p_low=p_low[i, j], alignment=dot[i, j], alignment_cos=cos[i, j],
-            source_importance=imp_a[i], target_importance=imp_b[j])))
+            source_importance=imp_a[i], target_importance=imp_b[j]), schema=PAIR_SCHEMA))
     pairs = pa.concat_tables(parts) if parts else _empty_pairs()
 
     report = Report()
@@ -337,6 +337,13 @@ def select_candidates(atlas, saes, *, model=None, tokens=None, top_k: int = 200,
                     low_coact_p=low_coact_p, min_alignment=min_alignment, alignment_window=alignment_window,
                     window=window, importance=importance, importance_pool=pool)
     return Candidates(pairs=pairs, features=pa.concat_tables(feat_rows), report=report, settings=settings)
+
+
+PAIR_SCHEMA = pa.schema([("source_site", pa.string()), ("source", pa.int64()), ("target_site", pa.string()),
+                         ("target", pa.int64()), ("layer_distance", pa.int64()), ("low_coactivation", pa.bool_()),
+                         ("count", pa.int64()), ("p_cond", pa.float64()), ("pmi", pa.float64()),
+                         ("p_low", pa.float64()), ("alignment", pa.float64()), ("alignment_cos", pa.float64()),
+                         ("source_importance", pa.float64()), ("target_importance", pa.float64())])
 
 
 def _empty_pairs() -> pa.Table:

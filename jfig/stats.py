@@ -60,6 +60,25 @@ def sign_flip_pvalues(per_input, weight, *, n_perm: int = 1000, seed: int = 0, c
     return out
 
 
+def sign_flip_normal_pvalues(per_input, weight) -> np.ndarray:
+    """Two-sided p-values [S, T] from the normal approximation of the sign-flip distribution.
+
+    Under random sign flips the sum Σ w_m s_m e_m has mean 0 and variance Σ w_m e_m² exactly,
+    so z = |Σ w e| / sqrt(Σ w e²) and p = erfc(z / √2). Unlike Monte-Carlo p-values (bounded
+    below by 1/(B+1)), these resolve the small p-values Bonferroni needs; they are accurate when
+    an entry averages over ~20 or more inputs (tested against the Monte-Carlo test).
+    """
+    from scipy.special import erfc
+    e = np.nan_to_num(np.asarray(per_input, np.float64))
+    w = np.asarray(weight, np.float64)[..., None]
+    num = np.abs((w * e).sum(1))
+    den = np.sqrt((w * e * e).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(den > 0, num / den, 0.0)
+    p = erfc(z / np.sqrt(2.0))
+    return np.where(np.asarray(weight).sum(-1)[:, None] > 0, p, np.nan)
+
+
 def label_permutation_pvalue(e, group, *, n_perm: int = 1000, seed: int = 0) -> np.ndarray:
     """p-values [T] for |mean(e[group]) − mean(e[~group])| under shuffled group labels. e [M, T]."""
     e = np.asarray(e, np.float64)

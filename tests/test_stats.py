@@ -65,3 +65,14 @@ def test_label_permutation_and_threshold():
     keep, adj = stats.significant(np.array([1.0, -2.0, 0.01]), np.array([1e-5, 1e-5, 1e-5]), tau=0.1)
     assert keep.tolist() == [True, True, False]
     assert stats.edge_kind(np.array([1.0, -2.0])).tolist() == ["excitatory", "inhibitory"]
+
+
+def test_normal_approximation_agrees_with_monte_carlo():
+    rng = np.random.default_rng(5)
+    e = rng.normal(size=(20, 32, 10)) + rng.normal(size=(20, 1, 10)) * 0.3
+    w = np.ones((20, 32))
+    mc = stats.sign_flip_pvalues(e, w, n_perm=4000, seed=0)
+    nrm = stats.sign_flip_normal_pvalues(e, w)
+    assert np.abs(mc - nrm).max() < 0.05
+    e[0, :, 0] = 1.0 + 0.01 * rng.normal(size=32)        # a consistent effect: tiny p resolved
+    assert stats.sign_flip_normal_pvalues(e, w)[0, 0] < 1e-7

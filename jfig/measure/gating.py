@@ -98,7 +98,7 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
     if method not in GATING_METHODS:
         raise JfigError(f"unknown gating method {method!r}; expected one of {GATING_METHODS}")
     saes = saes_by_site(saes)
-    pairs = [(tuple(a), tuple(b)) for a, b in pairs]
+    pairs = [((str(a[0]), int(a[1])), (str(b[0]), int(b[1]))) for a, b in pairs]
     sites = {a[0] for a, _ in pairs} | {b[0] for _, b in pairs}
     if len(sites) != 1:
         raise JfigError(f"gating pairs must share one source site; got {sorted(sites)}")

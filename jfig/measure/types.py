@@ -46,14 +46,14 @@ def feature_list(spec, saes: dict) -> FeatureList:
         sites, feats = [], []
         for site, fs in spec.items():
             fs = np.atleast_1d(np.asarray(fs, np.int64))
-            sites += [site] * len(fs)
+            sites += [str(site)] * len(fs)
             feats.append(fs)
         out = FeatureList(tuple(sites), np.concatenate(feats) if feats else np.zeros(0, np.int64))
     else:
         pairs = list(spec)
         if pairs and not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
             raise JfigError("features must be (site, feature) pairs, a {site: features} dict or a FeatureList")
-        out = FeatureList(tuple(p[0] for p in pairs), np.asarray([int(p[1]) for p in pairs], np.int64))
+        out = FeatureList(tuple(str(p[0]) for p in pairs), np.asarray([int(p[1]) for p in pairs], np.int64))
     for site in out.unique_sites():
         if site not in saes:
             raise SiteError(f"no SAE given for site {site!r}; SAEs are at {sorted(saes)}")

@@ -1,0 +1,90 @@
+"""Planted models for graph-level tests (TransformerLens site names, built with Model.from_function).
+
+Two sites, `blocks.0.hook_resid_post` (sources) and `blocks.1.hook_resid_post` (targets), each read
+by an identity ReLU SAE over D = 24 features. Source i fires (value in [1, 2]) on about half of
+the tokens, independently. Targets carry a bias of 3 so they are always active.
+
+- `recovery_model()`: t = 3 + W x + 2 Σ_gates x_i x_k, with a few planted ±2 weights in W and two
+  AND gates; every other pair has no interaction.
+- `null_model()`: t_j = 40 + Σ_i x_i g_ij(token) with g_ij(token) = ±1, exactly balanced over the
+  tokens on which source i fires (it fires with a constant value on exactly half the vocabulary),
+  so every clamp effect has mean zero over uniform tokens: no interactions, only noise.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jfig
+
+D = 24
+SRC, TGT = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+EXCITATORY = [(0, 0), (1, 5), (2, 7), (3, 9), (4, 11), (5, 2)]
+INHIBITORY = [(6, 1), (7, 3), (8, 13), (9, 15)]
+GATES = [(10, 11, 17), (12, 13, 19)]          # (i, k, j): t_j += 2 x_i x_k
+
+
+def _identity_sae(site):
+    eye = jnp.eye(D)
+    return jfig.SAE(W_enc=eye, b_enc=jnp.zeros(D), W_dec=eye, b_dec=jnp.zeros(D), threshold=None, site=site,
+                    architecture="relu", apply_b_dec_to_input=False)
+
+
+def _sources(vocab, seed):
+    rng = np.random.default_rng(seed)
+    on = rng.random((vocab, D)) < 0.5
+    return jnp.asarray(np.where(on, rng.uniform(1.0, 2.0, (vocab, D)), 0.0), jnp.float32)
+
+
+def _wrap(apply, params, vocab):
+    model = jfig.Model.from_function(apply, params, sites=(SRC, TGT), vocab_size=vocab,
+                                     site_widths={SRC: D, TGT: D})
+    return model, [_identity_sae(SRC), _identity_sae(TGT)]
+
+
+def recovery_model(vocab=64, seed=0):
+    W = np.zeros((D, D), np.float32)          # W[i, j]: source i -> target j
+    for i, j in EXCITATORY:
+        W[i, j] = 2.0
+    for i, j in INHIBITORY:
+        W[i, j] = -2.0
+    params = {"X": _sources(vocab, seed), "W": jnp.asarray(W), "U": jax.random.normal(jax.random.PRNGKey(seed), (D, vocab))}
+
+    def apply(p, tokens, hook):
+        x = hook(SRC, p["X"][tokens])
+        t = 3.0 + x @ p["W"]
+        for i, k, j in GATES:
+            t = t.at[..., j].add(2.0 * x[..., i] * x[..., k])
+        return hook(TGT, t) @ p["U"]
+
+    return _wrap(apply, params, vocab)
+
+
+def null_model(vocab=512, seed=0):
+    rng = np.random.default_rng(seed + 1)
+    x = np.zeros((vocab, D), np.float32)
+    g = np.empty((vocab, D, D), np.float32)
+    quarter = np.array([1.0] * (vocab // 4) + [-1.0] * (vocab // 4), np.float32)
+    for i in range(D):
+        on = rng.permutation(vocab)[: vocab // 2]     # source i fires (value 1.5) on half the tokens
+        x[on, i] = 1.5
+        for j in range(D):                            # g_ij balanced over exactly those tokens
+            g[:, i, j] = rng.choice([-1.0, 1.0], size=vocab)
+            g[on, i, j] = rng.permutation(quarter)
+    params = {"X": jnp.asarray(x), "G": jnp.asarray(g), "U": jax.random.normal(jax.random.PRNGKey(seed), (D, vocab))}
+
+    def apply(p, tokens, hook):
+        x = hook(SRC, p["X"][tokens])
+        t = 40.0 + jnp.einsum("bsi,bsij->bsj", x, p["G"][tokens])     # > 0 always: ReLU never clips
+        return hook(TGT, t) @ p["U"]
+
+    return _wrap(apply, params, vocab)
+
+
+def truth():
+    """Planted first-order pairs (incl. gate inputs, whose mean effect is E[partner] > 0) and gates."""
+    first = {(i, j): "excitatory" for i, j in EXCITATORY}
+    first.update({(i, j): "inhibitory" for i, j in INHIBITORY})
+    for i, k, j in GATES:
+        first[(i, j)] = first[(k, j)] = "excitatory"
+    gates = {(min(i, k), max(i, k), j) for i, k, j in GATES}
+    return first, gates

@@ -1,0 +1,93 @@
+"""End to end: calibration on a null model, recovery of a planted graph, resume after interruption."""
+import numpy as np
+import pytest
+
+import jfig
+from jfig.pipeline import build_graph
+from planted_graph import SRC, TGT, null_model, recovery_model, truth
+
+FAST = dict(seq_len=8, top_k=24, min_alignment=0.0, progress=False)
+
+
+def _recovered(graph):
+    e = graph.edges.to_pydict()
+    first = {(s, t): k for s, t, k in zip(e["source"], e["target"], e["kind"]) if k != "gating"}
+    gates = {(min(s, m), max(s, m), t) for s, m, t, k in zip(e["source"], e["modulator"], e["target"], e["kind"])
+             if k == "gating"}
+    return first, gates
+
+
+def test_recovers_planted_graph():
+    model, saes = recovery_model()
+    toks = np.random.default_rng(0).integers(0, 64, size=(128, 8))
+    g = build_graph(model, saes, toks, max_sequences=128, **FAST)
+    found, gates = _recovered(g)
+    true_first, true_gates = truth()
+    tp = sum(1 for k, v in found.items() if true_first.get(k) == v)   # right pair and right kind
+    assert tp / max(len(found), 1) >= 0.95 and tp / len(true_first) >= 0.95, (found, true_first)
+    assert gates == true_gates
+    assert g.manifest["statistics"]["n_tested"] >= 24 * 20           # many non-interacting pairs tested
+    assert g.manifest["statistics"]["tau"] > 0                         # random-direction null was used
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.01])
+def test_null_model_is_calibrated(alpha):
+    model, saes = null_model()
+    toks = np.random.default_rng(1).integers(0, 512, size=(256, 8))
+    g = build_graph(model, saes, toks, max_sequences=256, correction="none", alpha=alpha, null_every=0,
+                    gating=False, **FAST)
+    n = g.manifest["statistics"]["n_tested"]
+    slack = 3 * np.sqrt(alpha * (1 - alpha) / n)
+    assert g.n_edges / n <= alpha + slack
+    strict = build_graph(model, saes, toks, max_sequences=256, gating=False, null_every=0, **FAST)
+    assert strict.n_edges / n <= 0.01
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    model, saes = recovery_model()
+    toks = np.random.default_rng(0).integers(0, 64, size=(96, 8))
+    opts = dict(max_sequences=96, block_size=4, **FAST)
+    full = build_graph(model, saes, toks, out_dir=tmp_path / "a", **opts)
+
+    class Stop(Exception):
+        pass
+
+    def boom(i):
+        if i == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        build_graph(model, saes, toks, out_dir=tmp_path / "b", on_block=boom, **opts)
+    done = sorted(p.name for p in (tmp_path / "b" / "blocks").iterdir())
+    assert done == ["block_00000.npz", "block_00001.npz", "block_00002.npz"]    # finished blocks kept
+    assert not (tmp_path / "b" / "graph").exists()                               # nothing half-written
+    seen = []
+    resumed = build_graph(model, saes, toks, out_dir=tmp_path / "b", on_block=seen.append, **opts)
+    mtimes = [(tmp_path / "b" / "blocks" / n).stat().st_mtime_ns for n in done]
+    assert resumed.edges.equals(full.edges) and resumed.nodes.equals(full.nodes)
+    assert [(tmp_path / "b" / "blocks" / n).stat().st_mtime_ns for n in done] == mtimes   # not redone
+    loaded = jfig.load_graph(tmp_path / "b" / "graph")
+    assert loaded.edges.equals(full.edges)
+
+
+def test_deterministic_given_seed():
+    model, saes = recovery_model()
+    toks = np.random.default_rng(0).integers(0, 64, size=(64, 8))
+    a = build_graph(model, saes, toks, max_sequences=64, seed=3, **FAST)
+    b = build_graph(model, saes, toks, max_sequences=64, seed=3, **FAST)
+    assert a.edges.equals(b.edges)
+
+
+def test_bad_input(tmp_path):
+    model, saes = recovery_model()
+    toks = np.random.default_rng(0).integers(0, 64, size=(32, 8))
+    with pytest.raises(jfig.JfigError, match="unknown build option"):
+        build_graph(model, saes, toks, windoww=3)
+    with pytest.raises(jfig.JfigError, match="correction"):
+        build_graph(model, saes, toks, correction="holm")
+    wrong = jfig.SAE.init_random(__import__("jax").random.PRNGKey(0), 16, 8, SRC)
+    with pytest.raises(jfig.JfigError, match="do not belong to this model"):
+        build_graph(model, [wrong, saes[1]], toks)
+    build_graph(model, saes, toks, out_dir=tmp_path, max_sequences=32, **FAST)
+    with pytest.raises(jfig.JfigError, match="different inputs or options"):
+        build_graph(model, saes, toks, out_dir=tmp_path, max_sequences=32, alpha=0.05, **FAST)
