@@ -58,15 +58,16 @@ def cmd_sites(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the offline default model (it grows as capabilities land)."""
-    import jfig
-    model = _load(args.model)
-    saes = [jfig.load_sae(p) for p in args.sae]
-    if not saes:
-        print("(no SAE given: pass --sae PATH to also list the most active features at its site)")
-    for prompt in DEMO_PROMPTS:
-        _show_prompt(model, prompt, saes, args.top)
-    return 0
+    """The main job on the offline default model: default SAEs, default corpus, a graph."""
+    from .demo import run_demo
+    over = {k: v for k, v in dict(max_sequences=args.max_sequences, top_k=args.top_k,
+                                  inputs_per_source=args.inputs).items() if v is not None}
+    return run_demo(args.out, model_name=args.model, progress=not args.quiet, **over)
+
+
+def cmd_build(args) -> int:
+    from .demo import run_build
+    return run_build(args.config, progress=not args.quiet)
 
 
 def cmd_saes(args) -> int:
@@ -93,10 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--sae", action="append", default=[], help="SAE folder or params.npz (repeatable)")
         sp.add_argument("--top", type=int, default=5, help="how many tokens/features to show")
 
-    d = sub.add_parser("demo", help="run jfig's main job on the offline default model")
-    common(d)
-    d.add_argument("--out", default=None, help="output folder (used by later stages)")
+    d = sub.add_parser("demo", help="build a feature interaction graph on the offline default model (the main job)")
+    d.add_argument("--model", default="smollm2-135m", help="model name, .gguf file or HF folder")
+    d.add_argument("--out", default="jfig-demo", help="output folder (graph in OUT/graph, resumable state in OUT/build)")
+    d.add_argument("--max-sequences", type=int, default=None, help="corpus sequences (scale up on a GPU)")
+    d.add_argument("--top-k", type=int, default=None, help="important features per site")
+    d.add_argument("--inputs", type=int, default=None, help="inputs per source feature")
+    d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=cmd_demo)
+    b = sub.add_parser("build", help="build a graph from a TOML config (model, saes, corpus, out, [options])")
+    b.add_argument("config")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(fn=cmd_build)
     r = sub.add_parser("run", help="next-token prediction and most active SAE features for prompts")
     common(r)
     r.add_argument("prompt", nargs="*", help="prompt text (default: a few demo prompts)")

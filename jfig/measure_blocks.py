@@ -126,7 +126,7 @@ def gating_stage(model, saes, tokens, sig: dict, opts, run, progress) -> dict | 
     multi = multi[: opts.gating_max_targets]
     rec = {k: [] for k in ("source_site", "source", "modulator", "target_site", "target", "mean", "var", "n")}
     for (ts, t, ss), srcs in multi:
-        pairs = [((ss, a), (ss, b)) for ai, a in enumerate(srcs) for b in srcs[ai + 1:]][:15]
+        pairs = [((ss, a), (ss, b)) for ai, a in enumerate(srcs) for b in srcs[ai + 1:]][: opts.gating_max_pairs]
         g = measure_gating(model, saes, pairs, tokens, method=opts.gating_method, targets={ts: [t]},
                            inputs_per_pair=opts.inputs_per_source, batch_size=opts.batch_size, seed=opts.seed)
         col = list(g.targets).index((ts, t))

@@ -35,7 +35,9 @@ class BuildOptions:
     window: int = 5                     # layer window for pairs
     position_window: int = 0
     top_k: int = 32                     # important features per site kept as candidates
+    importance: str = "loss"            # "loss" (ablation), "kl", "attribution" (first-order, fast) or "rate"
     importance_pool: int | None = None
+    importance_sequences: int | None = None   # sequences used for importance (None: all)
     min_coact: float = 0.01
     keep_low_coact: bool = True
     min_alignment: float | None = None
@@ -52,6 +54,7 @@ class BuildOptions:
     n_perm: int = 1000
     gating: bool = True
     gating_max_targets: int = 16        # targets with >= 2 significant inputs tested for gating
+    gating_max_pairs: int = 15          # (i, k) pairs tested per gating target
     gating_method: str = "factorial"
     batch_size: int = 16
     memory_budget: float = 2e9
@@ -60,7 +63,8 @@ class BuildOptions:
     def __post_init__(self):
         from .measure.engine import METHODS, POSITION_MODES
         choices = {"method": METHODS, "positions": POSITION_MODES, "correction": ("bonferroni", "bh", "none"),
-                   "pvalue": ("normal", "permutation"), "gating_method": ("mixed", "factorial")}
+                   "pvalue": ("normal", "permutation"), "gating_method": ("mixed", "factorial"),
+                   "importance": ("loss", "kl", "attribution", "rate")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise JfigError(f"build option {name}={getattr(self, name)!r}; expected one of {list(allowed)}")
@@ -157,6 +161,13 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     say = print if progress else (lambda *a, **k: None)
     sae_list = [saes[s] for s in sorted(saes, key=lambda s: parse_site(s))]
 
+    stage_t = time.time()
+
+    def stage(name):
+        nonlocal stage_t
+        say(f"jfig: {name} in {time.time() - stage_t:.0f} s")
+        stage_t = time.time()
+
     # 1. atlas
     apath = run.path("atlas")
     if apath is not None and (apath / "manifest.json").exists():
@@ -169,7 +180,9 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
             atlas.save(apath)
     # 2. candidates
     cpath = run.path("candidates.json")
-    cands = select_candidates(atlas, sae_list, model=model, tokens=tokens, top_k=opts.top_k,
+    imp_tokens = tokens[: opts.importance_sequences] if opts.importance_sequences else tokens
+    cands = select_candidates(atlas, sae_list, model=model, tokens=imp_tokens, top_k=opts.top_k,
+                              importance=opts.importance,
                               min_coact=opts.min_coact, keep_low_coact=opts.keep_low_coact,
                               min_alignment=opts.min_alignment, window=opts.window,
                               importance_pool=opts.importance_pool, batch_size=opts.batch_size, progress=progress) \
@@ -185,13 +198,15 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
         report_rows = cands.report.rows
     from .candidates import Report
     report = Report(rows=[dict(r) for r in report_rows])
-    say(f"jfig: {len(pairs['source'])} candidate pairs")
+    stage(f"atlas and {len(pairs['source'])} candidate pairs")
     # 3. measure in blocks
     from .measure_blocks import measure_blocks
     blocks = measure_blocks(model, saes, tokens, atlas, pairs, opts, run, progress, on_block)
+    stage("measurement")
     # 4. significance + 5. graph
     from .graph.assemble import assemble_graph
     graph = assemble_graph(model, saes, atlas, blocks, opts, report, fingerprint, tokens, progress, run)
+    stage("significance, gating and graph")
     gpath = run.path("graph")
     if gpath is not None:
         graph.save(gpath)

@@ -41,7 +41,7 @@ class DefaultSAESettings:
     extra: tuple = field(default=())
 
     def key(self, model_id: str) -> str:
-        blob = json.dumps({"model": model_id, **asdict(self)}, sort_keys=True, default=str)
+        blob = json.dumps({"model": model_id, "recipe": 2, **asdict(self)}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -115,11 +115,12 @@ def _train_and_cache(model, settings: DefaultSAESettings, folder: Path, mid: str
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     saes, metrics = [], {}
-    for site in settings.sites:
+    for index, site in enumerate(settings.sites):
         acts = bufs[site].to_numpy()
         steps = max(1, settings.epochs * len(acts) // settings.batch_size)
         sae, _ = train_sae(None, acts, site, d_sae=settings.d_sae, k=settings.k, steps=steps,
-                           batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed, progress=progress)
+                           batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed + index,
+                           progress=progress)   # a seed per site: no shared initialisation across sites
         m = sae_metrics(model, sae, eval_toks)
         metrics[site] = {k: float(v) for k, v in m.items()}
         save_sae(sae, tmp / _folder_name(site))
