@@ -12,7 +12,8 @@ from .errors import FormatError, JfigError
 # Importance uses the first-order (attribution) estimate here: exact ablation of each candidate
 # feature costs a forward pass to the logits per feature and batch, minutes on a CPU.
 DEMO_OPTIONS = dict(seq_len=64, max_sequences=128, top_k=12, inputs_per_source=32, block_size=8, null_every=2,
-                    importance="attribution", gating_max_targets=3, gating_max_pairs=3, batch_size=16)
+                    importance="attribution", importance_sequences=32, gating_max_targets=3, gating_max_pairs=3,
+                    batch_size=16)
 CONFIG_KEYS = {"model", "saes", "corpus", "out", "options", "default_saes"}
 
 

@@ -91,7 +91,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
                     targets=None, inputs_per_source: int = 32, alphas=None, atlas=None, clamp_at: str = "active",
                     batch_size: int = 32, memory_budget: float = 2e9, chunk_size: int | None = None,
                     keep_per_input: bool = False, devices: int | None = None, seed: int = 0,
-                    direction: str = "decoder", progress: bool = True) -> Effects:
+                    direction: str = "decoder", mode: str = "auto", progress: bool = True) -> Effects:
     """Effects of each source feature on every target feature, averaged over inputs.
 
     model: a jfig Model; saes: SAEs (list or {site: SAE}); sources: (site, feature) pairs or
@@ -99,6 +99,8 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
     and α_lo, divided by their gap), "ablate" (clamp to 0 minus clean), "mean_ablate" (clamp to
     the feature's mean minus clean), "jacobian" (∂f_j/∂α_i by forward-mode jvp) or
     "jacobian_direct" (the same with attention patterns and norm scales frozen).
+    mode (Jacobian methods): "forward" (one jvp per source), "reverse" (one vjp per target and
+    position, shared by all sources) or "auto" (reverse when n_targets × seq < n_sources).
     direction: "decoder" (d_i) or "random" (a random direction with d_i's norm: the null control).
     positions: "same" (read where the source was clamped), "later" (only at later, unclamped
     positions), "all" (every position from the first clamp on). Each source is measured on up
@@ -112,6 +114,8 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
     """
     if method not in METHODS:
         raise JfigError(f"unknown method {method!r}; expected one of {METHODS}")
+    if mode not in ("auto", "forward", "reverse"):
+        raise JfigError(f"unknown mode {mode!r}; expected 'auto', 'forward' or 'reverse'")
     if direction not in ("decoder", "random"):
         raise JfigError(f"unknown direction {direction!r}; expected 'decoder' or 'random'")
     if positions not in POSITION_MODES:
@@ -164,6 +168,22 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
             c = max(n_dev, int(math.ceil(c / n_dev)) * n_dev)
         toks_all = None if builtin else tokens
         order = np.concatenate([np.concatenate(tcols_idx)])
+        n_t = sum(len(c) for c in tcols_idx)
+        use_reverse = method.startswith("jacobian") and direction == "decoder" and (
+            mode == "reverse" or (mode == "auto" and n_t * S < len(rows)))
+        if use_reverse:
+            from .reverse import reverse_effects
+            n, mu, m2, e, wv = reverse_effects(model, plan, saes[site], tgt_saes, tcols, acts, resid, toks_all, vals,
+                                               feats, idx, wgt, batch=min(8, batch_size))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean[np.ix_(rows, order)] = np.where(n[:, None] > 0, mu, np.nan)
+                var[np.ix_(rows, order)] = np.where(n[:, None] > 1, m2 / np.maximum(n[:, None] - 1, 1), np.nan)
+            count[np.ix_(rows, order)] = n[:, None]
+            if keep_per_input:
+                per_input[np.ix_(rows, np.arange(inputs_per_source), order)] = e
+                in_w[rows] = wv
+            bar.update(len(rows))
+            continue
         for start in range(0, len(rows), c):
             sl = np.arange(start, min(start + c, len(rows)))
             pad = np.concatenate([sl, np.full(c - len(sl), sl[-1])])   # fixed chunk shape: no recompiles

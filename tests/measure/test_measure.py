@@ -256,3 +256,25 @@ def test_sharded_over_four_cpu_devices_equals_single_device():
     res = subprocess.run([sys.executable, "-c", SHARD_SCRIPT.format(tests=tests_dir)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert "SHARDED-OK" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("method", ["jacobian", "jacobian_direct"])
+@pytest.mark.parametrize("positions", ["same", "all"])
+def test_reverse_mode_equals_forward_mode(tiny, method, positions):
+    model, s1, s3, toks = tiny
+    kw = dict(method=method, positions=positions, targets={TGT: [0, 5]}, inputs_per_source=4, keep_per_input=True,
+              progress=False)
+    fwd = measure_effects(model, [s1, s3], {SRC: range(8)}, toks, mode="forward", **kw)
+    rev = measure_effects(model, [s1, s3], {SRC: range(8)}, toks, mode="reverse", **kw)
+    np.testing.assert_array_equal(rev.n, fwd.n)
+    np.testing.assert_allclose(np.nan_to_num(rev.mean), np.nan_to_num(fwd.mean), atol=1e-5)
+    np.testing.assert_allclose(rev.per_input * rev.input_weight[..., None],
+                               fwd.per_input * fwd.input_weight[..., None], atol=1e-5)
+
+
+def test_reverse_mode_on_a_wrapped_model():
+    model, s0, s1 = planted()
+    kw = dict(method="jacobian", targets={"resid1": [0, 2, 3]}, progress=False)
+    fwd = measure_effects(model, [s0, s1], {"resid0": range(5)}, PTOKENS, mode="forward", **kw)
+    rev = measure_effects(model, [s0, s1], {"resid0": range(5)}, PTOKENS, mode="reverse", **kw)
+    np.testing.assert_allclose(rev.mean, fwd.mean, atol=1e-5)
