@@ -19,7 +19,6 @@ CONFIG_KEYS = {"model", "saes", "corpus", "out", "options", "default_saes"}
 
 def summarize(graph, model, k: int = 8) -> str:
     """Nodes, edges by kind, the strongest edges with their features' top contexts, the pruning report."""
-    import pyarrow.compute as pc
     lines = [graph.summary(), ""]
     ctx = {(s, f): c for s, f, c in zip(graph.nodes.column("site").to_pylist(),
                                          graph.nodes.column("feature").to_pylist(),

@@ -7,7 +7,7 @@ caching) and stop at a site (no unembedding).
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp

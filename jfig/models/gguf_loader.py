@@ -7,7 +7,6 @@ reader as (out, in) and are transposed to jfig's (in, out).
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 

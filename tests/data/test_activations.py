@@ -11,7 +11,7 @@ from jfig.data import ActivationBuffer, collect_activations, sample, sampled_cor
 from jfig.data import sampler as sampler_mod
 from jfig.errors import JfigError, ShapeError, SiteError
 from jfig.models import model as model_mod
-from jfig.models.config import gemma2_config, gpt2_config, llama_config
+from tiny_models import tiny_config
 from jfig.models.forward import init_params
 
 SITES = ("blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.hook_mlp_out")
@@ -28,14 +28,7 @@ class ToyTokenizer:
 
 
 def tiny(family="llama", embed_scale=0.3, **kw):
-    make = {"llama": llama_config, "gpt2": gpt2_config, "gemma2": gemma2_config}[family]
-    base = dict(n_layers=2, d_model=16, n_heads=4, n_kv_heads=2, d_head=4, d_mlp=24, vocab_size=50, max_seq_len=64)
-    if family == "gpt2":
-        base["n_kv_heads"] = 4
-    if family == "gemma2":
-        base["sliding_window"] = 3
-    base.update(kw)
-    cfg = make(**base)
+    cfg = tiny_config(family, **{"n_layers": 2, "max_seq_len": 64, **kw})
     params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
     params["embed"] = params["embed"] * embed_scale   # keep the token embedding from dominating: non-trivial greedy paths
     return jfig.Model.from_config(cfg, params, ToyTokenizer())

@@ -1,5 +1,4 @@
 """The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against HF transformers on the same file."""
-import os
 
 import jax.numpy as jnp
 import numpy as np

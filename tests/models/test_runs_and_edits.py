@@ -8,23 +8,15 @@ from hypothesis import given, settings, strategies as st
 import jfig
 from jfig.edits import Ablate, Clamp, Compose, Patch, Steer
 from jfig.models import model as model_mod
-from jfig.models.config import gemma2_config, gpt2_config, llama_config
-from jfig.models.forward import forward, init_params
+from jfig.models.forward import forward
 from jfig.saes import SAE
+from tiny_models import tiny_model
 
 SITE = "blocks.1.hook_resid_post"
 
 
 def tiny(family="llama", **kw):
-    make = {"llama": llama_config, "gpt2": gpt2_config, "gemma2": gemma2_config}[family]
-    base = dict(n_layers=4, d_model=16, n_heads=4, n_kv_heads=2, d_head=4, d_mlp=24, vocab_size=50, max_seq_len=32)
-    if family == "gpt2":
-        base["n_kv_heads"] = 4
-    if family == "gemma2":
-        base["sliding_window"] = 3
-    base.update(kw)
-    cfg = make(**base)
-    return jfig.Model.from_config(cfg, init_params(cfg, jax.random.PRNGKey(0), scale=0.2))
+    return tiny_model(family, scale=0.2, **kw)
 
 
 @pytest.fixture(scope="module")
