@@ -278,3 +278,12 @@ def test_reverse_mode_on_a_wrapped_model():
     fwd = measure_effects(model, [s0, s1], {"resid0": range(5)}, PTOKENS, mode="forward", **kw)
     rev = measure_effects(model, [s0, s1], {"resid0": range(5)}, PTOKENS, mode="reverse", **kw)
     np.testing.assert_allclose(rev.mean, fwd.mean, atol=1e-5)
+
+
+def test_mean_ablation_on_planted_model():
+    """s3 fires (1.2) on even tokens only; mean-ablating it sets it to its mean over all tokens."""
+    model, s0, s1 = planted()
+    eff = measure_effects(model, [s0, s1], {"resid0": [3]}, PTOKENS, method="mean_ablate", targets={"resid1": [2]},
+                          progress=False)
+    mean_s3 = float(np.mean(1.2 * (np.asarray(PTOKENS) % 2 == 0)))
+    np.testing.assert_allclose(eff.mean[0, 0], 0.8 * (mean_s3 - 1.2), atol=1e-5)   # t2 = s2 s3, s2 = 0.8
