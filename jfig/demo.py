@@ -105,7 +105,6 @@ def load_config(path) -> dict:
 def run_build(config_path, *, progress: bool = True) -> int:
     import jfig
     from .data import Corpus, default_corpus
-    from .demo import summarize
     from .saes.defaults import default_saes
     cfg = load_config(config_path)
     model = jfig.load_model(cfg["model"])

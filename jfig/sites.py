@@ -77,18 +77,6 @@ def model_sites(n_layers: int, *, pos_embed: bool = False) -> tuple[str, ...]:
     return head + tuple(block_site(l, s) for l in range(n_layers) for s in BLOCK_SITES)
 
 
-def check_site(name: str, sites: tuple[str, ...]) -> Site:
-    """Parse `name` and check the model has it; the error lists what the model offers."""
-    site = parse_site(name)
-    if name not in sites:
-        n_layers = 1 + max((parse_site(s).layer for s in sites), default=-1)
-        raise SiteError(
-            f"site {name!r} is not in this model, which has {n_layers} layers "
-            f"(sites {sites[0]!r} … {sites[-1]!r})"
-        )
-    return site
-
-
 def sort_sites(names) -> tuple[str, ...]:
     """Sites sorted into forward order."""
     return tuple(sorted(set(names), key=parse_site))

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import JfigError, ShapeError
 from .engine import METHODS, POSITION_MODES, Plan, chunk_effects
 from .select import auto_chunk, choose_inputs, nonzero_quantiles
-from .types import Effects, FeatureList, feature_list, saes_by_site, site_order
+from .types import Effects, FeatureList, feature_list, saes_by_site, site_order, store_stats
 
 
 def _progress(total, desc, enabled):
@@ -175,10 +175,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
             from .reverse import reverse_effects
             n, mu, m2, e, wv = reverse_effects(model, plan, saes[site], tgt_saes, tcols, acts, resid, toks_all, vals,
                                                feats, idx, wgt, batch=min(8, batch_size))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean[np.ix_(rows, order)] = np.where(n[:, None] > 0, mu, np.nan)
-                var[np.ix_(rows, order)] = np.where(n[:, None] > 1, m2 / np.maximum(n[:, None] - 1, 1), np.nan)
-            count[np.ix_(rows, order)] = n[:, None]
+            store_stats(mean, var, count, rows, order, n, mu, m2)
             if keep_per_input:
                 per_input[np.ix_(rows, np.arange(inputs_per_source), order)] = e
                 in_w[rows] = wv
@@ -194,10 +191,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
                                              *args, keep_per_input)
             n, mu, m2 = np.asarray(n)[: len(sl)], np.asarray(mu)[: len(sl)], np.asarray(m2)[: len(sl)]
             r = rows[sl]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean[np.ix_(r, order)] = np.where(n[:, None] > 0, mu, np.nan)
-                var[np.ix_(r, order)] = np.where(n[:, None] > 1, m2 / np.maximum(n[:, None] - 1, 1), np.nan)
-            count[np.ix_(r, order)] = n[:, None]
+            store_stats(mean, var, count, r, order, n, mu, m2)
             if keep_per_input:
                 per_input[np.ix_(r, np.arange(inputs_per_source), order)] = np.asarray(e)[: len(sl)]
                 in_w[r] = np.asarray(wv)[: len(sl)]

@@ -125,6 +125,13 @@ def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tok
     return both[0] - both[1], valid
 
 
+def weighted_stats(e, w):
+    """(n, mean [T], m2 [T]) of per-input values e [M, T] with weights w [M] (0 drops an input)."""
+    n = w.sum()
+    mean = (w[:, None] * e).sum(0) / jnp.maximum(n, 1.0)
+    return n, mean, (w[:, None] * (e - mean) ** 2).sum(0)
+
+
 @eqx.filter_jit
 def chunk_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts_all, resid_all, tokens_all, fvals_all,
                   idx, weight, cols, feats, alpha_lo, alpha_hi, keep_per_input: bool):
@@ -143,10 +150,7 @@ def chunk_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts_all, resid_a
         fi = fvals_all[i, :, col]
         e, valid = source_effects(model, plan, src_sae, tgt_saes, tcols, acts, resid, toks, fi, feat, lo, hi)
         wv = w * valid                                              # [M]
-        n = wv.sum()
-        mean = (wv[:, None] * e).sum(0) / jnp.maximum(n, 1.0)
-        m2 = (wv[:, None] * (e - mean) ** 2).sum(0)
-        return n, mean, m2, e, wv
+        return (*weighted_stats(e, wv), e, wv)
 
     n, mean, m2, e, wv = jax.vmap(one)(idx, weight, cols, feats, alpha_lo, alpha_hi)
     return n, mean, m2, (e if keep_per_input else None), wv

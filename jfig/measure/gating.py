@@ -20,9 +20,9 @@ import numpy as np
 
 from ..errors import JfigError
 from .api import _levels, default_targets, prefix_pass
-from .engine import Plan, clamp_mask, read_mask, read_targets, run_targets
+from .engine import Plan, clamp_mask, read_mask, read_targets, run_targets, weighted_stats
 from .select import choose_inputs
-from .types import FeatureList, feature_list, saes_by_site, site_order
+from .types import FeatureList, feature_list, saes_by_site, site_order, store_stats
 
 GATING_METHODS = ("mixed", "factorial", "conditional")
 
@@ -78,11 +78,7 @@ def _gating_chunk(model, plan, sae, tgt_saes, tcols, acts_all, resid_all, toks_a
         toks = None if toks_all is None else toks_all[i]
         e, valid = _pair_values(model, plan, sae, tgt_saes, tcols, acts, resid, toks, vals_all[i, :, a],
                                 vals_all[i, :, b], fa, fb, l1, h1, l2, h2, method)
-        wv = w * valid
-        n = wv.sum()
-        mean = (wv[:, None] * e).sum(0) / jnp.maximum(n, 1.0)
-        m2 = (wv[:, None] * (e - mean) ** 2).sum(0)
-        return n, mean, m2
+        return weighted_stats(e, w * valid)
 
     return jax.vmap(one)(idx, weight, ci, ck, fi_feat, fk_feat, lo_i, hi_i, lo_k, hi_k)
 
@@ -135,11 +131,7 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
                                   jnp.asarray(ci[pad]), jnp.asarray(ck[pad]), jnp.asarray(feats[ci[pad]], jnp.int32),
                                   jnp.asarray(feats[ck[pad]], jnp.int32), jnp.asarray(lo[ci[pad]]),
                                   jnp.asarray(hi[ci[pad]]), jnp.asarray(lo[ck[pad]]), jnp.asarray(hi[ck[pad]]), method)
-        n, mu, m2 = (np.asarray(x)[: len(sl)] for x in (n, mu, m2))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean[np.ix_(sl, order)] = np.where(n[:, None] > 0, mu, np.nan)
-            var[np.ix_(sl, order)] = np.where(n[:, None] > 1, m2 / np.maximum(n[:, None] - 1, 1), np.nan)
-        count[np.ix_(sl, order)] = n[:, None]
+        store_stats(mean, var, count, sl, order, *(np.asarray(x)[: len(sl)] for x in (n, mu, m2)))
     return GatingEffects(mean, var, count, pairs, tgt, method, positions)
 
 

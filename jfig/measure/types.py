@@ -87,6 +87,16 @@ def site_order(site: str) -> tuple:
         return (10**9, 0)
 
 
+def store_stats(mean, var, count, rows, cols, n, mu, m2) -> None:
+    """Write per-row (n [R], mean [R, C], m2 [R, C]) into the [rows, cols] block of the result arrays:
+    mean is NaN without inputs, var (unbiased) NaN with fewer than two."""
+    block = np.ix_(rows, cols)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean[block] = np.where(n[:, None] > 0, mu, np.nan)
+        var[block] = np.where(n[:, None] > 1, m2 / np.maximum(n[:, None] - 1, 1), np.nan)
+    count[block] = n[:, None]
+
+
 @dataclass
 class Effects:
     """Per-pair effect statistics over inputs.

@@ -36,10 +36,6 @@ def _call(hook: Hook, stop: str | None, site: str, x):
     return x
 
 
-def _stage_runs(stage: int, start_stage: int) -> bool:
-    return stage >= start_stage
-
-
 def block(cfg: ModelConfig, p: dict, layer: int, x, cos, sin, sliding, hook: Hook, stop: str | None,
           *, start_stage: int = 0, start_acts=None, freeze: bool = False):
     """One transformer block. x is the residual entering the earliest stage that runs.
