@@ -2,8 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from . import __version__
+from .errors import JfigError
+from .models.registry import load_model
+from .pipeline import load_config, run_build, run_demo, summarize
+from .saes import load_sae
+from .saes.defaults import default_saes, metrics_table
 
 DEMO_PROMPTS = (
     "The capital of France is",
@@ -13,9 +25,8 @@ DEMO_PROMPTS = (
 
 
 def _load(model_name: str):
-    import jfig
     t = time.time()
-    model = jfig.load_model(model_name)
+    model = load_model(model_name)
     c = model.config
     print(f"loaded {c.name or model_name}: {c.family}, {c.n_layers} layers, d_model {c.d_model}, "
           f"{c.n_heads} heads ({c.n_kv_heads} kv), vocab {c.vocab_size} in {time.time() - t:.1f}s")
@@ -23,8 +34,6 @@ def _load(model_name: str):
 
 
 def _show_prompt(model, prompt: str, saes, top: int) -> None:
-    import jax
-    import jax.numpy as jnp
     tok = model.tokenizer
     ids = tok.encode(prompt)
     sites = tuple(s.site for s in saes)
@@ -42,9 +51,8 @@ def _show_prompt(model, prompt: str, saes, top: int) -> None:
 
 
 def cmd_run(args) -> int:
-    import jfig
     model = _load(args.model)
-    saes = [jfig.load_sae(p) for p in args.sae]
+    saes = [load_sae(p) for p in args.sae]
     for prompt in args.prompt or DEMO_PROMPTS:
         _show_prompt(model, prompt, saes, args.top)
     return 0
@@ -59,20 +67,25 @@ def cmd_sites(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job on the offline default model: default SAEs, default corpus, a graph."""
-    from .demo import run_demo
     over = {k: v for k, v in dict(max_sequences=args.max_sequences, top_k=args.top_k,
                                   inputs_per_source=args.inputs).items() if v is not None}
-    return run_demo(args.out, model_name=args.model, progress=not args.quiet, **over)
+    t0 = time.time()
+    graph = run_demo(args.out, model_name=args.model, progress=not args.quiet, **over)
+    print(summarize(graph))
+    print(f"\ngraph written to {Path(args.out) / 'graph'} (nodes.parquet, edges.parquet, manifest.json); "
+          f"total {time.time() - t0:.0f} s")
+    return 0
 
 
 def cmd_build(args) -> int:
-    from .demo import run_build
-    return run_build(args.config, progress=not args.quiet)
+    graph = run_build(args.config, progress=not args.quiet)
+    print(summarize(graph))
+    print(f"\ngraph written to {Path(load_config(args.config)['out']) / 'graph'}")
+    return 0
 
 
 def cmd_saes(args) -> int:
     """Train (or load from the cache) the default SAEs and print their quality metrics."""
-    from .saes.defaults import default_saes, metrics_table
     model = _load(args.model)
     over = {k: v for k, v in dict(d_sae=args.d_sae, k=args.k, tokens=args.tokens, epochs=args.epochs).items()
             if v is not None}
@@ -87,6 +100,9 @@ def cmd_saes(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jfig", description="Feature Interaction Graphs for SAE features, in JAX.")
+    p.add_argument("--version", action="version", version=f"jfig {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    p.add_argument("-q", "--quiet-log", dest="quiet_log", action="store_true", help="log warnings and errors only")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
@@ -125,9 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """jfig's log lines (stage timings, resumed files) on stderr: INFO by default, DEBUG with -v,
+    WARNING with -q."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("jfig: %(message)s"))
+    root = logging.getLogger("jfig")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
 def main(argv=None) -> int:
-    from .errors import JfigError
     args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.quiet_log or getattr(args, "quiet", False))
     try:
         return args.fn(args)
     except JfigError as e:

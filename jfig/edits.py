@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from .errors import ShapeError
 
 
-def _as_positions(positions):
+def as_positions(positions):
     if positions is None:
         return None
     p = jnp.asarray(positions)
@@ -51,7 +51,7 @@ def _mask(positions, x, pos_axis: int):
     return m.reshape(m.shape[0], seq, *([1] * (x.ndim - 2)))
 
 
-def _where(positions, new, x, pos_axis):
+def where_positions(positions, new, x, pos_axis):
     if positions is None:
         return new
     return jnp.where(_mask(positions, x, pos_axis), new, x)
@@ -98,14 +98,14 @@ class Clamp(Edit):
         self.sae = sae
         self.feature = jnp.asarray(feature, jnp.int32)
         self.value = jnp.asarray(value, jnp.float32)
-        self.positions = _as_positions(positions)
+        self.positions = as_positions(positions)
 
     @property
     def site(self) -> str:
         return self.sae.site
 
     def apply(self, x, pos_axis: int = 1):
-        return _where(self.positions, x + _clamp_delta(self.sae, self.feature, self.value, x), x, pos_axis)
+        return where_positions(self.positions, x + _clamp_delta(self.sae, self.feature, self.value, x), x, pos_axis)
 
 
 class Ablate(Edit):
@@ -118,14 +118,14 @@ class Ablate(Edit):
     def __init__(self, sae, feature, positions=None):
         self.sae = sae
         self.feature = jnp.asarray(feature, jnp.int32)
-        self.positions = _as_positions(positions)
+        self.positions = as_positions(positions)
 
     @property
     def site(self) -> str:
         return self.sae.site
 
     def apply(self, x, pos_axis: int = 1):
-        return _where(self.positions, x + _clamp_delta(self.sae, self.feature, 0.0, x), x, pos_axis)
+        return where_positions(self.positions, x + _clamp_delta(self.sae, self.feature, 0.0, x), x, pos_axis)
 
 
 class Steer(Edit):
@@ -140,14 +140,14 @@ class Steer(Edit):
         self.site_name = site
         self.direction = jnp.asarray(direction, jnp.float32)
         self.scale = jnp.asarray(scale, jnp.float32)
-        self.positions = _as_positions(positions)
+        self.positions = as_positions(positions)
 
     @property
     def site(self) -> str:
         return self.site_name
 
     def apply(self, x, pos_axis: int = 1):
-        return _where(self.positions, x + self.scale * self.direction, x, pos_axis)
+        return where_positions(self.positions, x + self.scale * self.direction, x, pos_axis)
 
 
 class Patch(Edit):
@@ -160,14 +160,14 @@ class Patch(Edit):
     def __init__(self, site, values, positions=None):
         self.site_name = site
         self.values = jnp.asarray(values, jnp.float32)
-        self.positions = _as_positions(positions)
+        self.positions = as_positions(positions)
 
     @property
     def site(self) -> str:
         return self.site_name
 
     def apply(self, x, pos_axis: int = 1):
-        return _where(self.positions, jnp.broadcast_to(self.values, x.shape).astype(x.dtype), x, pos_axis)
+        return where_positions(self.positions, jnp.broadcast_to(self.values, x.shape).astype(x.dtype), x, pos_axis)
 
 
 class Compose(Edit):

@@ -77,6 +77,26 @@ def model_sites(n_layers: int, *, pos_embed: bool = False) -> tuple[str, ...]:
     return head + tuple(block_site(l, s) for l in range(n_layers) for s in BLOCK_SITES)
 
 
+def site_key(name: str) -> tuple[int, int]:
+    """(layer, stage): compares sites in forward order. Names that are not TransformerLens hook names
+    (models wrapped with `Model.from_function`) compare equal to each other and after all others."""
+    try:
+        s = parse_site(name)
+    except SiteError:
+        return (10**9, 0)
+    return (s.layer, s.stage)
+
+
+def site_layer(name: str, sites: tuple[str, ...] = ()) -> int:
+    """The layer of a site: from its TransformerLens name, else its position in `sites` (forward order)."""
+    try:
+        return parse_site(name).layer
+    except SiteError:
+        if name in sites:
+            return sites.index(name)
+        raise
+
+
 def sort_sites(names) -> tuple[str, ...]:
-    """Sites sorted into forward order."""
-    return tuple(sorted(set(names), key=parse_site))
+    """Sites sorted into forward order (TransformerLens names; others after them, by name)."""
+    return tuple(sorted(set(names), key=lambda n: (*site_key(n), n)))

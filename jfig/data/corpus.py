@@ -15,8 +15,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydoc_data.topics import topics as pydoc_topics
 
 from ..errors import FormatError, JfigError, ShapeError
+from ..models.validation import check_tokens
+from .prompts import all_prompts
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -79,7 +84,7 @@ class Corpus:
     def from_jsonl(cls, path: str | os.PathLike, field: str = "text") -> "Corpus":
         """One document per line of a JSON Lines file: the string at key `field`."""
         path = _existing(path)
-        return cls(lambda: _read_jsonl(path, field), f"JSONL {path} field {field!r}")
+        return cls(lambda: read_jsonl(path, field), f"JSONL {path} field {field!r}")
 
     @classmethod
     def from_parquet(cls, path: str | os.PathLike, column: str = "text", batch_rows: int = 1024) -> "Corpus":
@@ -102,7 +107,7 @@ class Corpus:
         if not isinstance(spec, (str, os.PathLike)):
             raise JfigError(f"corpus spec must be a path, 'default', a list or a Corpus, got {type(spec).__name__}")
         if isinstance(spec, str) and spec == "default" and not Path(spec).exists():
-            return default_corpus()
+            return offline_corpus()
         path = _existing(spec)
         suffix = path.suffix.lower()
         if path.is_dir() or suffix in TEXT_SUFFIXES:
@@ -152,7 +157,7 @@ def _read_text_pieces(path: Path) -> Iterator[str]:
         raise FormatError(f"cannot read corpus file {str(path)!r} as UTF-8 text: {err}") from err
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+def read_jsonl(path: Path, field: str) -> Iterator[str]:
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -175,8 +180,6 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
 
 
 def _parquet_file(path: Path, column: str):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as err:
@@ -202,33 +205,20 @@ def _read_parquet(path: Path, column: str, batch_rows: int) -> Iterator[str]:
 def pydoc_corpus() -> Corpus:
     """CPython's bundled documentation topics (pydoc_data), one document per topic, sorted by name."""
     def docs():
-        from pydoc_data.topics import topics
-        return (topics[k] for k in sorted(topics))
+        return (pydoc_topics[k] for k in sorted(pydoc_topics))
     return Corpus(docs, "CPython pydoc topics")
 
 
 def prompt_corpus(n: int | None = None, seed: int = 0) -> Corpus:
     """The completed texts of every prompt suite (prompts.all_prompts)."""
-    from .prompts import all_prompts
     return Corpus(lambda: (p.full_text for p in all_prompts(n, seed)), f"prompt suites (n={n}, seed={seed})")
 
 
-def default_corpus(model=None, *, docs: bool = True, prompts: bool = True, n_samples: int = 0,
-                   sample_length: int = 128, seed: int = 0) -> Corpus:
-    """The offline default: CPython's docs + the prompt suites + (n_samples > 0) text sampled
-    from `model` (cached on disk; see sampler.sampled_corpus). Nothing is downloaded."""
-    parts = []
-    if docs:
-        parts.append(pydoc_corpus())
-    if prompts:
-        parts.append(prompt_corpus(seed=seed))
-    if n_samples:
-        if model is None:
-            raise JfigError("default_corpus(n_samples > 0) samples text from a model: pass model=")
-        from .sampler import sampled_corpus
-        parts.append(sampled_corpus(model, n_samples, sample_length, seed=seed))
+def offline_corpus(*, docs: bool = True, prompts: bool = True, seed: int = 0) -> Corpus:
+    """CPython's docs and/or the prompt suites: the part of the default corpus that needs no model."""
+    parts = ([pydoc_corpus()] if docs else []) + ([prompt_corpus(seed=seed)] if prompts else [])
     if not parts:
-        raise JfigError("default_corpus with docs, prompts and samples all off has no documents")
+        raise JfigError("a corpus with docs and prompts both off has no documents")
     return Corpus.concat(parts)
 
 
@@ -353,18 +343,12 @@ def tokens_from(tokens_or_corpus, model, seq_len: int | None = None, *, add_bos:
     corpus / spec (packed with the model's tokenizer; bound the size with max_tokens)."""
     if _looks_like_tokens(tokens_or_corpus):
         t = np.asarray(tokens_or_corpus)
-        if t.ndim == 1:
-            t = t[None]
-        if t.ndim != 2 or t.shape[1] == 0 or t.shape[0] == 0:
+        if t.ndim == 2 and t.shape[0] == 0:
             raise ShapeError(f"tokens must be an int array [n, seq] with n, seq > 0, got shape {t.shape}")
-        if not np.issubdtype(t.dtype, np.integer):
-            raise ShapeError(f"tokens must have an integer dtype, got {t.dtype}")
+        t = np.asarray(check_tokens(t, getattr(model, "vocab_size", None)))
         if seq_len is not None and t.shape[1] != seq_len:
             raise ShapeError(f"tokens have sequence length {t.shape[1]}, expected seq_len={seq_len}")
-        vocab = getattr(model, "vocab_size", None)
-        if vocab is not None and (t.min() < 0 or t.max() >= vocab):
-            raise ShapeError(f"token ids span [{t.min()}, {t.max()}], outside the model's vocabulary [0, {vocab})")
-        return t.astype(np.int32)
+        return t
     rows = list(_shuffled(_sequences(as_corpus(tokens_or_corpus), _tokenizer_of(model), seq_len or DEFAULT_SEQ_LEN,
                                      add_bos=add_bos, max_tokens=max_tokens), shuffle_buffer, seed))
     if not rows:

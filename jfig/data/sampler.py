@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import JfigError, ShapeError
+from .corpus import Corpus, read_jsonl
 from ..models.config import ModelConfig
 from ..models.forward import unembed
 from ..models.layers import activation, apply_rope, norm, rope_tables
@@ -187,7 +188,6 @@ def sampled_corpus(model, n_docs: int, length: int = 128, seed: int = 0, *, temp
     """A Corpus of `n_docs` texts sampled from `model` (each up to `length` tokens after BOS,
     cut at EOS). Generated on first read and cached as JSONL under
     $XDG_CACHE_HOME/jfig/samples/, keyed by the model and these settings."""
-    from .corpus import Corpus, _read_jsonl
     tok = model.tokenizer
     if tok is None:
         raise JfigError("sampled_corpus needs a model with a tokenizer to decode its samples")
@@ -200,7 +200,7 @@ def sampled_corpus(model, n_docs: int, length: int = 128, seed: int = 0, *, temp
     def docs() -> Iterator[str]:
         if not path.exists():
             _write_samples(model, path, n_docs, length, seed, temperature, top_k, batch_size)
-        return _read_jsonl(path, "text")
+        return read_jsonl(path, "text")
 
     return Corpus(docs, f"{n_docs} samples from {model.config.name or 'model'}")
 

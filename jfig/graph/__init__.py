@@ -1,9 +1,13 @@
-"""The interaction graph: typed multigraph container, Parquet storage, NetworkX/GraphML/JSON export."""
+"""The interaction graph: typed multigraph container, Parquet storage, NetworkX/GraphML/JSON export,
+and its assembly from measured and tested records (a pure function: no model runs here)."""
+from .assemble import EdgeRecords, NodeInfo, assemble_graph
+from .export import read_node_link_json, write_graphml, write_node_link_json
 from .graph import (EDGE_SCHEMA, ESTIMATORS, KINDS, NODE_SCHEMA, POSITIONS, InteractionGraph, gate_id,
-                    library_versions, node_id)
-from .io import load_graph, read_node_link_json, save_graph
+                    library_versions, load_graph, node_id, save_graph)
+from .storage import read_graph_folder, write_graph_folder
 
 __all__ = [
-    "EDGE_SCHEMA", "ESTIMATORS", "KINDS", "NODE_SCHEMA", "POSITIONS", "InteractionGraph", "gate_id",
-    "library_versions", "load_graph", "node_id", "read_node_link_json", "save_graph",
+    "EDGE_SCHEMA", "ESTIMATORS", "EdgeRecords", "KINDS", "NODE_SCHEMA", "NodeInfo", "POSITIONS", "InteractionGraph",
+    "assemble_graph", "gate_id", "library_versions", "load_graph", "node_id", "read_graph_folder",
+    "read_node_link_json", "save_graph", "write_graph_folder", "write_graphml", "write_node_link_json",
 ]

@@ -15,7 +15,11 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import JfigError
+import networkx as nx
+
+from ..errors import FormatError, JfigError
+from .export import write_graphml, write_node_link_json
+from .storage import MANIFEST_KEYS, STORAGE_KEYS, read_graph_folder, write_graph_folder
 
 KINDS = ("excitatory", "inhibitory", "gating")
 ESTIMATORS = ("clamp", "ablate", "mean_ablate", "jacobian", "jacobian_direct", "mixed", "factorial", "conditional")
@@ -45,9 +49,6 @@ NODE_SCHEMA = pa.schema([
 _EDGE_NOT_NULL = ("source_site", "source", "target_site", "target", "kind", "weight", "n", "estimator",
                   "positions", "source_layer", "target_layer")
 _NODE_NOT_NULL = ("site", "feature", "layer")
-MANIFEST_KEYS = ("model", "saes", "corpus_hash", "options", "library_versions", "created")
-# Keys that describe the files on disk; io.py writes and checks them, the in-memory manifest omits them.
-STORAGE_KEYS = ("format", "format_version", "n_nodes", "n_edges")
 
 
 def library_versions() -> dict[str, str]:
@@ -177,8 +178,6 @@ class InteractionGraph:
         excitatory/inhibitory row is an edge carrying the row's columns; a gating row becomes a
         node ``gate_id(...)`` (kind='gate', the row's columns) with edges source->gate
         (role='input'), modulator->gate (role='modulator') and gate->target (role='output')."""
-        import networkx as nx
-
         g = nx.MultiDiGraph(manifest=json.loads(json.dumps(self.manifest)))
         g.add_nodes_from((node_id(row["site"], row["feature"]), {"kind": "feature", **row})
                          for row in _rows(self.nodes))
@@ -200,19 +199,38 @@ class InteractionGraph:
 
     def save(self, path) -> None:
         """Write ``nodes.parquet``, ``edges.parquet`` and ``manifest.json`` into the folder ``path``
-        atomically (see ``jfig.graph.io.save_graph``)."""
-        from .io import save_graph
-        save_graph(self, path)
+        atomically (see ``jfig.graph.storage.write_graph_folder``)."""
+        write_graph_folder(path, self.nodes, self.edges, self.manifest)
 
     def to_graphml(self, path) -> None:
         """Write ``to_networkx()`` as GraphML (nulls become "" for strings and NaN for numbers)."""
-        from .io import write_graphml
-        write_graphml(self, path)
+        types = {f.name: f.type for f in (*self.nodes.schema, *self.edges.schema)}
+        write_graphml(self.to_networkx(), types, path)
 
     def to_node_link_json(self, path) -> None:
         """Write ``to_networkx()`` as node-link JSON (edges under the key "edges"; NaN becomes null)."""
-        from .io import write_node_link_json
-        write_node_link_json(self, path)
+        write_node_link_json(self.to_networkx(), path)
+
+
+def save_graph(graph: InteractionGraph, path) -> None:
+    """``graph.save(path)``."""
+    graph.save(path)
+
+
+def load_graph(path) -> InteractionGraph:
+    """Read and validate a graph folder written by ``InteractionGraph.save``.
+
+    Raises ``FormatError`` naming the folder or file for: a missing folder or file, a manifest that
+    is not JSON, lacks keys or has another format/version, an unreadable (e.g. truncated) Parquet
+    file, row counts that disagree with the manifest, or tables that break the schema.
+    """
+    nodes, edges, manifest = read_graph_folder(path)
+    try:
+        return InteractionGraph.from_tables(nodes, edges, manifest)
+    except FormatError:
+        raise
+    except JfigError as e:
+        raise FormatError(f"{path}: {e}") from None
 
 
 # ---- conforming and validating --------------------------------------------------------------------

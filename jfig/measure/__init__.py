@@ -1,8 +1,13 @@
-"""Causal feature-to-feature measurements: clamping, ablation, Jacobians, gating, weight-only terms."""
+"""Causal feature-to-feature measurements: clamping, ablation, Jacobians, gating, feature importance,
+weight-only terms (the direct residual path and decoder alignment)."""
+from ..saes.geometry import alignment_applies, decoder_alignment
 from .api import measure_effects
-from .gating import GatingEffects, measure_gating
+from .engine import METHODS, POSITION_MODES
+from .gating import GATING_METHODS, GatingEffects, measure_gating
+from .importance import IMPORTANCE_KINDS, ablation_effects, attribution_effects, feature_importance
 from .types import Effects, FeatureList, feature_list
 from .weights import weight_effects
 
-__all__ = ["Effects", "FeatureList", "GatingEffects", "feature_list", "measure_effects", "measure_gating",
-           "weight_effects"]
+__all__ = ["Effects", "FeatureList", "GATING_METHODS", "GatingEffects", "IMPORTANCE_KINDS", "METHODS",
+           "POSITION_MODES", "ablation_effects", "alignment_applies", "attribution_effects", "decoder_alignment",
+           "feature_importance", "feature_list", "measure_effects", "measure_gating", "weight_effects"]

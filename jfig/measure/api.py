@@ -12,23 +12,23 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ..data.progress import progress_bar
 from ..errors import JfigError, ShapeError
+from ..models.validation import saes_by_site
+from ..sites import site_key
 from .engine import METHODS, POSITION_MODES, Plan, chunk_effects
+from .reverse import reverse_effects
 from .select import auto_chunk, choose_inputs, nonzero_quantiles
-from .types import Effects, FeatureList, feature_list, saes_by_site, site_order, store_stats
-
-
-def _progress(total, desc, enabled):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="src", disable=not enabled, dynamic_ncols=True)
+from .types import Effects, FeatureList, feature_list, store_stats
 
 
 def default_targets(saes: dict, source_sites) -> FeatureList:
     """Every feature of every SAE at or after the earliest source site."""
-    first = min(site_order(s) for s in source_sites)
-    spec = {s: np.arange(sae.d_sae) for s, sae in sorted(saes.items(), key=lambda kv: site_order(kv[0]))
-            if site_order(s) >= first}
+    first = min(site_key(s) for s in source_sites)
+    spec = {s: np.arange(sae.d_sae) for s, sae in sorted(saes.items(), key=lambda kv: site_key(kv[0]))
+            if site_key(s) >= first}
     return feature_list(spec, saes)
 
 
@@ -53,7 +53,7 @@ def prefix_pass(model, src_sae, feats, tokens, batch_size: int, builtin: bool):
     return jnp.concatenate(acts), resid, jnp.concatenate(vals)
 
 
-def _levels(method, vals_np, alphas, atlas_q):
+def clamp_levels(method, vals_np, alphas, atlas_q):
     """(alpha_lo, alpha_hi, median) per source, [n] each; for mean_ablate alpha_lo is the mean."""
     flat = vals_np.reshape(-1, vals_np.shape[-1])
     q = atlas_q if atlas_q is not None else nonzero_quantiles(flat)
@@ -82,7 +82,6 @@ def _bytes_per_source(model, plan, m, s, tgt_saes) -> float:
 def _mesh_put(arrays, n_dev):
     if n_dev <= 1:
         return arrays
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     mesh = Mesh(np.asarray(jax.devices()[:n_dev]), ("sources",))
     return [jax.device_put(a, NamedSharding(mesh, P("sources", *([None] * (a.ndim - 1))))) for a in arrays]
 
@@ -130,7 +129,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
     if len(src) == 0:
         raise JfigError("no source features given")
     tgt = feature_list(targets, saes) if targets is not None else default_targets(saes, src.unique_sites())
-    tokens = model._check_tokens(tokens)
+    tokens = model.check_tokens(tokens)
     builtin = model.apply_fn is None
     n_dev = devices if devices is not None else len(jax.local_devices())
     mean = np.full((len(src), len(tgt)), np.nan, np.float32)
@@ -140,14 +139,14 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
     per_input = np.zeros((len(src), inputs_per_source, len(tgt)), np.float32) if keep_per_input else None
     in_w = np.zeros((len(src), inputs_per_source), np.float32)
     in_idx = np.zeros((len(src), inputs_per_source), np.int32)
-    bar = _progress(len(src), f"measure {method}", progress)
-    for site in sorted(src.unique_sites(), key=site_order):
+    bar = progress_bar(len(src), desc=f"measure {method}", unit="src", enabled=progress)
+    for site in sorted(src.unique_sites(), key=site_key):
         rows = src.at(site)
-        tsites = tuple(s for s in tgt.unique_sites() if site_order(s) >= site_order(site))
+        tsites = tuple(s for s in tgt.unique_sites() if site_key(s) >= site_key(site))
         if not tsites:
             bar.update(len(rows))
             continue
-        tsites = tuple(sorted(tsites, key=site_order))
+        tsites = tuple(sorted(tsites, key=site_key))
         tcols_idx = [tgt.at(s) for s in tsites]
         tcols = tuple(jnp.asarray(tgt.features[c], jnp.int32) for c in tcols_idx)
         tgt_saes = tuple(saes[s] for s in tsites)
@@ -155,9 +154,9 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         feats = src.features[rows]
         acts, resid, vals = prefix_pass(model, saes[site], feats, tokens, batch_size, builtin)
         vals_np = np.asarray(vals)
-        atlas_q = atlas.alpha_levels(site)[feats] if atlas is not None else None   # [n, 3]: 10/50/90 %
+        atlas_q = atlas.alphaclamp_levels(site)[feats] if atlas is not None else None   # [n, 3]: 10/50/90 %
         a_rows = None if alphas is None else (np.asarray(alphas) if np.ndim(alphas) <= 1 else np.asarray(alphas)[rows])
-        lo, hi, med = _levels(method, vals_np, a_rows, atlas_q)
+        lo, hi, med = clamp_levels(method, vals_np, a_rows, atlas_q)
         idx, wgt = choose_inputs(vals_np.max(axis=1), med, inputs_per_source, seed)
         alph[rows] = np.stack([lo, hi], -1)
         in_w[rows], in_idx[rows] = wgt, idx
@@ -172,7 +171,6 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         use_reverse = method.startswith("jacobian") and direction == "decoder" and (
             mode == "reverse" or (mode == "auto" and n_t * S < len(rows)))
         if use_reverse:
-            from .reverse import reverse_effects
             n, mu, m2, e, wv = reverse_effects(model, plan, saes[site], tgt_saes, tcols, acts, resid, toks_all, vals,
                                                feats, idx, wgt, batch=min(8, batch_size))
             store_stats(mean, var, count, rows, order, n, mu, m2)

@@ -18,7 +18,6 @@ from ..models.model import Prefix
 
 METHODS = ("clamp", "ablate", "mean_ablate", "jacobian", "jacobian_direct")
 POSITION_MODES = ("same", "later", "all")
-TRACE_COUNT = {"chunk": 0}  # incremented when a chunk function is traced (tests check for recompiles)
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,6 @@ def chunk_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts_all, resid_a
     cols [C] index the source's column in fvals_all [N, S, n_src]. Statistics are accumulated
     with weights so padded inputs and inputs with nothing to read count for nothing.
     """
-    TRACE_COUNT["chunk"] += 1
 
     def one(i, w, col, feat, lo, hi):
         acts = acts_all[i]

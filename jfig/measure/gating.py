@@ -19,10 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import JfigError
-from .api import _levels, default_targets, prefix_pass
+from ..models.validation import saes_by_site
+from ..sites import site_key
+from .api import clamp_levels, default_targets, measure_effects, prefix_pass
 from .engine import Plan, clamp_mask, read_mask, read_targets, run_targets, weighted_stats
 from .select import choose_inputs
-from .types import FeatureList, feature_list, saes_by_site, site_order, store_stats
+from .types import FeatureList, feature_list, store_stats
 
 GATING_METHODS = ("mixed", "factorial", "conditional")
 
@@ -105,15 +107,15 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
                             batch_size, seed)
     feats = np.unique(np.asarray([p[0][1] for p in pairs] + [p[1][1] for p in pairs], np.int64))
     col = {int(f): c for c, f in enumerate(feats)}
-    tokens = model._check_tokens(tokens)
+    tokens = model.check_tokens(tokens)
     builtin = model.apply_fn is None
-    tsites = tuple(sorted((s for s in tgt.unique_sites() if site_order(s) >= site_order(site)), key=site_order))
+    tsites = tuple(sorted((s for s in tgt.unique_sites() if site_key(s) >= site_key(site)), key=site_key))
     tcols_idx = [tgt.at(s) for s in tsites]
     tcols = tuple(jnp.asarray(tgt.features[c], jnp.int32) for c in tcols_idx)
     plan = Plan(site, tsites, "clamp", positions, clamp_at, builtin)
     acts, resid, vals = prefix_pass(model, saes[site], feats, tokens, batch_size, builtin)
     vals_np = np.asarray(vals)
-    lo, hi, med = _levels("clamp", vals_np, alphas, None)
+    lo, hi, med = clamp_levels("clamp", vals_np, alphas, None)
     ci = np.asarray([col[p[0][1]] for p in pairs], np.int32)
     ck = np.asarray([col[p[1][1]] for p in pairs], np.int32)
     idx_all, w_all = choose_inputs(vals_np.max(axis=1), med, inputs_per_pair, seed)
@@ -136,13 +138,12 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
 
 
 def _conditional(model, saes, pairs, site, tokens, tgt, positions, m, alphas, clamp_at, batch_size, seed):
-    from .api import measure_effects
     sources = sorted({p[0] for p in pairs}, key=lambda x: x[1])
     eff = measure_effects(model, saes, sources, tokens, method="clamp", positions=positions, targets=tgt,
                           inputs_per_source=m, alphas=alphas, clamp_at=clamp_at, batch_size=batch_size,
                           keep_per_input=True, seed=seed, progress=False)
     row = {s: r for r, s in enumerate(eff.sources)}
-    toks = model._check_tokens(tokens)
+    toks = model.check_tokens(tokens)
     ks = np.unique(np.asarray([p[1][1] for p in pairs], np.int64))
     _, _, kvals = prefix_pass(model, saes[site], ks, toks, batch_size, model.apply_fn is None)
     k_on = np.asarray(kvals).max(axis=1) > 0                                    # [N, n_k]

@@ -5,8 +5,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from ..errors import JfigError, SiteError
+from ..models.validation import check_features
 from ..sites import parse_site
 
 
@@ -34,7 +36,6 @@ class FeatureList:
         return tuple(dict.fromkeys(self.sites))
 
     def as_table(self):
-        import pyarrow as pa
         return pa.table({"site": list(self.sites), "feature": self.features.astype(np.int64)})
 
 
@@ -63,28 +64,6 @@ def feature_list(spec, saes: dict) -> FeatureList:
             raise JfigError(f"feature index {int(fs.max() if fs.max() >= d else fs.min())} out of range for the "
                             f"SAE at {site} with d_sae {d}")
     return out
-
-
-def saes_by_site(saes) -> dict:
-    """{site: SAE} from a dict, a list of SAEs, or one SAE."""
-    if isinstance(saes, dict):
-        return dict(saes)
-    if hasattr(saes, "site"):
-        return {saes.site: saes}
-    out = {}
-    for s in saes:
-        if s.site in out:
-            raise JfigError(f"two SAEs given for site {s.site!r}")
-        out[s.site] = s
-    return out
-
-
-def site_order(site: str) -> tuple:
-    try:
-        s = parse_site(site)
-        return (s.layer, s.stage)
-    except SiteError:
-        return (10**9, 0)
 
 
 def store_stats(mean, var, count, rows, cols, n, mu, m2) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ..sites import RESIDUAL_BASIS, parse_site
-from .types import Effects, feature_list, saes_by_site, site_order
+from ..models.validation import saes_by_site
+from ..sites import RESIDUAL_BASIS, parse_site, site_key
+from .types import Effects, feature_list
 
 
 def _residual(site: str) -> bool:
@@ -27,8 +28,8 @@ def weight_effects(saes, sources, targets=None) -> Effects:
     saes = saes_by_site(saes)
     src = feature_list(sources, saes)
     if targets is None:
-        first = min(site_order(s) for s in src.unique_sites())
-        targets = {s: np.arange(x.d_sae) for s, x in saes.items() if site_order(s) >= first}
+        first = min(site_key(s) for s in src.unique_sites())
+        targets = {s: np.arange(x.d_sae) for s, x in saes.items() if site_key(s) >= first}
     tgt = feature_list(targets, saes)
     mean = np.full((len(src), len(tgt)), np.nan, np.float32)
     for ss in src.unique_sites():
@@ -37,7 +38,7 @@ def weight_effects(saes, sources, targets=None) -> Effects:
         if saes[ss].rescale_acts_by_decoder_norm:
             d = d / jnp.linalg.norm(d, axis=-1, keepdims=True)
         for ts in tgt.unique_sites():
-            if site_order(ts) < site_order(ss) or not (_residual(ss) and _residual(ts)):
+            if site_key(ts) < site_key(ss) or not (_residual(ss) and _residual(ts)):
                 continue
             cols = tgt.at(ts)
             enc = jnp.asarray(saes[ts].W_enc)[:, tgt.features[cols]]  # [d, n_t]

@@ -18,8 +18,8 @@ from ..errors import JfigError, ShapeError, SiteError
 from ..sites import NEEDS_RESID_MID, NEEDS_RESID_PRE, RESIDUAL_STAGES, block_site, model_sites, parse_site
 from .config import ModelConfig
 from .forward import StopRun, forward
+from .validation import check_sae_fits, check_saes, check_tokens
 
-TRACE_COUNT = {"run": 0}  # incremented each time a run is traced (tests check for retracing)
 
 
 class RunOutput(NamedTuple):
@@ -75,7 +75,6 @@ def _resid_site_for(site: str) -> str | None:
 
 @partial(jax.jit, static_argnames=("cfg", "apply_fn", "capture", "stop", "start", "want_logits", "freeze"))
 def _run(params, tokens, edits, start_acts, start_resid, *, cfg, apply_fn, capture, stop, start, want_logits, freeze):
-    TRACE_COUNT["run"] += 1
     hook = _EditHook(edits, capture, stop)
     out = None
     try:
@@ -143,38 +142,24 @@ class Model(eqx.Module):
     def site_width(self, site: str) -> int | None:
         return dict(self.site_widths).get(site)
 
-    def _check_tokens(self, tokens):
-        if isinstance(tokens, (list, tuple)):
-            tokens = np.asarray(tokens)
-        if not hasattr(tokens, "dtype") or not hasattr(tokens, "ndim"):
-            raise ShapeError(f"tokens must be an int array [batch, seq] or [seq], got {type(tokens).__name__}")
-        if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ShapeError(f"tokens must have an integer dtype, got {tokens.dtype}")
-        if tokens.ndim == 1:
-            tokens = tokens[None, :]
-        if tokens.ndim != 2:
-            raise ShapeError(f"tokens must have rank 2 [batch, seq] (or 1), got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] == 0:
-            raise ShapeError("tokens has sequence length 0; expected at least one token")
-        vocab = self.vocab_size
-        if vocab is not None and not isinstance(tokens, jax.core.Tracer):
-            t = np.asarray(tokens)
-            lo, hi = int(t.min()), int(t.max())
-            if lo < 0 or hi >= vocab:
-                raise ShapeError(f"token id {hi if hi >= vocab else lo} is outside the vocabulary [0, {vocab})")
-        if self.config is not None:
-            if self.config.positional == "learned" and tokens.shape[1] > self.config.max_seq_len:
-                raise ShapeError(f"sequence length {tokens.shape[1]} exceeds the model's {self.config.max_seq_len} positions")
-        return jnp.asarray(tokens, jnp.int32)
+    def check_tokens(self, tokens) -> jax.Array:
+        """tokens as int32 [batch, seq] (a [seq] array gets a batch axis); clear errors otherwise."""
+        max_len = None
+        if self.config is not None and self.config.positional == "learned":
+            max_len = self.config.max_seq_len
+        return check_tokens(tokens, self.vocab_size, max_len=max_len)
+
+    def check_saes(self, saes) -> dict:
+        """{site: SAE} in forward order; each SAE must read a site of this model and be as wide as it."""
+        return check_saes(self, saes)
 
     def _check_edits(self, edits) -> tuple[Edit, ...]:
         flat = flatten_edits(edits)
         for e in flat:
             self.check_site(e.site)
             sae = getattr(e, "sae", None)
-            width = self.site_width(e.site)
-            if sae is not None and width is not None and sae.d_in != width:
-                raise ShapeError(f"SAE d_in {sae.d_in} does not match site {e.site} width {width}")
+            if sae is not None:
+                check_sae_fits(sae, self.site_width(e.site))
         return flat
 
     def _check_capture(self, capture) -> tuple[str, ...]:
@@ -193,7 +178,7 @@ class Model(eqx.Module):
         stop_at: stop after this site (no logits); freeze: stop gradients through norm
         scales and attention patterns (direct effects).
         """
-        tokens = self._check_tokens(tokens)
+        tokens = self.check_tokens(tokens)
         flat = self._check_edits(edits)
         capture = self._check_capture(capture)
         if stop_at is not None:

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..data import collect_activations, corpus_hash, default_corpus, tokens_from
+from ..data.files import atomic_folder
 from ..errors import JfigError
 from .loaders import load_sae, save_sae
+from .metrics import sae_metrics
+from .train import train_sae
 
+log = logging.getLogger(__name__)
 DEFAULT_LAYERS = (6, 10, 14, 18)   # early-middle to late-middle of 30 layers, 4 apart (inside a window of 5)
 
 
@@ -86,16 +91,12 @@ def default_saes(model, *, settings: DefaultSAESettings | None = None, cache_dir
     if manifest_path.exists() and not force:
         manifest = json.loads(manifest_path.read_text())
         if all((folder / _folder_name(s) / "cfg.json").exists() for s in settings.sites):
-            if progress:
-                print(f"jfig: using cached SAEs in {folder}")
+            log.info("using cached SAEs in %s", folder)
             return [load_sae(folder / _folder_name(s)) for s in settings.sites], manifest
     return _train_and_cache(model, settings, folder, mid, progress)
 
 
 def _train_and_cache(model, settings: DefaultSAESettings, folder: Path, mid: str, progress: bool):
-    from ..data import collect_activations, corpus_hash, default_corpus, tokens_from
-    from .metrics import sae_metrics
-    from .train import train_sae
     t0 = time.time()
     corpus = default_corpus(model) if settings.corpus == "default" else settings.corpus
     n_seq = (settings.tokens + settings.eval_tokens) // settings.seq_len + 1
@@ -105,16 +106,20 @@ def _train_and_cache(model, settings: DefaultSAESettings, folder: Path, mid: str
         raise JfigError(f"the corpus gave only {len(toks)} sequences of {settings.seq_len} tokens; need more than {n_eval}")
     train_toks, eval_toks = toks[n_eval:], toks[:n_eval]
     chash = corpus_hash(corpus, model.tokenizer, seq_len=settings.seq_len, seed=settings.seed)
-    if progress:
-        print(f"jfig: training default SAEs at {len(settings.sites)} sites on {train_toks.size} tokens "
-              f"(d_sae {settings.d_sae}, k {settings.k}); cache: {folder}")
+    log.info("training default SAEs at %d sites on %d tokens (d_sae %d, k %d); cache: %s", len(settings.sites),
+             train_toks.size, settings.d_sae, settings.k, folder)
     batches = (train_toks[i: i + 16] for i in range(0, len(train_toks), 16))
     bufs = collect_activations(model, batches, settings.sites, drop_bos=True, bos_id=None)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     saes, metrics = [], {}
+    with atomic_folder(folder) as tmp:
+        manifest = _train_into(tmp, model, settings, bufs, eval_toks, mid, chash, train_toks, saes, metrics, progress,
+                               t0)
+    return saes, manifest
+
+
+def _train_into(tmp: Path, model, settings: DefaultSAESettings, bufs, eval_toks, mid, chash, train_toks, saes,
+                metrics, progress, t0: float) -> dict:
+    """Train and save each site's SAE into `tmp`, appending to `saes` and `metrics`; returns the manifest."""
     for index, site in enumerate(settings.sites):
         acts = bufs[site].to_numpy()
         steps = max(1, settings.epochs * len(acts) // settings.batch_size)
@@ -125,20 +130,14 @@ def _train_and_cache(model, settings: DefaultSAESettings, folder: Path, mid: str
         metrics[site] = {k: float(v) for k, v in m.items()}
         save_sae(sae, tmp / _folder_name(site))
         saes.append(sae)
-        if progress:
-            print(f"  {site}: FVU {m['fvu']:.3f}  L0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}  "
-                  f"CE recovered {m['ce_loss_recovered']:.3f}")
+        log.info("%s: FVU %.3f  L0 %.1f  dead %.3f  CE recovered %.3f", site, m["fvu"], m["l0"],
+                 m["dead_fraction"], m["ce_loss_recovered"])
     manifest = {"format": "jfig-default-saes", "model": mid, "sites": list(settings.sites),
                 "settings": asdict(settings), "corpus_hash": chash, "train_tokens": int(train_toks.size),
                 "eval_tokens": int(eval_toks.size), "metrics": metrics, "seconds": round(time.time() - t0, 1)}
     text = json.dumps(manifest, indent=2)
     (tmp / "manifest.json").write_text(text)
-    manifest = json.loads(text)   # the same JSON types a cached load returns
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
-    return saes, manifest
+    return json.loads(text)   # the same JSON types a cached load returns
 
 
 def metrics_table(manifest: dict) -> str:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfig.edits import Edit, Patch, _as_positions, _where
+from ..edits import Edit, Patch, as_positions, where_positions
 from jfig.errors import JfigError, ShapeError
 from jfig.saes.sae import SAE
 
@@ -37,7 +37,7 @@ class Splice(Edit):
 
     def __init__(self, sae: SAE, positions=None):
         self.sae = sae
-        self.positions = _as_positions(positions)
+        self.positions = as_positions(positions)
 
     @property
     def site(self) -> str:
@@ -48,7 +48,7 @@ class Splice(Edit):
             recon = self.sae.reconstruct(x.reshape(*x.shape[:2], -1)).reshape(x.shape)
         else:
             recon = self.sae.reconstruct(x)
-        return _where(self.positions, recon.astype(x.dtype), x, pos_axis)
+        return where_positions(self.positions, recon.astype(x.dtype), x, pos_axis)
 
 
 # ---------------------------------------------------------------------------------- activation sums
@@ -209,7 +209,7 @@ def sae_metrics(model, sae: SAE, tokens, *, batch_size: int = 32, exclude_first:
         raise ShapeError(f"tokens must be an int array [n_seq, seq]; got dtype {tokens.dtype}, shape {tokens.shape}")
     if tokens.shape[1] < 2:
         raise ShapeError(f"tokens need at least 2 positions for next-token loss; got shape {tokens.shape}")
-    model._check_tokens(tokens)  # vocabulary range, sequence length
+    model.check_tokens(tokens)  # vocabulary range, sequence length
     n_seq, seq = tokens.shape
     bs = max(1, min(batch_size, n_seq))
     totals = _Totals(sae.d_in, sae.d_sae)

@@ -661,7 +661,7 @@ def capture_activations(model, tokens, site: str, *, batch_size: int = 32, drop_
         raise ShapeError(f"tokens must be an int array [n_seq, seq]; got dtype {tokens.dtype}, shape {tokens.shape}")
     if drop_first and tokens.shape[1] < 2:
         raise ShapeError(f"tokens of length {tokens.shape[1]} leave nothing once position 0 is dropped")
-    model._check_tokens(tokens)
+    model.check_tokens(tokens)
     n_seq = tokens.shape[0]
     bs = max(1, min(batch_size, n_seq))
     out = []

@@ -30,10 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import ShapeError
-from .sites import parse_site, sort_sites
+from ..errors import ShapeError
+from ..sites import parse_site, sort_sites
 
-TRACE_COUNT = {"update": 0, "model_step": 0}  # incremented when an update is traced (tests check retracing)
 DEFAULT_MAX_ACTIVE = 128
 
 
@@ -235,13 +234,11 @@ def update_state(spec: AtlasSpec, state: dict, index, acts, tokens, valid, seq_o
 
 @partial(jax.jit, static_argnums=0, donate_argnums=1)
 def _update(spec, state, index, acts, tokens, valid, seq_offset):
-    TRACE_COUNT["update"] += 1
     return update_state(spec, state, index, acts, tokens, valid, seq_offset)
 
 
 @partial(jax.jit, static_argnums=0, donate_argnums=1)
 def _model_step(spec, state, index, model, saes, tokens, valid, seq_offset):
-    TRACE_COUNT["model_step"] += 1
     out = model.run(tokens, capture=spec.sites, stop_at=spec.sites[-1], logits=False)
     acts = tuple(sae.encode(out.cache[site]) for sae, site in zip(saes, spec.sites))
     return update_state(spec, state, index, acts, tokens, valid, seq_offset)

@@ -1,13 +1,10 @@
-"""Significance for measured effects: nulls, p-values, multiple-testing corrections, edge kinds.
+"""p-values for measured effects: the sign-flip permutation test and the label permutation test.
 
-- **Permutation test** (seed 000 §6.2 step 4, "shuffle clamping assignments"): each per-input
+- **Permutation test** ("shuffle the clamping assignments"): each per-input
   effect is a paired difference between two runs (α_hi vs α_lo, or clamped vs clean). Under
   the null of no effect the two runs are exchangeable, so swapping them — flipping the sign of
   that input's difference — leaves the distribution unchanged. The statistic is |mean|; the
   p-value is (1 + #{|null| ≥ |observed|}) / (1 + B) over B random sign assignments.
-- **Random-direction control**: the same measurement with d_i replaced by random directions of
-  the same norm (`measure_effects(..., direction="random")`); τ is the 99th percentile of its
-  |effects|, the default edge threshold.
 - **Label permutation** for the conditional gating statistic G_k: shuffle which inputs count as
   "k active".
 """
@@ -18,6 +15,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import erfc
 
 
 @partial(jax.jit, static_argnames=("n_perm",))
@@ -68,7 +66,6 @@ def sign_flip_normal_pvalues(per_input, weight) -> np.ndarray:
     below by 1/(B+1)), these resolve the small p-values Bonferroni needs; they are accurate when
     an entry averages over ~20 or more inputs (tested against the Monte-Carlo test).
     """
-    from scipy.special import erfc
     e = np.nan_to_num(np.asarray(per_input, np.float64))
     w = np.asarray(weight, np.float64)[..., None]
     num = np.abs((w * e).sum(1))
@@ -93,53 +90,10 @@ def label_permutation_pvalue(e, group, *, n_perm: int = 1000, seed: int = 0) -> 
     return (1.0 + (null >= obs - 1e-12 * obs).sum(0)) / (1.0 + n_perm)
 
 
-def bonferroni(p, m: int | None = None) -> np.ndarray:
-    """Bonferroni-adjusted p-values, capped at 1; m defaults to the number of finite p-values."""
-    p = np.asarray(p, np.float64)
-    m = int(np.isfinite(p).sum()) if m is None else m
-    return np.minimum(p * max(m, 1), 1.0)
-
-
-def benjamini_hochberg(p) -> np.ndarray:
-    """Benjamini–Hochberg q-values (same shape; NaN stays NaN)."""
-    p = np.asarray(p, np.float64)
-    flat = p.ravel()
-    ok = np.isfinite(flat)
-    q = np.full_like(flat, np.nan)
-    pv = flat[ok]
-    m = pv.size
-    if m:
-        order = np.argsort(pv)
-        ranked = pv[order] * m / np.arange(1, m + 1)
-        ranked = np.minimum.accumulate(ranked[::-1])[::-1]
-        out = np.empty(m)
-        out[order] = np.minimum(ranked, 1.0)
-        q[ok] = out
-    return q.reshape(p.shape)
-
-
-def null_threshold(null_effects, q: float = 0.99) -> float:
-    """τ: the q-quantile of |null effects| (finite entries)."""
-    a = np.abs(np.asarray(null_effects, np.float64))
-    a = a[np.isfinite(a)]
-    return float(np.quantile(a, q)) if a.size else 0.0
-
-
-def significant(mean, p, *, tau: float = 0.0, alpha: float = 0.01, correction: str = "bonferroni"):
-    """Boolean mask of edges: corrected p < alpha and |mean| > tau; also returns the corrected values."""
-    if correction == "bonferroni":
-        adj = bonferroni(p)
-    elif correction in ("bh", "fdr", "benjamini-hochberg"):
-        adj = benjamini_hochberg(p)
-    elif correction == "none":
-        adj = np.asarray(p, np.float64)
-    else:
-        raise ValueError(f"unknown correction {correction!r}; expected bonferroni, bh or none")
-    m = np.asarray(mean, np.float64)
-    keep = np.isfinite(adj) & (adj < alpha) & np.isfinite(m) & (np.abs(m) > tau)
-    return keep, adj
-
-
-def edge_kind(mean) -> np.ndarray:
-    """'excitatory' for positive effects, 'inhibitory' for negative."""
-    return np.where(np.asarray(mean) > 0, "excitatory", "inhibitory")
+def normal_pvalues(mean, var, n) -> np.ndarray:
+    """Two-sided p-values of mean / sqrt(var / n) against a standard normal (NaN where undefined).
+    Used for the gating statistics, whose per-input values are not paired differences."""
+    mean, var, n = (np.asarray(x, np.float64) for x in (mean, var, n))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.abs(mean) / np.sqrt(var / np.maximum(n, 1))
+    return np.where(np.isfinite(z), erfc(z / np.sqrt(2)), np.nan)

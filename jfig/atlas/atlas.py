@@ -8,26 +8,19 @@ features across sites, streamed over a corpus in bounded memory.
     atlas.pmi(source_site, target_site)     # [n_source, n_target] over the tracked features
     atlas.save(dir); Atlas.load(dir); Atlas.merge(a, b)
 
-Formulas and conventions: docs/atlas.md. The device-side accumulator is `jfig.atlas_stats`.
+Formulas and conventions: docs/atlas.md. The device-side accumulator is `jfig.atlas.accumulator`;
+building is `jfig.atlas.build`, files are `jfig.atlas.storage`.
 """
 from __future__ import annotations
 
-import itertools
-import warnings
-from functools import partial
-
-import jax
-import jax.numpy as jnp
+import networkx as nx
 import numpy as np
 import pyarrow as pa
 from scipy import stats as sps
 
-from .atlas_stats import AtlasAccumulator
-from .errors import JfigError, ShapeError, SiteError
-from .sites import sort_sites
-
-MAX_TRACKED = 4096
-
+from ..errors import JfigError, ShapeError, SiteError
+from .accumulator import AtlasAccumulator, finalize_site
+from .storage import read_atlas, write_atlas
 
 class Atlas:
     """Co-activation statistics over a corpus (host numpy arrays). Build with :func:`build_atlas`.
@@ -114,6 +107,10 @@ class Atlas:
         return np.where(tracked[pos] == np.asarray(features), pos, -1)
 
     # ------------------------------------------------------------------ per pair (tracked features)
+    def pair_stats(self, source_site: str, target_site: str) -> dict:
+        """Raw pair statistics: {"co": counts, "fsum": sums of the windowed target activation}."""
+        return self._p(source_site, target_site)
+
     def _p(self, source_site: str, target_site: str) -> dict:
         key = (source_site, target_site)
         if key not in self._pair:
@@ -189,7 +186,6 @@ class Atlas:
         """Louvain communities (networkx, seeded) of the positive-PMI graph: nodes (site, feature),
         an undirected edge for each tracked pair with C >= min_count and PMI > min_pmi, weight PMI.
         Largest first; communities smaller than `min_size` are dropped."""
-        import networkx as nx
 
         g = nx.Graph()
         for src, tgt in self.pairs:
@@ -205,34 +201,27 @@ class Atlas:
         comms = nx.community.louvain_communities(g, weight="weight", resolution=resolution, seed=seed)
         return sorted((set(c) for c in comms if len(c) >= min_size), key=lambda c: (-len(c), sorted(c)))
 
+    def fields(self) -> dict:
+        """The constructor's keyword arguments (what storage writes and reads back)."""
+        return dict(sites=self.sites, d_sae=self.d_sae, features=self.features, settings=self.settings,
+                    site_stats=self._site, pair_stats=self._pair, n_tokens=self.n_tokens,
+                    n_sequences=self.n_sequences, corpus_hash=self.corpus_hash)
+
     def save(self, path) -> None:
-        """Write to directory `path` (JSON manifest + .npz files, pair matrices sparse); written to a
-        temporary directory first and renamed, so `path` is never half-written."""
-        from .atlas_io import save_atlas
-        save_atlas(self, path)
+        """Write to directory `path` (JSON manifest with file checksums + .npz files, pair matrices
+        sparse); written to a temporary directory first and renamed, so `path` is never half-written."""
+        write_atlas(path, **self.fields())
 
     @classmethod
     def load(cls, path) -> "Atlas":
-        from .atlas_io import load_atlas
-        return load_atlas(path)
+        """Read an atlas directory; a missing, truncated or altered file raises FormatError naming it."""
+        return cls(**read_atlas(path))
 
     @staticmethod
     def merge(a: "Atlas", b: "Atlas") -> "Atlas":
         """Statistics of corpus a followed by corpus b: counts add exactly, sums add, top contexts
         are re-ranked (b's sequence indices shifted by a.n_sequences)."""
-        from .atlas_io import merge_atlases
         return merge_atlases(a, b)
-
-    def extend(self, model, saes, tokens_or_batches, *, batch_size: int = 8, progress: bool = False,
-               corpus_hash: str | None = None) -> "Atlas":
-        """This atlas merged with one built on more tokens (same sites, features and settings)."""
-        s = self.settings
-        more = build_atlas(model, saes, tokens_or_batches, window=s["window"], position_window=s["position_window"],
-                           features=self.features, top_contexts=s["top_contexts"], batch_size=batch_size,
-                           progress=progress, corpus_hash=corpus_hash, max_active=s["max_active"],
-                           context=tuple(s["context"]), skip_positions=s["skip_positions"], method=s["method"],
-                           hist_bins=s["hist_bins"], hist_range=tuple(s["hist_range"]), exact_values=s["exact_values"])
-        return Atlas.merge(self, more)
 
 
 def _hist_quantiles(hist, vmin, vmax, lo, hi, q):
@@ -256,115 +245,34 @@ def _hist_quantiles(hist, vmin, vmax, lo, hi, q):
     return out
 
 
-# ---------------------------------------------------------------------------------- building
+def merge_atlases(a: Atlas, b: Atlas) -> Atlas:
+    """Statistics of a's corpus followed by b's: counts add exactly, sums add, contexts re-ranked."""
+    same = lambda s: {k: v for k, v in s.items() if k != "method"}  # noqa: E731
+    if a.sites != b.sites or a.d_sae != b.d_sae or a.pairs != b.pairs:
+        raise JfigError(f"cannot merge atlases over different sites/pairs: {a.sites} vs {b.sites}")
+    if any(not np.array_equal(a.features[s], b.features[s]) for s in a.sites):
+        raise JfigError("cannot merge atlases that track different features; build both with the same features=")
+    if same(a.settings) != same(b.settings):
+        raise JfigError(f"cannot merge atlases built with different settings: {a.settings} vs {b.settings}")
+    n_exact, site_stats = a.settings["exact_values"], {}
+    for site in a.sites:
+        x, y = a.stats(site), b.stats(site)
+        st = {k: x[k] + y[k] for k in ("count", "sum", "hist", "nrec", "dropped", "wcount", "wsum")}
+        st["vmin"], st["vmax"] = np.minimum(x["vmin"], y["vmin"]), np.maximum(x["vmax"], y["vmax"])
+        st["exact"] = np.sort(np.concatenate([x["exact"], y["exact"]], 1), 1)[:, :n_exact]
+        y_seq = np.where(y["ctx_seq"] >= 0, y["ctx_seq"] + a.n_sequences, -1)
+        vals = np.concatenate([x["ctx_val"], y["ctx_val"]], 1)
+        order = np.argsort(-vals, axis=1, kind="stable")[:, : x["ctx_val"].shape[1]]
 
-def _sae_list(model, saes) -> list:
-    saes = list(saes.values()) if isinstance(saes, dict) else list(saes)
-    if not saes:
-        raise JfigError("build_atlas needs at least one SAE")
-    by_site = {}
-    for sae in saes:
-        if sae.site in by_site:
-            raise JfigError(f"two SAEs are at site {sae.site}; the atlas takes one SAE per site")
-        model.check_site(sae.site)
-        if sae.site.endswith("hook_pattern"):
-            raise SiteError(f"SAEs cannot read {sae.site}: attention patterns are not a token-aligned vector")
-        width = model.site_width(sae.site)
-        if width is not None and sae.d_in != width:
-            raise ShapeError(f"SAE d_in {sae.d_in} does not match site {sae.site} width {width}")
-        by_site[sae.site] = sae
-    return [by_site[s] for s in sort_sites(by_site)]
-
-
-def _check_tokens(arr, vocab) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise ShapeError(f"token batches must be integer arrays [n_seq, seq], got {arr.dtype} {arr.shape}")
-    if arr.size and vocab is not None and (arr.min() < 0 or arr.max() >= vocab):
-        bad = arr.max() if arr.max() >= vocab else arr.min()
-        raise ShapeError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-    return arr.astype(np.int32)
-
-
-def token_batches(tokens_or_batches, batch_size: int, vocab: int | None = None):
-    """Yield (tokens [batch_size, seq] int32, n_valid_rows): rows regrouped into fixed-size batches
-    (the last padded with zero rows) so every step has one shape. Accepts [n_seq, seq] or an
-    iterable of such arrays."""
-    src = [tokens_or_batches] if getattr(tokens_or_batches, "ndim", None) == 2 else tokens_or_batches
-    buf = np.zeros((0, 0), np.int32)
-    for arr in src:
-        arr = _check_tokens(arr, vocab)
-        if len(buf) and arr.shape[1] != buf.shape[1]:
-            yield _pad(buf, batch_size)
-            buf = buf[:0]
-        buf = arr if not len(buf) else np.concatenate([buf, arr])
-        while len(buf) >= batch_size:
-            yield buf[:batch_size], batch_size
-            buf = buf[batch_size:]
-    if len(buf):
-        yield _pad(buf, batch_size)
-
-
-def _pad(rows, batch_size):
-    return np.concatenate([rows, np.zeros((batch_size - len(rows), rows.shape[1]), np.int32)]), len(rows)
-
-
-@partial(jax.jit, static_argnames=("sites",))
-def _firing_counts(model, saes, tokens, valid, *, sites):
-    out = model.run(tokens, capture=sites, stop_at=sites[-1], logits=False)
-    return [((sae.encode(out.cache[s]) > 0) & valid[..., None]).sum((0, 1)) for sae, s in zip(saes, sites)]
-
-
-def build_atlas(model, saes, tokens_or_batches, *, window: int = 5, position_window: int = 0, features=None,
-                top_contexts: int = 8, batch_size: int = 8, progress: bool = True, corpus_hash: str | None = None,
-                max_tracked: int = MAX_TRACKED, selection_batches: int = 16, max_active=None,
-                context: tuple[int, int] = (12, 4), skip_positions: int = 0, method: str = "auto",
-                hist_bins: int = 256, hist_range: tuple[float, float] = (1e-4, 1e4), exact_values: int = 64) -> Atlas:
-    """Stream `tokens_or_batches` ([n_seq, seq] ints, or an iterable of such batches) through `model`
-    and `saes` (one SAE per site) and return the :class:`Atlas`.
-
-    window: site pairs whose layers differ by at most this (same-site pairs included).
-    position_window: count j at positions p..p+w after i at p (0: same token).
-    features: site -> feature ids whose pairs are counted; default all when d_sae <= max_tracked,
-      else the max_tracked most frequent in the first `selection_batches` batches.
-    max_active: active features kept per token (default the SAE's k for topk, else 128).
-    skip_positions: positions < this are not counted (e.g. 1 to skip BOS).
-    method: "sparse" (scatter; CPU), "dense" (one-hot matmuls; accelerators) or "auto".
-    """
-    saes = _sae_list(model, saes)
-    sites = tuple(s.site for s in saes)
-    batches = token_batches(tokens_or_batches, batch_size, model.vocab_size)
-    features = dict(features or {})
-    if any(s.d_sae > max_tracked and s.site not in features for s in saes):
-        head = list(itertools.islice(batches, selection_batches))
-        counts = [np.zeros(s.d_sae, np.int64) for s in saes]
-        for toks, rows in head:
-            valid = np.zeros(toks.shape, bool)
-            valid[:rows, skip_positions:] = True
-            fired = _firing_counts(model, tuple(saes), jnp.asarray(toks), jnp.asarray(valid), sites=sites)
-            for c, x in zip(counts, fired):
-                c += np.asarray(x)
-        for s, c in zip(saes, counts):
-            if s.d_sae > max_tracked and s.site not in features:
-                features[s.site] = np.sort(np.argsort(-c, kind="stable")[:max_tracked])
-        batches = itertools.chain(head, batches)
-    if max_active is None:
-        max_active = {s.site: s.k for s in saes if s.architecture == "topk"}
-    acc = AtlasAccumulator({s.site: s.d_sae for s in saes}, features=features, window=window,
-                           position_window=position_window, top_contexts=top_contexts, context=context,
-                           max_active=max_active, hist_bins=hist_bins, hist_range=hist_range,
-                           exact_values=exact_values, skip_positions=skip_positions, method=method)
-    total = None
-    if getattr(tokens_or_batches, "ndim", None) == 2:
-        total = -(-len(tokens_or_batches) // batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, total=total, desc="atlas", unit="batch")
-    for toks, rows in batches:
-        acc.update_from_model(model, saes, toks, rows)
-    atlas = Atlas.from_accumulator(acc, corpus_hash)
-    dropped = {s: int(atlas.stats(s)["dropped"]) for s in sites}
-    if any(dropped.values()):
-        warnings.warn(f"some tokens had more active features than max_active ({acc.settings()['max_active']}); "
-                      f"entries left out of histograms/contexts (and sparse pair counts): {dropped}", stacklevel=2)
-    return atlas
+        def pick(u, v):
+            return np.take_along_axis(np.concatenate([u, v], 1), order if u.ndim == 2 else order[..., None], 1)
+        st.update(ctx_val=pick(x["ctx_val"], y["ctx_val"]), ctx_seq=pick(x["ctx_seq"], y_seq),
+                  ctx_pos=pick(x["ctx_pos"], y["ctx_pos"]), ctx_tok=pick(x["ctx_tok"], y["ctx_tok"]))
+        finalize_site(st, n_exact)
+        site_stats[site] = st
+    pair_stats = {k: dict(co=a.pair_stats(*k)["co"] + b.pair_stats(*k)["co"], fsum=a.pair_stats(*k)["fsum"] + b.pair_stats(*k)["fsum"])
+                  for k in a.pairs}
+    corpus_hash = f"{a.corpus_hash}+{b.corpus_hash}" if a.corpus_hash and b.corpus_hash else None
+    return Atlas(sites=a.sites, d_sae=a.d_sae, features=a.features, settings=a.settings, site_stats=site_stats,
+                 pair_stats=pair_stats, n_tokens=a.n_tokens + b.n_tokens, n_sequences=a.n_sequences + b.n_sequences,
+                 corpus_hash=corpus_hash)

@@ -1,0 +1,183 @@
+"""The stages of a graph build, each resumable through the build folder's RunState.
+
+    atlas_stage       co-activation atlas over the build's tokens            -> atlas/
+    candidates_stage  importance (a measurement), then the pruning filters   -> candidates.json
+    measure_blocks    blocks of source features on their candidate targets   -> blocks/block_{i:05d}.npz
+                      (every `null_every`-th block also with random directions: the null for tau)
+    first_order_edges significance of every measured pair (one path: jfig.stats.decide)
+    gating_stage      second-order tests for targets with several inputs     -> gating.npz
+    gating_edges      significance of every tested triple
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..atlas import Atlas, build_atlas
+from ..candidates import Report, select_candidates
+from ..data.progress import progress_bar
+from ..graph import EdgeRecords
+from ..measure import feature_importance, measure_effects, measure_gating
+from ..sites import site_key
+from ..stats import decide, normal_pvalues, null_threshold, sign_flip_normal_pvalues, sign_flip_pvalues
+from .options import BuildOptions
+from .state import RunState
+
+BLOCK_KEYS = ("source_site", "source", "target_site", "target", "mean", "var", "n", "p_value", "null_mean")
+PAIR_KEYS = ("source_site", "source", "target_site", "target")
+log = logging.getLogger(__name__)
+
+
+def atlas_stage(model, sae_list, tokens, opts: BuildOptions, state: RunState, progress: bool,
+                corpus_hash: str) -> Atlas:
+    atlas = state.load_atlas()
+    if atlas is not None:
+        log.info("atlas loaded from %s", state.path("atlas"))
+        return atlas
+    atlas = build_atlas(model, sae_list, tokens, window=opts.window, position_window=opts.position_window,
+                        batch_size=opts.batch_size, progress=progress, corpus_hash=corpus_hash)
+    state.save_atlas(atlas)
+    return atlas
+
+
+def candidates_stage(model, sae_list, atlas: Atlas, tokens, opts: BuildOptions, state: RunState,
+                     progress: bool) -> tuple[dict, Report]:
+    """Candidate pairs {source_site, source, target_site, target: lists} and the pruning report."""
+    saved = state.load_json("candidates.json")
+    if saved is not None:
+        return saved["pairs"], Report(rows=[dict(r) for r in saved["report"]])
+    imp_tokens = tokens[: opts.importance_sequences] if opts.importance_sequences else tokens
+    pool = 4 * opts.top_k if opts.importance_pool is None else opts.importance_pool
+    effects = None
+    if opts.importance != "rate":
+        effects = {sae.site: feature_importance(atlas, sae, model, imp_tokens, kind=opts.importance, pool=pool,
+                                                batch_size=opts.batch_size, progress=progress) for sae in sae_list}
+    cands = select_candidates(atlas, sae_list, effects=effects, importance=opts.importance, top_k=opts.top_k,
+                              min_coact=opts.min_coact, keep_low_coact=opts.keep_low_coact,
+                              min_alignment=opts.min_alignment, window=opts.window)
+    pairs = cands.pairs.select(list(PAIR_KEYS)).to_pydict()
+    state.save_json("candidates.json", {"pairs": pairs, "report": cands.report.rows})
+    return pairs, cands.report
+
+
+def plan_sources(pairs: dict, max_sources: int | None) -> list[tuple[str, int, dict]]:
+    """[(source_site, source, {target_site: [targets]})] in a deterministic order."""
+    by_src: dict[tuple[str, int], dict[str, set]] = {}
+    for ss, s, ts, t in zip(pairs["source_site"], pairs["source"], pairs["target_site"], pairs["target"]):
+        by_src.setdefault((ss, int(s)), {}).setdefault(ts, set()).add(int(t))
+    order = sorted(by_src, key=lambda k: (*site_key(k[0]), k[0], k[1]))
+    if max_sources is not None and len(order) > max_sources:
+        n_pairs = {k: sum(len(v) for v in by_src[k].values()) for k in order}
+        keep = set(sorted(order, key=lambda k: -n_pairs[k])[:max_sources])
+        order = [k for k in order if k in keep]
+    return [(ss, s, {t: sorted(v) for t, v in by_src[(ss, s)].items()}) for ss, s in order]
+
+
+def pvalues(eff, opts: BuildOptions, seed: int) -> np.ndarray:
+    if opts.pvalue == "permutation":
+        return sign_flip_pvalues(eff.per_input, eff.input_weight, n_perm=opts.n_perm, seed=seed)
+    return sign_flip_normal_pvalues(eff.per_input, eff.input_weight)
+
+
+def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: int) -> dict[str, np.ndarray]:
+    """One block of sources measured on their candidate targets (+ the random-direction null on every
+    `null_every`-th block): a record per (source, target) pair."""
+    sources = [(ss, s) for ss, s, _ in block]
+    tsets: dict[str, set] = {}
+    for _, _, tg in block:
+        for ts, t in tg.items():
+            tsets.setdefault(ts, set()).update(t)
+    targets = {ts: sorted(v) for ts, v in sorted(tsets.items(), key=lambda kv: (*site_key(kv[0]), kv[0]))}
+    kw = dict(method=opts.method, positions=opts.positions, targets=targets, inputs_per_source=opts.inputs_per_source,
+              atlas=atlas, batch_size=opts.batch_size, memory_budget=opts.memory_budget, seed=opts.seed + index,
+              progress=False)
+    eff = measure_effects(model, saes, sources, tokens, keep_per_input=True, **kw)
+    p = pvalues(eff, opts, opts.seed + index)
+    null = None
+    if opts.null_every and index % opts.null_every == 0:
+        null = measure_effects(model, saes, sources, tokens, direction="random", **kw).mean
+    col = {(ts, t): c for c, (ts, t) in enumerate(eff.targets)}
+    rows = {k: [] for k in BLOCK_KEYS}
+    for r, (ss, s, tg) in enumerate(block):
+        for ts, tl in tg.items():
+            for t in tl:
+                c = col[(ts, t)]
+                rows["source_site"].append(ss)
+                rows["source"].append(s)
+                rows["target_site"].append(ts)
+                rows["target"].append(t)
+                rows["mean"].append(eff.mean[r, c])
+                rows["var"].append(eff.var[r, c])
+                rows["n"].append(eff.n[r, c])
+                rows["p_value"].append(p[r, c])
+                rows["null_mean"].append(np.nan if null is None else null[r, c])
+    return {k: np.asarray(v) for k, v in rows.items()}
+
+
+def measure_blocks(model, saes, tokens, atlas, pairs: dict, opts: BuildOptions, state: RunState, progress: bool,
+                   on_block=None) -> dict[str, np.ndarray]:
+    """Measure every candidate source in blocks (resumable); returns the concatenated block records."""
+    plan = plan_sources(pairs, opts.max_sources)
+    blocks = [plan[i: i + opts.block_size] for i in range(0, len(plan), opts.block_size)]
+    out = []
+    with progress_bar(len(blocks), desc="measure blocks", unit="block", enabled=progress) as bar:
+        for i, block in enumerate(blocks):
+            name = f"blocks/block_{i:05d}.npz"
+            rec = state.load_npz(name)
+            if rec is None or not all(k in rec for k in BLOCK_KEYS):
+                rec = measure_block(model, saes, tokens, atlas, block, opts, i)
+                state.save_npz(name, rec)
+            out.append({k: rec[k] for k in BLOCK_KEYS})
+            bar.update(1)
+            if on_block is not None:
+                on_block(i)
+    if not out:
+        return {k: np.zeros(0) for k in BLOCK_KEYS}
+    return {k: np.concatenate([r[k] for r in out]) for k in BLOCK_KEYS}
+
+
+def first_order_edges(rec: dict, opts: BuildOptions) -> tuple[EdgeRecords, int]:
+    """Every measured pair with its decision: corrected p < alpha and |mean| > tau, tau from the
+    random-direction null. Also returns the number of null effects tau came from."""
+    null = rec["null_mean"][np.isfinite(rec["null_mean"])] if len(rec["null_mean"]) else np.zeros(0)
+    tau = null_threshold(null, opts.tau_quantile) if null.size else 0.0
+    decision = decide(rec["mean"], rec["p_value"], alpha=opts.alpha, correction=opts.correction, tau=tau)
+    return EdgeRecords(**{k: rec[k] for k in (*PAIR_KEYS, "mean", "var", "n", "p_value")}, decision=decision,
+                       estimator=opts.method), int(null.size)
+
+
+def gating_stage(model, saes, tokens, sig: dict, opts: BuildOptions, state: RunState) -> dict:
+    """Second-order tests for targets with several significant inputs at one site (resumable)."""
+    saved = state.load_npz("gating.npz")
+    if saved is not None:
+        return saved
+    groups: dict[tuple[str, int, str], list[int]] = {}
+    for ss, s, ts, t in zip(sig["source_site"], sig["source"], sig["target_site"], sig["target"]):
+        groups.setdefault((ts, int(t), ss), []).append(int(s))
+    multi = sorted(((k, sorted(set(v))) for k, v in groups.items() if len(set(v)) >= 2),
+                   key=lambda kv: (-len(kv[1]), *site_key(kv[0][0]), kv[0][0], kv[0][1], *site_key(kv[0][2]), kv[0][2]))
+    multi = multi[: opts.gating_max_targets]
+    rec = {k: [] for k in ("source_site", "source", "modulator", "target_site", "target", "mean", "var", "n")}
+    for (ts, t, ss), srcs in multi:
+        pairs = [((ss, a), (ss, b)) for ai, a in enumerate(srcs) for b in srcs[ai + 1:]][: opts.gating_max_pairs]
+        g = measure_gating(model, saes, pairs, tokens, method=opts.gating_method, targets={ts: [t]},
+                           inputs_per_pair=opts.inputs_per_source, batch_size=opts.batch_size, seed=opts.seed)
+        col = list(g.targets).index((ts, t))
+        for p, ((_, a), (_, b)) in enumerate(pairs):
+            for k, v in (("source_site", ss), ("source", a), ("modulator", b), ("target_site", ts), ("target", t),
+                         ("mean", g.mean[p, col]), ("var", g.var[p, col]), ("n", g.n[p, col])):
+                rec[k].append(v)
+    rec = {k: np.asarray(v) for k, v in rec.items()}
+    state.save_npz("gating.npz", rec)
+    return rec
+
+
+def gating_edges(gate: dict, opts: BuildOptions) -> EdgeRecords | None:
+    """Every tested (source, modulator, target) triple with its decision (no size threshold yet)."""
+    if len(gate.get("mean", [])) == 0:
+        return None
+    p = normal_pvalues(gate["mean"], gate["var"], gate["n"])
+    decision = decide(gate["mean"], p, alpha=opts.alpha, correction=opts.correction)
+    return EdgeRecords(**{k: gate[k] for k in (*PAIR_KEYS, "mean", "var", "n")}, p_value=p, decision=decision,
+                       estimator=opts.gating_method, modulator=gate["modulator"])

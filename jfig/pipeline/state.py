@@ -1,0 +1,127 @@
+"""The on-disk state of one graph build: what inputs and options it is for, and a checksum per file.
+
+`build_state.json` holds the build's fingerprint (options, tokens, SAEs, model) and the sha256 of
+every stage file written so far. A rerun with a different fingerprint refuses the folder instead
+of mixing results. A stage file is trusted only when its checksum matches the record: a truncated,
+corrupt or unrecorded file (a crash between writing it and recording it) is logged and computed
+again, never read as data.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atlas import Atlas
+from ..data.files import atomic_write_json, atomic_write_npz, file_checksum
+from ..errors import FormatError, JfigError
+
+STATE_FILE = "build_state.json"
+log = logging.getLogger(__name__)
+
+
+class RunState:
+    """The build folder `out_dir` (None: an in-memory build that reads and writes nothing)."""
+
+    def __init__(self, out_dir: str | Path | None, fingerprint: dict):
+        self.dir = Path(out_dir) if out_dir is not None else None
+        self.fingerprint = fingerprint
+        self.files: dict[str, str] = {}
+        if self.dir is None:
+            return
+        if self.dir.exists() and not self.dir.is_dir():
+            raise JfigError(f"build folder {self.dir} exists and is not a folder")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = self.dir / STATE_FILE
+        if state.exists():
+            try:
+                old = json.loads(state.read_text())
+            except (OSError, ValueError) as e:
+                raise FormatError(f"{state} is not valid JSON ({e}); delete the build folder {self.dir} "
+                                  f"or use another") from None
+            old_fp = old.get("fingerprint", {})
+            if old_fp != fingerprint:
+                diff = sorted(k for k in set(old_fp) | set(fingerprint) if old_fp.get(k) != fingerprint.get(k))
+                raise JfigError(f"{self.dir} holds a build with different inputs or options ({diff}); "
+                                f"use another --out folder or delete it")
+            self.files = dict(old.get("files", {}))
+            self.created = old.get("created")
+        else:
+            self.created = time.strftime("%Y-%m-%dT%H:%M:%S")
+            self._write_state()
+        (self.dir / "blocks").mkdir(exist_ok=True)
+
+    # ---- paths and records -------------------------------------------------------------------
+
+    def path(self, name: str) -> Path | None:
+        return None if self.dir is None else self.dir / name
+
+    def _write_state(self) -> None:
+        atomic_write_json(self.dir / STATE_FILE, {"fingerprint": self.fingerprint, "created": self.created,
+                                                  "files": self.files})
+
+    def _record(self, name: str, file: Path) -> None:
+        self.files[name] = file_checksum(file)
+        self._write_state()
+
+    def _trusted(self, name: str, file: Path) -> bool:
+        """Whether `file` exists and matches its recorded checksum; a bad file is logged and removed."""
+        if not file.exists():
+            return False
+        expected = self.files.get(name)
+        if expected is not None and file_checksum(file) == expected:
+            return True
+        why = "has no recorded checksum (interrupted write)" if expected is None else "does not match its checksum"
+        log.warning("build file %s %s; computing it again", file, why)
+        file.unlink()
+        self.files.pop(name, None)
+        return False
+
+    # ---- typed files -------------------------------------------------------------------------
+
+    def load_npz(self, name: str) -> dict[str, np.ndarray] | None:
+        """The arrays of a trusted .npz stage file, or None (not written yet, or untrustworthy)."""
+        file = self.path(name)
+        if file is None or not self._trusted(name, file):
+            return None
+        with np.load(file, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def save_npz(self, name: str, arrays: dict[str, Any]) -> None:
+        if self.dir is not None:
+            self._record(name, atomic_write_npz(self.path(name), **arrays))
+
+    def load_json(self, name: str) -> Any | None:
+        file = self.path(name)
+        if file is None or not self._trusted(name, file):
+            return None
+        return json.loads(file.read_text())
+
+    def save_json(self, name: str, obj: Any) -> None:
+        if self.dir is not None:
+            self._record(name, atomic_write_json(self.path(name), obj))
+
+    def load_atlas(self, name: str = "atlas") -> Atlas | None:
+        """The trusted atlas folder (its manifest checksummed here, its files by the manifest), or None."""
+        folder = self.path(name)
+        if folder is None or not (folder / "manifest.json").exists():
+            return None
+        if not self._trusted(f"{name}/manifest.json", folder / "manifest.json"):
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        try:
+            return Atlas.load(folder)
+        except FormatError as e:
+            log.warning("build atlas %s is unreadable (%s); building it again", folder, e)
+            self.files.pop(f"{name}/manifest.json", None)
+            return None
+
+    def save_atlas(self, atlas: Atlas, name: str = "atlas") -> None:
+        if self.dir is not None:
+            atlas.save(self.path(name))
+            self._record(f"{name}/manifest.json", self.path(name) / "manifest.json")
