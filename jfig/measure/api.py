@@ -154,7 +154,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         feats = src.features[rows]
         acts, resid, vals = prefix_pass(model, saes[site], feats, tokens, batch_size, builtin)
         vals_np = np.asarray(vals)
-        atlas_q = atlas.alphaclamp_levels(site)[feats] if atlas is not None else None   # [n, 3]: 10/50/90 %
+        atlas_q = atlas.alpha_levels(site)[feats] if atlas is not None else None   # [n, 3]: 10/50/90 %
         a_rows = None if alphas is None else (np.asarray(alphas) if np.ndim(alphas) <= 1 else np.asarray(alphas)[rows])
         lo, hi, med = clamp_levels(method, vals_np, a_rows, atlas_q)
         idx, wgt = choose_inputs(vals_np.max(axis=1), med, inputs_per_source, seed)

@@ -52,8 +52,8 @@ def check_token_rows(tokens: Any, vocab_size: int | None, *, what: str = "token 
 def check_sae_fits(sae: Any, site_width: int | None) -> None:
     """The SAE reads a site `site_width` wide (None: width unknown, not checked)."""
     if site_width is not None and sae.d_in != site_width:
-        raise ShapeError(f"SAE d_in {sae.d_in} does not match site {sae.site} width {site_width}: "
-                         f"the SAE does not belong to this model's site")
+        raise ShapeError(f"SAE d_in {sae.d_in} does not match site {sae.site} width {site_width} "
+                         f"(the SAEs do not belong to this model)")
 
 
 def saes_by_site(saes: Any) -> dict:

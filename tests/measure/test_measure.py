@@ -11,10 +11,9 @@ import pytest
 
 import jfig
 from jfig.measure import measure_effects, measure_gating, weight_effects
-from jfig.measure import engine
 from jfig.models.config import llama_config
 from jfig.models.forward import init_params
-from planted import TOKENS as PTOKENS, planted
+from tests.support.planted import TOKENS as PTOKENS, planted
 
 SRC, TGT = "blocks.1.hook_resid_post", "blocks.3.hook_resid_post"
 
@@ -72,15 +71,14 @@ def test_engine_equals_naive_loop(tiny, method, pos):
         assert (eff.n[r] == ok.sum()).all()
 
 
-def test_no_recompilation_across_chunks(tiny):
+def test_no_recompilation_across_chunks(tiny, count_traces):
     model, s1, s3, toks = tiny
-    before = engine.TRACE_COUNT["chunk"]
     measure_effects(model, [s1, s3], {SRC: [2, 3, 4, 5, 6, 7, 8]}, toks, inputs_per_source=3, chunk_size=2,
-                    progress=False)                      # 4 chunks (the last padded): one trace
-    assert engine.TRACE_COUNT["chunk"] == before + 1
-    measure_effects(model, [s1, s3], {SRC: [9, 10, 11, 12, 13, 14, 15]}, toks, inputs_per_source=3, chunk_size=2,
-                    progress=False)                      # same shapes, other features: no trace at all
-    assert engine.TRACE_COUNT["chunk"] == before + 1
+                    progress=False)                      # 4 chunks, the last padded
+    with count_traces() as traces:
+        measure_effects(model, [s1, s3], {SRC: [9, 10, 11, 12, 13, 14, 15]}, toks, inputs_per_source=3,
+                        chunk_size=2, progress=False)    # same shapes, other features: no trace at all
+    assert traces.count == 0
 
 
 def _smooth_model():

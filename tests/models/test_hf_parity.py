@@ -6,7 +6,7 @@ import pytest
 from jfig.models.hf_loader import config_from_hf, params_from_hf_state_dict
 from jfig.models.model import Model
 
-from hf_reference import hf_forward, state_dict_numpy, tiny_hf
+from tests.support.hf_reference import hf_forward, state_dict_numpy, tiny_hf
 
 CASES = [
     ("llama", 4, 4), ("llama", 4, 2), ("llama", 4, 1),

@@ -22,7 +22,7 @@ import jfig
 from jfig.errors import FormatError
 from jfig.models.gguf_loader import unpermute_qk
 
-from hf_reference import state_dict_numpy, tiny_hf
+from tests.support.hf_reference import state_dict_numpy, tiny_hf
 
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 11))  # [batch, seq]; 11 > gemma2's window 4
 

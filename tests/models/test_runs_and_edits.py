@@ -7,10 +7,9 @@ from hypothesis import given, settings, strategies as st
 
 import jfig
 from jfig.edits import Ablate, Clamp, Compose, Patch, Steer
-from jfig.models import model as model_mod
 from jfig.models.forward import forward
 from jfig.saes import SAE
-from tiny_models import tiny_model
+from tests.support.tiny_models import tiny_model
 
 SITE = "blocks.1.hook_resid_post"
 
@@ -210,13 +209,16 @@ def test_plain_function_adapter():
     np.testing.assert_allclose(out.cache["hidden"], ref, atol=1e-6)
 
 
-def test_no_retrace_for_same_shapes(model, sae):
+def test_no_retrace_for_same_shapes(model, sae, count_traces):
     model.run(TOKENS, edits=(Clamp(sae, 1, 1.0),), capture=(SITE,))
-    before = model_mod.TRACE_COUNT["run"]
-    for f, v in [(2, 0.5), (9, 3.0), (31, -1.0)]:
-        model.run(TOKENS, edits=(Clamp(sae, f, v),), capture=(SITE,))
-    model.run(TOKENS + 1, edits=(Clamp(sae, 4, 2.0),), capture=(SITE,))
-    assert model_mod.TRACE_COUNT["run"] == before
+    with count_traces() as traces:
+        for f, v in [(2, 0.5), (9, 3.0), (31, -1.0)]:
+            model.run(TOKENS, edits=(Clamp(sae, f, v),), capture=(SITE,))
+        model.run(TOKENS + 1, edits=(Clamp(sae, 4, 2.0),), capture=(SITE,))
+    assert traces.count == 0
+    with count_traces() as traces:                       # the counter does see a new shape
+        model.run(TOKENS[:, :3], edits=(Clamp(sae, 4, 2.0),), capture=(SITE,))
+    assert traces.count > 0
 
 
 def test_freeze_keeps_values(model):

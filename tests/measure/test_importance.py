@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jfig
-from jfig.candidates import attribution_effects
+from jfig.measure import attribution_effects
 from jfig.models.config import llama_config
 from jfig.models.forward import init_params
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings, strategies as st
 from scipy import stats as sps
 
 import jfig
-from jfig.atlas import Atlas, build_atlas, token_batches
-from jfig.atlas_stats import TRACE_COUNT, AtlasAccumulator
+from jfig.atlas import Atlas, build_atlas, extend_atlas, token_batches
+from jfig.atlas import AtlasAccumulator
 from jfig.errors import FormatError, JfigError, SiteError
 from jfig.models.config import llama_config
 from jfig.models.forward import init_params
@@ -97,14 +97,15 @@ def test_streaming_equals_one_pass_and_memory_is_fixed():
     assert_atlases_equal(streamed, whole)
 
 
-def test_no_retrace_across_batches():
+def test_no_retrace_across_batches(count_traces):
     rng = np.random.default_rng(2)
     acc = AtlasAccumulator(SITES, window=1)
     acc.update(sparse_acts(rng, 0.3))
-    before = TRACE_COUNT["update"]
-    for _ in range(3):
-        acc.update(sparse_acts(rng, 0.3), n_valid_rows=2)
-    assert TRACE_COUNT["update"] == before
+    batches = [sparse_acts(rng, 0.3) for _ in range(3)]
+    with count_traces() as traces:
+        for b in batches:
+            acc.update(b, n_valid_rows=2)
+    assert traces.count == 0
 
 
 def planted_batches(rng, n):
@@ -243,11 +244,12 @@ def test_build_atlas_matches_the_accumulator_fed_directly(tiny, whole):
     assert (whole.firing_count(saes[0].site).sum() == 4 * tokens.size)        # topk: exactly k per token
 
 
-def test_no_retrace_across_batches_of_a_build(tiny, whole):
+def test_no_retrace_across_batches_of_a_build(tiny, whole, count_traces):
     model, saes, tokens = tiny
-    before = TRACE_COUNT["model_step"]
-    again = build_atlas(model, saes, [tokens[:7], tokens[7:]], **BUILD)       # iterable input, regrouped
-    assert TRACE_COUNT["model_step"] == before
+    build_atlas(model, saes, [tokens[:7], tokens[7:]], **BUILD)
+    with count_traces() as traces:                    # a second build reuses every compiled step
+        again = build_atlas(model, saes, [tokens[:7], tokens[7:]], **BUILD)   # iterable input, regrouped
+    assert traces.count == 0
     assert_atlases_equal(again, whole)
 
 
@@ -290,7 +292,7 @@ def test_merge_and_extend_equal_the_whole(tiny, whole):
     first = build_atlas(model, saes, tokens[:8], **BUILD)
     second = build_atlas(model, saes, tokens[8:], **BUILD)
     assert_atlases_equal(Atlas.merge(first, second), whole)
-    assert_atlases_equal(first.extend(model, saes, tokens[8:], batch_size=4), whole)
+    assert_atlases_equal(extend_atlas(first, model, saes, tokens[8:], batch_size=4), whole)
     other = copy.copy(second)
     other.settings = {**second.settings, "position_window": 0}
     with pytest.raises(JfigError, match="settings"):

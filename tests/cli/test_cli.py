@@ -7,8 +7,8 @@ import pytest
 
 import jfig
 from jfig.cli import main
-from jfig.demo import load_config
-from hf_reference import tiny_hf
+from jfig.pipeline import load_config
+from tests.support.hf_reference import tiny_hf
 
 
 @pytest.fixture(scope="module")

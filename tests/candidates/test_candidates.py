@@ -7,8 +7,9 @@ import pytest
 
 import jfig
 from jfig.atlas import Atlas, build_atlas
-from jfig.atlas_stats import AtlasAccumulator
-from jfig.candidates import ablation_effects, alignment_applies, decoder_alignment, select_candidates
+from jfig.atlas import AtlasAccumulator
+from jfig.candidates import select_candidates
+from jfig.measure import ablation_effects, alignment_applies, decoder_alignment, feature_importance
 from jfig.edits import Ablate
 from jfig.models.config import llama_config
 from jfig.models.forward import init_params
@@ -31,8 +32,10 @@ def setup():
 @pytest.fixture(scope="module")
 def cands(setup):
     model, saes, tokens, atlas = setup
-    return select_candidates(atlas, saes, model=model, tokens=tokens[:6], top_k=12, min_coact=0.2,
-                             alignment_window=None, min_alignment=0.1, batch_size=4)
+    effects = {sae.site: feature_importance(atlas, sae, model, tokens[:6], kind="loss", pool=48, batch_size=4)
+               for sae in saes}
+    return select_candidates(atlas, saes, effects=effects, importance="loss", top_k=12, min_coact=0.2,
+                             alignment_window=None, min_alignment=0.1)
 
 
 def test_report_is_monotone_and_printable(cands):

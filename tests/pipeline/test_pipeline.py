@@ -4,7 +4,7 @@ import pytest
 
 import jfig
 from jfig.pipeline import build_graph
-from planted_graph import SRC, null_model, recovery_model, truth
+from tests.support.planted_graph import SRC, null_model, recovery_model, truth
 
 FAST = dict(seq_len=8, top_k=24, min_alignment=0.0, progress=False)
 
