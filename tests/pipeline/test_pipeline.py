@@ -1,4 +1,6 @@
 """End to end: calibration on a null model, recovery of a planted graph, resume after interruption."""
+import json
+
 import numpy as np
 import pytest
 
@@ -91,3 +93,39 @@ def test_bad_input(tmp_path):
     build_graph(model, saes, toks, out_dir=tmp_path, max_sequences=32, **FAST)
     with pytest.raises(jfig.JfigError, match="different inputs or options"):
         build_graph(model, saes, toks, out_dir=tmp_path, max_sequences=32, alpha=0.05, **FAST)
+
+
+def test_corrupt_build_files_are_measured_again(tmp_path, caplog):
+    model, saes = recovery_model()
+    toks = np.random.default_rng(0).integers(0, 64, size=(64, 8))
+    opts = dict(max_sequences=64, block_size=4, **FAST)
+    full = build_graph(model, saes, toks, out_dir=tmp_path, **opts)
+    block = tmp_path / "blocks" / "block_00001.npz"
+    block.write_bytes(block.read_bytes()[: block.stat().st_size // 2])          # cut in half
+    cands = tmp_path / "candidates.json"
+    cands.write_text(cands.read_text().replace('"source"', '"sourcx"', 1))      # altered, still valid JSON
+    site_file = tmp_path / "atlas" / "site_0.npz"
+    site_file.write_bytes(b"\0" * 64)                                           # garbage inside the atlas
+    untouched = tmp_path / "blocks" / "block_00002.npz"
+    before = untouched.stat().st_mtime_ns
+    seen = []
+    with caplog.at_level("WARNING", logger="jfig"):
+        again = build_graph(model, saes, toks, out_dir=tmp_path, on_block=seen.append, **opts)
+    assert again.edges.equals(full.edges) and again.nodes.equals(full.nodes)
+    assert "block_00001.npz" in caplog.text and "candidates.json" in caplog.text and "atlas" in caplog.text
+    assert untouched.stat().st_mtime_ns == before                               # intact blocks are reused
+    state = json.loads((tmp_path / "build_state.json").read_text())
+    assert {"blocks/block_00001.npz", "candidates.json", "atlas/manifest.json"} <= set(state["files"])
+
+
+def test_a_block_without_a_recorded_checksum_is_not_trusted(tmp_path):
+    model, saes = recovery_model()
+    toks = np.random.default_rng(0).integers(0, 64, size=(32, 8))
+    opts = dict(max_sequences=32, block_size=4, **FAST)
+    full = build_graph(model, saes, toks, out_dir=tmp_path, **opts)
+    state_file = tmp_path / "build_state.json"
+    state = json.loads(state_file.read_text())
+    del state["files"]["blocks/block_00000.npz"]            # as if the run died between writing and recording
+    state_file.write_text(json.dumps(state))
+    np.savez(tmp_path / "blocks" / "block_00000.npz", mean=np.zeros(3))            # and the file is foreign
+    assert build_graph(model, saes, toks, out_dir=tmp_path, **opts).edges.equals(full.edges)
