@@ -1,4 +1,4 @@
-"""The co-activation atlas (seed 000 §6.1): firing statistics, activation quantiles, top contexts and
+"""The co-activation atlas: firing statistics, activation quantiles, top contexts and
 pairwise co-activation (counts, P(j|i), conditional means, PMI, low co-activation tests) of SAE
 features across sites, streamed over a corpus in bounded memory.
 

@@ -1,4 +1,4 @@
-"""Templated prompt suites for the behaviours of seed 000 §6.4: factual recall, induction,
+"""Templated prompt suites for the behaviours jfig studies: factual recall, induction,
 indirect-object identification (IOI) and sentiment.
 
 Each prompt is a text, the answer the model should continue it with (leading space

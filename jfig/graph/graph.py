@@ -1,4 +1,4 @@
-"""InteractionGraph: the typed multigraph of seed 000 §3.3 as two Arrow tables and a manifest.
+"""InteractionGraph: the typed multigraph of feature interactions as two Arrow tables and a manifest.
 
 Nodes are SAE features ``(site, feature)``. Edges are excitatory, inhibitory or gating; a gating
 row is the hyperedge ``(source, modulator -> target)``. The tables are the source of truth;

@@ -5,8 +5,8 @@ with both features edited at i's clamp positions:
 
 - ``mixed``: ∂²f_j/∂α_i∂α_k at the natural operating point, forward-over-forward (jvp of jvp);
 - ``factorial``: the 2×2 clamp contrast f(hi,hi) − f(hi,lo) − f(lo,hi) + f(lo,lo) divided by
-  (Δα_i·Δα_k) — seed 002's D term, in the units of the mixed derivative;
-- ``conditional``: G_k = |I(i→j | k active) − I(i→j | k inactive)| (seed 000 §3.2.3), from the
+  (Δα_i·Δα_k) — the interaction term D of a 2×2 factorial design, in the units of the mixed derivative;
+- ``conditional``: G_k = |I(i→j | k active) − I(i→j | k inactive)| (docs/concepts.md), from the
   per-input clamp effects of i split by whether k fires on the input.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Which inputs each source is measured on, its clamp levels, and chunk sizes.
 
 Sources are measured on inputs where they are naturally active above the median of their
-non-zero activations (seed 000 §6.2); α_lo / α_hi default to the 10th / 90th percentiles
+non-zero activations (docs/measure.md); α_lo / α_hi default to the 10th / 90th percentiles
 of the non-zero activations (from an atlas when given, else from these inputs).
 """
 from __future__ import annotations
