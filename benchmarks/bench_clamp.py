@@ -64,7 +64,7 @@ def main():
     feats = np.argsort(-fires)[: a.sources]                   # sources that fire on these inputs
     vals = vals_all[..., feats]
     lo, hi = 1.0, 4.0
-    plan = engine.Plan(src_site, (tgt_site,), "clamp", "same", "active", True)
+    plan = engine.Plan(src_site, (tgt_site,), "clamp", "same", "all_active", True)
     C = a.sources
     idx = jnp.tile(jnp.arange(a.inputs)[None], (C, 1))
     w = jnp.ones((C, a.inputs))

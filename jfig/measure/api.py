@@ -16,9 +16,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..data.progress import progress_bar
 from ..errors import JfigError, ShapeError
-from ..models.validation import saes_by_site
+from ..models.validation import check_saes
 from ..sites import site_key
-from .engine import METHODS, POSITION_MODES, Plan, chunk_effects
+from .engine import CLAMP_AT, INPUT_MODES, METHODS, POSITION_MODES, READS, Plan, chunk_effects
 from .reverse import reverse_effects
 from .select import auto_chunk, choose_inputs, nonzero_quantiles
 from .types import Effects, FeatureList, feature_list, store_stats
@@ -87,17 +87,25 @@ def _mesh_put(arrays, n_dev):
 
 
 def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", positions: str = "same",
-                    targets=None, inputs_per_source: int = 32, alphas=None, atlas=None, clamp_at: str = "active",
+                    targets=None, inputs_per_source: int = 32, alphas=None, atlas=None, clamp_at: str = "single",
+                    read: str = "post", inputs: str = "source",
                     batch_size: int = 32, memory_budget: float = 2e9, chunk_size: int | None = None,
                     keep_per_input: bool = False, devices: int | None = None, seed: int = 0,
                     direction: str = "decoder", mode: str = "auto", progress: bool = True) -> Effects:
     """Effects of each source feature on every target feature, averaged over inputs.
 
     model: a jfig Model; saes: SAEs (list or {site: SAE}); sources: (site, feature) pairs or
-    {site: features}; tokens: int [N, seq]. method: "clamp" (finite difference between α_hi
-    and α_lo, divided by their gap), "ablate" (clamp to 0 minus clean), "mean_ablate" (clamp to
-    the feature's mean minus clean), "jacobian" (∂f_j/∂α_i by forward-mode jvp) or
-    "jacobian_direct" (the same with attention patterns and norm scales frozen).
+    {site: features}; tokens: int [N, seq]. Every method estimates the change of target j per unit
+    increase of source i (positive: excitatory): "clamp" (finite difference between α_hi and α_lo,
+    divided by their gap), "ablate" ((clean − ablated) / f_i), "mean_ablate" ((clean − mean-ablated)
+    / (f_i − mean_i)), "jacobian" (∂f_j/∂α_i by forward-mode jvp) or "jacobian_direct" (the same with
+    attention patterns and norm scales frozen).
+    clamp_at: "single" (one position per input, where the source is strongest) or "all_active"
+    (every position where it fires, at once: attention-carried effects of earlier clamps mix in).
+    read: "post" (the target's activation) or "pre" (its encoder pre-activation, which can go below
+    zero: inhibition of an inactive target, and no TopK competition inside the target SAE).
+    inputs: "source" (every chosen input) or "target_active" (per pair, only inputs where the
+    target is active in the clean run).
     mode (Jacobian methods): "forward" (one jvp per source), "reverse" (one vjp per target and
     position, shared by all sources) or "auto" (reverse when n_targets × seq < n_sources).
     direction: "decoder" (d_i) or "random" (a random direction with d_i's norm: the null control).
@@ -119,12 +127,10 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         raise JfigError(f"unknown direction {direction!r}; expected 'decoder' or 'random'")
     if positions not in POSITION_MODES:
         raise JfigError(f"unknown positions mode {positions!r}; expected one of {POSITION_MODES}")
-    saes = saes_by_site(saes)
-    for site, sae in saes.items():
-        model.check_site(site)
-        w = model.site_width(site)
-        if w is not None and sae.d_in != w:
-            raise ShapeError(f"SAE d_in {sae.d_in} does not match site {site} width {w}")
+    for name, value, allowed in (("clamp_at", clamp_at, CLAMP_AT), ("read", read, READS), ("inputs", inputs, INPUT_MODES)):
+        if value not in allowed:
+            raise JfigError(f"unknown {name} {value!r}; expected one of {allowed}")
+    saes = check_saes(model, saes)
     src = feature_list(sources, saes)
     if len(src) == 0:
         raise JfigError("no source features given")
@@ -137,6 +143,8 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
     count = np.zeros_like(mean)
     alph = np.zeros((len(src), 2), np.float32)
     per_input = np.zeros((len(src), inputs_per_source, len(tgt)), np.float32) if keep_per_input else None
+    pair_w = np.zeros_like(per_input) if keep_per_input and inputs == "target_active" else None
+    active = np.full_like(mean, np.nan)
     in_w = np.zeros((len(src), inputs_per_source), np.float32)
     in_idx = np.zeros((len(src), inputs_per_source), np.int32)
     bar = progress_bar(len(src), desc=f"measure {method}", unit="src", enabled=progress)
@@ -150,7 +158,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         tcols_idx = [tgt.at(s) for s in tsites]
         tcols = tuple(jnp.asarray(tgt.features[c], jnp.int32) for c in tcols_idx)
         tgt_saes = tuple(saes[s] for s in tsites)
-        plan = Plan(site, tsites, method, positions, clamp_at, builtin, direction, seed)
+        plan = Plan(site, tsites, method, positions, clamp_at, builtin, direction, seed, read, inputs)
         feats = src.features[rows]
         acts, resid, vals = prefix_pass(model, saes[site], feats, tokens, batch_size, builtin)
         vals_np = np.asarray(vals)
@@ -168,7 +176,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         toks_all = None if builtin else tokens
         order = np.concatenate([np.concatenate(tcols_idx)])
         n_t = sum(len(c) for c in tcols_idx)
-        use_reverse = method.startswith("jacobian") and direction == "decoder" and (
+        use_reverse = method.startswith("jacobian") and direction == "decoder" and inputs == "source" and (
             mode == "reverse" or (mode == "auto" and n_t * S < len(rows)))
         if use_reverse:
             n, mu, m2, e, wv = reverse_effects(model, plan, saes[site], tgt_saes, tcols, acts, resid, toks_all, vals,
@@ -185,16 +193,22 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
             wpad = wgt[pad] * (np.arange(c) < len(sl))[:, None]
             args = _mesh_put([jnp.asarray(idx[pad]), jnp.asarray(wpad), jnp.asarray(pad, jnp.int32),
                               jnp.asarray(feats[pad], jnp.int32), jnp.asarray(lo[pad]), jnp.asarray(hi[pad])], n_dev)
-            n, mu, m2, e, wv = chunk_effects(model, plan, saes[site], tgt_saes, tcols, acts, resid, toks_all, vals,
-                                             *args, keep_per_input)
+            n, mu, m2, e, w2, frac = chunk_effects(model, plan, saes[site], tgt_saes, tcols, acts, resid, toks_all,
+                                                   vals, *args, keep_per_input)
             n, mu, m2 = np.asarray(n)[: len(sl)], np.asarray(mu)[: len(sl)], np.asarray(m2)[: len(sl)]
             r = rows[sl]
             store_stats(mean, var, count, r, order, n, mu, m2)
+            active[np.ix_(r, order)] = np.asarray(frac)[: len(sl)]
             if keep_per_input:
+                w2 = np.asarray(w2)[: len(sl)]
                 per_input[np.ix_(r, np.arange(inputs_per_source), order)] = np.asarray(e)[: len(sl)]
-                in_w[r] = np.asarray(wv)[: len(sl)]
+                in_w[r] = w2.max(-1) if w2.shape[-1] else 0.0
+                if pair_w is not None:
+                    pair_w[np.ix_(r, np.arange(inputs_per_source), order)] = w2
             bar.update(len(sl))
     bar.close()
     return Effects(mean=mean, var=var, n=count, sources=src, targets=tgt, method=method, positions=positions,
                    alphas=alph, per_input=per_input, input_weight=in_w, input_index=in_idx,
-                   options=dict(inputs_per_source=inputs_per_source, clamp_at=clamp_at, seed=seed, direction=direction))
+                   options=dict(inputs_per_source=inputs_per_source, clamp_at=clamp_at, seed=seed, direction=direction,
+                                read=read, inputs=inputs),
+                   pair_weight=pair_w, target_active=active)

@@ -3,7 +3,19 @@
 For each source c (vmapped) and each of its M inputs, the source site's activations are
 edited, the suffix runs to the last target site, and every target feature is read and
 reduced over the positions the position mode selects. Clamp, ablation and mean-ablation
-are finite differences of two suffix runs; the Jacobian is one forward-mode `jvp`.
+are finite differences of suffix runs; the Jacobian is one forward-mode `jvp`.
+
+Every method estimates the same quantity with the same sign and unit: the change of target j
+per unit increase of source i (positive = excitatory).
+
+- clamp:        (f_j(α_hi) − f_j(α_lo)) / (α_hi − α_lo)
+- ablate:       (f_j(clean) − f_j(i → 0)) / (f_i − 0)
+- mean_ablate:  (f_j(clean) − f_j(i → mean_i)) / (f_i − mean_i)
+- jacobian:     ∂f_j/∂α_i at the natural operating point (jacobian_direct: attention patterns and
+                norm scales frozen)
+
+f_i is the source's clean activation averaged over the clamped positions of that input; an input
+whose source change is (near) zero carries no information about the slope and is dropped.
 """
 from __future__ import annotations
 
@@ -18,6 +30,10 @@ from ..models.model import Prefix
 
 METHODS = ("clamp", "ablate", "mean_ablate", "jacobian", "jacobian_direct")
 POSITION_MODES = ("same", "later", "all")
+CLAMP_AT = ("single", "all_active")       # one position per input (the source's strongest), or every active one
+READS = ("post", "pre")                   # target after its activation function, or its encoder pre-activation
+INPUT_MODES = ("source", "target_active")  # every chosen input, or only those where the target is active (per pair)
+MIN_SOURCE_CHANGE = 1e-6                  # |Δf_i| below this: the input says nothing about the slope
 
 
 @dataclass(frozen=True)
@@ -28,10 +44,18 @@ class Plan:
     target_sites: tuple[str, ...]
     method: str
     positions: str = "same"
-    clamp_at: str = "active"          # "active": every position where the source fires; "argmax": its strongest
+    clamp_at: str = "single"          # "single": the source's strongest position; "all_active": every active one
     builtin: bool = True              # prefix caching available
     direction: str = "decoder"        # "decoder": d_i; "random": a random direction with d_i's norm (null control)
     direction_seed: int = 0
+    read: str = "post"
+    inputs: str = "source"
+
+    @property
+    def needs_clean(self) -> bool:
+        """Whether the clean target activations are needed (which targets are active), beyond the
+        runs the method itself makes."""
+        return self.method == "clamp" and (self.read == "post" or self.inputs == "target_active")
 
     @property
     def stop_site(self) -> str:
@@ -43,9 +67,9 @@ class Plan:
 
 
 def clamp_mask(fi, clamp_at: str):
-    """Where the source is edited: fi [M, S] -> float mask [M, S]."""
+    """Where the source is edited: fi [M, S] -> float mask [M, S] (single: its strongest position)."""
     active = fi > 0
-    if clamp_at == "argmax":
+    if clamp_at == "single":
         one = jax.nn.one_hot(jnp.argmax(fi, axis=-1), fi.shape[-1], dtype=bool)
         active = one & active.any(-1, keepdims=True)
     return active.astype(jnp.float32)
@@ -62,14 +86,18 @@ def read_mask(cmask, mode: str):
 
 
 def read_targets(plan: Plan, saes: tuple, tcols: tuple, cache: dict, rmask):
-    """Mean over read positions of every target feature: [M, n_targets]."""
+    """(values, active), each [M, n_targets]: the mean over read positions of every target (its
+    activation, or its encoder pre-activation when plan.read == "pre"), and whether the target's
+    activation is non-zero at any read position."""
     denom = jnp.maximum(rmask.sum(-1, keepdims=True), 1.0)
-    outs = []
+    vals, act = [], []
     for site, sae, cols in zip(plan.target_sites, saes, tcols):
-        f = sae.encode(cache[site])                     # [M, S, d_sae]
-        f = jnp.take(f, cols, axis=-1)                  # [M, S, n_t]
-        outs.append(jnp.einsum("ms,msn->mn", rmask, f) / denom)
-    return jnp.concatenate(outs, axis=-1)
+        pre = sae.pre_activations(cache[site])          # [M, S, d_sae]
+        f = jnp.take(sae.activation(pre), cols, axis=-1)   # [M, S, n_t]
+        v = f if plan.read == "post" else jnp.take(pre, cols, axis=-1)
+        vals.append(jnp.einsum("ms,msn->mn", rmask, v) / denom)
+        act.append(jnp.einsum("ms,msn->mn", rmask, (f > 0).astype(f.dtype)) > 0)
+    return jnp.concatenate(vals, axis=-1), jnp.concatenate(act, axis=-1).astype(jnp.float32)
 
 
 def run_targets(model, plan: Plan, acts, resid, tokens, delta):
@@ -84,9 +112,10 @@ def run_targets(model, plan: Plan, acts, resid, tokens, delta):
 
 
 def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tokens, fi, feature, alpha_lo, alpha_hi):
-    """Per-input effects of one source on all targets: ([M, n_targets], valid [M]).
+    """Per-input effects of one source on all targets: (slopes [M, n_t], valid [M], active [M, n_t]).
 
-    acts [M, S, d] source-site activations, fi [M, S] the source's activation.
+    acts [M, S, d] source-site activations, fi [M, S] the source's activation. `active` says where
+    each target was active in the clean run (NaN when the method makes no clean run).
     """
     extra = (1,) * (acts.ndim - 3)                          # hook_z sites: [M, S, heads, d_head]
     cm = clamp_mask(fi, plan.clamp_at)
@@ -104,6 +133,7 @@ def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tok
         direction = norms[..., None] * r
     valid = (rm.sum(-1) > 0).astype(jnp.float32)
     cmx, fix = cm.reshape(cm.shape + extra), fi.reshape(fi.shape + extra)
+    unknown = jnp.full((acts.shape[0], sum(len(c) for c in tcols)), jnp.nan)
 
     def values(delta):
         return read_targets(plan, tgt_saes, tcols, run_targets(model, plan, acts, resid, tokens, delta), rm)
@@ -113,28 +143,43 @@ def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tok
 
     if plan.method in ("jacobian", "jacobian_direct"):
         tangent = cmx[..., None] * direction
-        _, d = jax.jvp(values, (jnp.zeros_like(acts),), (tangent,))
-        return d, valid
+        (_, active), (d, _) = jax.jvp(values, (jnp.zeros_like(acts),), (tangent,))
+        return d, valid, active
     if plan.method == "clamp":
-        both = jax.vmap(values)(jnp.stack([delta_at(alpha_hi), delta_at(alpha_lo)]))
-        return (both[0] - both[1]) / (alpha_hi - alpha_lo), valid
-    # ablate: clamp to 0; mean_ablate: clamp to the feature's mean (alpha_lo carries it)
+        deltas = [delta_at(alpha_hi), delta_at(alpha_lo)] + ([jnp.zeros_like(acts)] if plan.needs_clean else [])
+        v, act = jax.vmap(values)(jnp.stack(deltas))
+        return (v[0] - v[1]) / (alpha_hi - alpha_lo), valid, act[2] if plan.needs_clean else unknown
+    # ablate: clamp to 0; mean_ablate: clamp to the feature's mean (alpha_lo carries it). The slope divides
+    # by the source's own change on that input, so it has the sign and unit of the clamp's.
     target = 0.0 if plan.method == "ablate" else alpha_lo
-    both = jax.vmap(values)(jnp.stack([delta_at(target), jnp.zeros_like(acts)]))
-    return both[0] - both[1], valid
+    v, act = jax.vmap(values)(jnp.stack([jnp.zeros_like(acts), delta_at(target)]))
+    change = (cm * (fi - target)).sum(-1) / jnp.maximum(cm.sum(-1), 1.0)      # [M]: f_i − target
+    ok = jnp.abs(change) > MIN_SOURCE_CHANGE
+    slope = (v[0] - v[1]) / jnp.where(ok, change, 1.0)[:, None]
+    return slope, valid * ok, act[0]
 
 
 def weighted_stats(e, w):
-    """(n, mean [T], m2 [T]) of per-input values e [M, T] with weights w [M] (0 drops an input)."""
-    n = w.sum()
-    mean = (w[:, None] * e).sum(0) / jnp.maximum(n, 1.0)
-    return n, mean, (w[:, None] * (e - mean) ** 2).sum(0)
+    """(n, mean, m2) of per-input values e [M, T] with weights w [M] or [M, T] (0 drops an input):
+    n is [] for w [M], [T] for per-pair weights; mean and m2 are [T]."""
+    w2 = w if w.ndim == 2 else w[:, None]
+    n = w.sum(0)
+    mean = (w2 * e).sum(0) / jnp.maximum(w2.sum(0), 1.0)
+    return n, mean, (w2 * (e - mean) ** 2).sum(0)
+
+
+def pair_weights(plan: Plan, w, active):
+    """Per-pair input weights [M, T]: the input weights w [M], restricted to inputs where the target
+    was active in the clean run when plan.inputs == "target_active"."""
+    w2 = jnp.broadcast_to(w[:, None], active.shape)
+    return w2 * jnp.nan_to_num(active, nan=1.0) if plan.inputs == "target_active" else w2
 
 
 @eqx.filter_jit
 def chunk_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts_all, resid_all, tokens_all, fvals_all,
                   idx, weight, cols, feats, alpha_lo, alpha_hi, keep_per_input: bool):
-    """A chunk of C sources: (sum_w [C, T], mean [C, T], m2 [C, T], per_input or None).
+    """A chunk of C sources: (n [C, T], mean [C, T], m2 [C, T], per_input [C, M, T] or None,
+    pair weights [C, M, T] or None, target-active fraction [C, T]).
 
     idx/weight [C, M] pick each source's inputs from the cached prefix (acts_all [N, S, d]);
     cols [C] index the source's column in fvals_all [N, S, n_src]. Statistics are accumulated
@@ -146,9 +191,11 @@ def chunk_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts_all, resid_a
         resid = None if resid_all is None else resid_all[i]
         toks = None if tokens_all is None else tokens_all[i]
         fi = fvals_all[i, :, col]
-        e, valid = source_effects(model, plan, src_sae, tgt_saes, tcols, acts, resid, toks, fi, feat, lo, hi)
+        e, valid, active = source_effects(model, plan, src_sae, tgt_saes, tcols, acts, resid, toks, fi, feat, lo, hi)
         wv = w * valid                                              # [M]
-        return (*weighted_stats(e, wv), e, wv)
+        w2 = pair_weights(plan, wv, active)                         # [M, T]
+        frac = (wv[:, None] * active).sum(0) / jnp.maximum(wv.sum(), 1.0)
+        return (*weighted_stats(e, w2), e, w2, frac)
 
-    n, mean, m2, e, wv = jax.vmap(one)(idx, weight, cols, feats, alpha_lo, alpha_hi)
-    return n, mean, m2, (e if keep_per_input else None), wv
+    n, mean, m2, e, w2, frac = jax.vmap(one)(idx, weight, cols, feats, alpha_lo, alpha_hi)
+    return n, mean, m2, (e if keep_per_input else None), (w2 if keep_per_input else None), frac

@@ -53,7 +53,7 @@ def _pair_values(model, plan, sae, tgt_saes, tcols, acts, resid, toks, fi, fk, f
     valid = (rm.sum(-1) > 0).astype(jnp.float32)
 
     def values(delta):
-        return read_targets(plan, tgt_saes, tcols, run_targets(model, plan, acts, resid, toks, delta), rm)
+        return read_targets(plan, tgt_saes, tcols, run_targets(model, plan, acts, resid, toks, delta), rm)[0]
 
     if method == "mixed":
         ti, tk = cm[..., None] * di, cm[..., None] * dk
@@ -86,7 +86,7 @@ def _gating_chunk(model, plan, sae, tgt_saes, tcols, acts_all, resid_all, toks_a
 
 
 def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positions: str = "same", targets=None,
-                   inputs_per_pair: int = 32, alphas=None, clamp_at: str = "active", batch_size: int = 32,
+                   inputs_per_pair: int = 32, alphas=None, clamp_at: str = "single", batch_size: int = 32,
                    chunk_size: int = 8, seed: int = 0, progress: bool = False) -> GatingEffects:
     """Gating statistics for (i, k) source pairs at one site on every target feature.
 

@@ -24,7 +24,8 @@ def reverse_batch(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, toks
 
     def target_values(delta):                                       # [B, S, n_t]; d/d delta = d/d acts
         cache = run_targets(model, plan, acts, resid, toks, delta)
-        return jnp.concatenate([jnp.take(sae.encode(cache[s]), c, axis=-1)
+        read = (lambda sae, x: sae.encode(x)) if plan.read == "post" else (lambda sae, x: sae.pre_activations(x))
+        return jnp.concatenate([jnp.take(read(sae, cache[s]), c, axis=-1)
                                 for s, sae, c in zip(plan.target_sites, tgt_saes, tcols)], axis=-1)
 
     out, vjp_fn = jax.vjp(target_values, jnp.zeros_like(acts))

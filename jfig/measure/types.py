@@ -67,13 +67,14 @@ def feature_list(spec, saes: dict) -> FeatureList:
 
 
 def store_stats(mean, var, count, rows, cols, n, mu, m2) -> None:
-    """Write per-row (n [R], mean [R, C], m2 [R, C]) into the [rows, cols] block of the result arrays:
-    mean is NaN without inputs, var (unbiased) NaN with fewer than two."""
+    """Write per-row (n [R] or [R, C], mean [R, C], m2 [R, C]) into the [rows, cols] block of the result
+    arrays: mean is NaN without inputs, var (unbiased) NaN with fewer than two."""
     block = np.ix_(rows, cols)
+    n = np.broadcast_to(n[:, None] if np.ndim(n) == 1 else n, np.shape(mu))
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean[block] = np.where(n[:, None] > 0, mu, np.nan)
-        var[block] = np.where(n[:, None] > 1, m2 / np.maximum(n[:, None] - 1, 1), np.nan)
-    count[block] = n[:, None]
+        mean[block] = np.where(n > 0, mu, np.nan)
+        var[block] = np.where(n > 1, m2 / np.maximum(n - 1, 1), np.nan)
+    count[block] = n
 
 
 @dataclass
@@ -98,6 +99,15 @@ class Effects:
     input_weight: np.ndarray | None = None
     input_index: np.ndarray | None = None
     options: dict = field(default_factory=dict)
+    pair_weight: np.ndarray | None = None     # [n_sources, M, n_targets] with inputs="target_active"
+    target_active: np.ndarray | None = None   # [n_sources, n_targets]: fraction of inputs with the target active
+                                              # in the clean run (NaN where the method made no clean run)
+
+    @property
+    def weights(self) -> np.ndarray | None:
+        """Per-input weights for the p-values: pair weights [S, M, T] when inputs were chosen per pair,
+        else input weights [S, M]."""
+        return self.pair_weight if self.pair_weight is not None else self.input_weight
 
     @property
     def sem(self) -> np.ndarray:

@@ -29,15 +29,19 @@ def tiny():
     return model, s1, s3, toks
 
 
-def _naive(model, s1, s3, toks, eff, method, pos):
-    """One full forward per source, input and level, with jfig.Clamp edits — the loop a user writes."""
+def _naive(model, s1, s3, toks, eff, method, pos, clamp_at="single"):
+    """One full forward per source, input and level, with jfig.Clamp edits — the loop a user writes.
+    Slopes per unit of source: (hi − lo) / (α_hi − α_lo) for clamps, (clean − ablated) / f_i for ablation."""
     out = np.zeros_like(eff.per_input)
     for r, (site, f) in enumerate(eff.sources):
         lo, hi = eff.alphas[r]
         for m in range(eff.per_input.shape[1]):
             tk = toks[eff.input_index[r, m]][None]
             base = model.run(tk, capture=(site, TGT))
-            cm = np.asarray(s1.encode(base.cache[site])[0, :, f] > 0)
+            fi = np.asarray(s1.encode(base.cache[site])[0, :, f])
+            cm = fi > 0
+            if clamp_at == "single" and cm.any():
+                cm = np.arange(len(fi)) == np.argmax(fi)
             started = np.cumsum(cm) > 0
             rm = {"same": cm, "later": started & ~cm, "all": started}[pos].astype(np.float32)
             if rm.sum() == 0 or eff.input_weight[r, m] == 0:
@@ -50,16 +54,21 @@ def _naive(model, s1, s3, toks, eff, method, pos):
             def at(a):
                 return read(model.run(tk, edits=(jfig.Clamp(s1, f, a, positions=jnp.asarray(cm)),), capture=(site, TGT)))
 
-            out[r, m] = (at(hi) - at(lo)) / (hi - lo) if method == "clamp" else at(0.0) - read(base)
+            if method == "clamp":
+                out[r, m] = (at(hi) - at(lo)) / (hi - lo)
+            else:
+                out[r, m] = (read(base) - at(0.0)) / fi[cm].mean()
     return out
 
 
-@pytest.mark.parametrize("method,pos", [("clamp", "same"), ("clamp", "later"), ("ablate", "all")])
-def test_engine_equals_naive_loop(tiny, method, pos):
+@pytest.mark.parametrize("method,pos,clamp_at", [("clamp", "same", "single"), ("clamp", "later", "single"),
+                                                 ("ablate", "all", "single"), ("clamp", "same", "all_active"),
+                                                 ("ablate", "all", "all_active")])
+def test_engine_equals_naive_loop(tiny, method, pos, clamp_at):
     model, s1, s3, toks = tiny
     eff = measure_effects(model, [s1, s3], {SRC: [0, 3, 5]}, toks, method=method, positions=pos,
-                          inputs_per_source=3, keep_per_input=True, progress=False, chunk_size=2)
-    ref = _naive(model, s1, s3, toks, eff, method, pos)
+                          clamp_at=clamp_at, inputs_per_source=3, keep_per_input=True, progress=False, chunk_size=2)
+    ref = _naive(model, s1, s3, toks, eff, method, pos, clamp_at)
     w = eff.input_weight[..., None]
     np.testing.assert_allclose(eff.per_input * w, ref * w, atol=2e-5)
     # mean / var / n agree with the per-input values
@@ -98,7 +107,8 @@ def test_jacobian_matches_central_difference():
     toks = jnp.asarray(np.random.default_rng(1).integers(0, 20, size=(4, 5)))
     for method, freeze in (("jacobian", False), ("jacobian_direct", True)):
         eff = measure_effects(model, [sa, sb], {sa.site: [0, 2, 4]}, toks, method=method, positions="all",
-                              targets={sb.site: range(6)}, inputs_per_source=4, keep_per_input=True, progress=False)
+                              clamp_at="all_active", targets={sb.site: range(6)}, inputs_per_source=4,
+                              keep_per_input=True, progress=False)
         h = 1e-2
         for r, (site, f) in enumerate(eff.sources):
             for m in range(4):
@@ -138,8 +148,11 @@ def test_planted_estimators_get_sign_and_size():
     np.testing.assert_allclose(jac.mean[3, 2], 0.8, atol=1e-5)              # read where s3 fires: s2 = 0.8
     np.testing.assert_allclose(jac.mean[4, 3], 1 - np.tanh(0.5) ** 2, atol=1e-5)
     np.testing.assert_allclose(clamp.mean[4, 3], np.tanh(1.5) - np.tanh(0.5), atol=1e-5)
-    np.testing.assert_allclose(abl.mean[0, 0], -2.0, atol=1e-5)
-    np.testing.assert_allclose(abl.mean[1, 1], 1.5, atol=1e-5)
+    # one sign and unit for every estimator: ablation's (clean − ablated) / f_i is the same slope
+    np.testing.assert_allclose(abl.mean[0, 0], 2.0, atol=1e-5)
+    np.testing.assert_allclose(abl.mean[1, 1], -1.5, atol=1e-5)
+    np.testing.assert_allclose(clamp.mean[0, 0], 2.0, atol=1e-5)
+    np.testing.assert_allclose(clamp.mean[1, 1], -1.5, atol=1e-5)
     for e in (jac, clamp, abl):
         off = np.abs(e.mean.copy())
         off[[0, 1, 2, 3, 4], [0, 1, 2, 2, 3]] = 0
@@ -283,5 +296,6 @@ def test_mean_ablation_on_planted_model():
     model, s0, s1 = planted()
     eff = measure_effects(model, [s0, s1], {"resid0": [3]}, PTOKENS, method="mean_ablate", targets={"resid1": [2]},
                           progress=False)
-    mean_s3 = float(np.mean(1.2 * (np.asarray(PTOKENS) % 2 == 0)))
-    np.testing.assert_allclose(eff.mean[0, 0], 0.8 * (mean_s3 - 1.2), atol=1e-5)   # t2 = s2 s3, s2 = 0.8
+    # t2 = s2 s3 with s2 = 0.8: (t2(clean) − t2(s3 → mean)) / (s3 − mean) = 0.8, the slope the clamp and the
+    # Jacobian measure too (the change itself, 0.8 (1.2 − mean), has the opposite sign of an ablation's).
+    np.testing.assert_allclose(eff.mean[0, 0], 0.8, atol=1e-5)
