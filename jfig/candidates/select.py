@@ -12,8 +12,10 @@ The filters, each applied to the survivors of the last:
    is measured beforehand, by `jfig.measure.feature_importance`; without it, firing rate alone);
 3. co-activation: P(j | i) >= min_coact (and PMI >= min_pmi), plus, with keep_low_coact, pairs
    that co-activate significantly *less* than independence predicts (candidate inhibition);
-4. decoder alignment: |cos(e_j, d_i)| >= min_alignment for pairs where the target SAE reads
-   the residual stream the source writes to, within alignment_window layers; other pairs pass.
+4. decoder alignment, a prior: pairs are ordered by |cos(e_j, d_i)| (the direct residual-path
+   alignment, where the target SAE reads the residual stream the source writes to), highest first.
+   It drops pairs only when asked (min_alignment=<threshold> or "auto" for 2/sqrt(d_in)), because an
+   interaction carried by an MLP or by attention need not be aligned with any decoder direction.
 
 `report` gives the number of pairs before and after each step (real counts, not estimates).
 Selection only reads the atlas and the SAEs' weights: it runs no model.
@@ -35,7 +37,8 @@ from .report import Candidates, Report
 
 def select_candidates(atlas, saes, *, effects: Mapping[str, np.ndarray] | None = None, importance: str = "rate",
                       top_k: int = 200, min_coact: float = 0.01, min_pmi: float | None = None,
-                      keep_low_coact: bool = True, low_coact_p: float = 1e-3, min_alignment: float | None = None,
+                      keep_low_coact: bool = True, low_coact_p: float = 1e-3,
+                      min_alignment: float | str | None = None,
                       alignment_window: int | None = 1, window: int = 5) -> Candidates:
     """Candidate pairs by layer window, importance, co-activation (incl. low co-activation) and decoder
     alignment; see the module docstring and docs/atlas.md.
@@ -45,9 +48,10 @@ def select_candidates(atlas, saes, *, effects: Mapping[str, np.ndarray] | None =
       importance = firing rate x effect. Without `effects`, features rank by firing rate alone.
     importance: how `effects` were measured ("loss", "kl", "attribution"; "rate" without effects),
       recorded in the report.
-    min_alignment: threshold on |cos(e_j, d_i)| (default 2/sqrt(d_in), two standard deviations of
-      the cosine of random directions); alignment_window: apply it only where the layer distance is
-      at most this (None: everywhere it applies).
+    min_alignment: None (default: alignment only orders the pairs), a threshold on |cos(e_j, d_i)|, or
+      "auto" for 2/sqrt(d_in) (two standard deviations of the cosine of random directions);
+      alignment_window: apply a threshold only where the layer distance is at most this (None:
+      everywhere alignment applies).
     """
     saes = saes_by_site(saes)
     for site in atlas.sites:
@@ -114,8 +118,8 @@ def select_candidates(atlas, saes, *, effects: Mapping[str, np.ndarray] | None =
             alignment_window is None or layer[b] - layer[a] <= alignment_window)
         if alignment_applies(a, b) and saes[a].d_in == saes[b].d_in:
             dot, cos = decoder_alignment(saes[a], saes[b], fa, fb)
-        if applies:
-            thr = 2.0 / math.sqrt(saes[b].d_in) if min_alignment is None else min_alignment
+        if applies and min_alignment is not None:
+            thr = 2.0 / math.sqrt(saes[b].d_in) if min_alignment == "auto" else float(min_alignment)
             n_applied += int(keep.sum())
             keep &= np.abs(cos) >= thr
         i, j = np.nonzero(keep)
@@ -125,8 +129,12 @@ def select_candidates(atlas, saes, *, effects: Mapping[str, np.ndarray] | None =
             source_site=[a] * len(i), source=fa[i], target_site=[b] * len(i), target=fb[j],
             layer_distance=np.full(len(i), layer[b] - layer[a]), low_coactivation=low[i, j], count=co[i, j],
             p_cond=p_cond[i, j], pmi=pmi[i, j], p_low=p_low[i, j], alignment=dot[i, j], alignment_cos=cos[i, j],
-            source_importance=imp_a[i], target_importance=imp_b[j]), schema=PAIR_SCHEMA))
-    pairs = pa.concat_tables(parts) if parts else _empty_pairs()
+            source_importance=imp_a[i], target_importance=imp_b[j],
+            admitted_by=np.where(low[i, j], "low co-activation", "co-activation"),
+            priority=np.nan_to_num(np.abs(cos[i, j]))), schema=PAIR_SCHEMA))
+    pairs = pa.concat_tables(parts) if parts else PAIR_SCHEMA.empty_table()
+    if pairs.num_rows:                       # the alignment prior: most aligned pairs first (stable otherwise)
+        pairs = pairs.take(np.argsort(-pairs.column("priority").to_numpy(), kind="stable"))
 
     report = Report()
     report.add("all pairs (source site before target site)", all_pairs, all_pairs, f"{len(atlas.sites)} sites")
@@ -137,10 +145,14 @@ def select_candidates(atlas, saes, *, effects: Mapping[str, np.ndarray] | None =
     coact = f"co-activation (P(j|i) >= {min_coact:g}" + (f", PMI >= {min_pmi:g}" if min_pmi is not None else "")
     coact += f"; low co-activation p <= {low_coact_p:g})" if keep_low_coact else ")"
     report.add(coact, n_imp, n_high + n_low, f"{n_high} co-active, {n_low} low co-activation")
-    thr_note = "2/sqrt(d_in)" if min_alignment is None else f"{min_alignment:g}"
-    where = "all" if alignment_window is None else f"dlayer <= {alignment_window}"
-    report.add(f"decoder alignment (|cos| >= {thr_note}, {where})", n_high + n_low, len(pairs),
-               f"applied to {n_applied} residual-stream pairs; others pass")
+    if min_alignment is None:
+        report.add("decoder alignment (a prior: orders pairs, drops none)", n_high + n_low, len(pairs),
+                   "pairs ranked by |cos(e_j, d_i)|")
+    else:
+        thr_note = "2/sqrt(d_in)" if min_alignment == "auto" else f"{float(min_alignment):g}"
+        where = "all" if alignment_window is None else f"dlayer <= {alignment_window}"
+        report.add(f"decoder alignment (|cos| >= {thr_note}, {where})", n_high + n_low, len(pairs),
+                   f"applied to {n_applied} residual-stream pairs; others pass")
     settings = dict(top_k=top_k, min_coact=min_coact, min_pmi=min_pmi, keep_low_coact=keep_low_coact,
                     low_coact_p=low_coact_p, min_alignment=min_alignment, alignment_window=alignment_window,
                     window=window, importance=importance)
@@ -151,14 +163,5 @@ PAIR_SCHEMA = pa.schema([("source_site", pa.string()), ("source", pa.int64()), (
                          ("target", pa.int64()), ("layer_distance", pa.int64()), ("low_coactivation", pa.bool_()),
                          ("count", pa.int64()), ("p_cond", pa.float64()), ("pmi", pa.float64()),
                          ("p_low", pa.float64()), ("alignment", pa.float64()), ("alignment_cos", pa.float64()),
-                         ("source_importance", pa.float64()), ("target_importance", pa.float64())])
-
-
-def _empty_pairs() -> pa.Table:
-    return pa.table(dict(source_site=pa.array([], pa.string()), source=pa.array([], pa.int64()),
-                         target_site=pa.array([], pa.string()), target=pa.array([], pa.int64()),
-                         layer_distance=pa.array([], pa.int64()), low_coactivation=pa.array([], pa.bool_()),
-                         count=pa.array([], pa.int64()), p_cond=pa.array([], pa.float64()),
-                         pmi=pa.array([], pa.float64()), p_low=pa.array([], pa.float64()),
-                         alignment=pa.array([], pa.float64()), alignment_cos=pa.array([], pa.float64()),
-                         source_importance=pa.array([], pa.float64()), target_importance=pa.array([], pa.float64())))
+                         ("source_importance", pa.float64()), ("target_importance", pa.float64()),
+                         ("admitted_by", pa.string()), ("priority", pa.float64())])

@@ -341,7 +341,7 @@ def tokens_from(tokens_or_corpus, model, seq_len: int | None = None, *, add_bos:
                 shuffle_buffer: int = 1024, max_tokens: int | None = None) -> np.ndarray:
     """int32 tokens [n, seq] from either a token array (validated and passed through) or a
     corpus / spec (packed with the model's tokenizer; bound the size with max_tokens)."""
-    if _looks_like_tokens(tokens_or_corpus):
+    if looks_like_tokens(tokens_or_corpus):
         t = np.asarray(tokens_or_corpus)
         if t.ndim == 2 and t.shape[0] == 0:
             raise ShapeError(f"tokens must be an int array [n, seq] with n, seq > 0, got shape {t.shape}")
@@ -357,7 +357,7 @@ def tokens_from(tokens_or_corpus, model, seq_len: int | None = None, *, add_bos:
     return np.stack(rows)
 
 
-def _looks_like_tokens(x) -> bool:
+def looks_like_tokens(x) -> bool:
     if hasattr(x, "dtype") and hasattr(x, "shape"):
         return True
     if isinstance(x, (list, tuple)) and x:

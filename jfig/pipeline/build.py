@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from ..data import tokens_from
+from ..data import looks_like_tokens, tokens_from
 from ..data.files import fingerprint
 from ..graph import InteractionGraph, NodeInfo, assemble_graph
 from ..models.validation import check_saes
@@ -37,8 +37,10 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
                 on_block=None, **options) -> InteractionGraph:
     """Build the Feature Interaction Graph end to end; returns an InteractionGraph.
 
-    model: a jfig Model; saes: SAEs at several sites; tokens_or_corpus: int tokens [n, seq] or a
-    corpus/spec (packed with the model's tokenizer). Options are BuildOptions fields. With
+    model: a jfig Model; saes: SAEs at several sites; tokens_or_corpus: int tokens [n, seq] (used as
+    given: every row, at its length; `seq_len` and `max_sequences` apply to corpora) or a corpus/spec
+    (packed with the model's tokenizer into `max_sequences` rows of `seq_len`). Options are
+    BuildOptions fields. With
     `out_dir`, results are written as they complete and a rerun resumes (see module docstring);
     the graph is saved to `out_dir/graph`. `on_block(i)` is called after each measured block
     (tests use it to interrupt a build).
@@ -48,8 +50,11 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     opts = BuildOptions.from_dict(options)
     saes = check_saes(model, saes, at_least=1)
     t0 = stage_t = time.time()
-    tokens = tokens_from(tokens_or_corpus, model, opts.seq_len, seed=opts.seed,
-                         max_tokens=opts.max_sequences * opts.seq_len)[: opts.max_sequences]
+    if looks_like_tokens(tokens_or_corpus):      # a token array is used as given: its rows and its length
+        tokens = tokens_from(tokens_or_corpus, model)
+    else:
+        tokens = tokens_from(tokens_or_corpus, model, opts.seq_len, seed=opts.seed,
+                             max_tokens=opts.max_sequences * opts.seq_len)[: opts.max_sequences]
     fp = {"options": dataclasses.asdict(opts), "tokens": fingerprint(tokens.tobytes()),
           "saes": {s: sae_fingerprint(x) for s, x in sorted(saes.items())},
           "model": repr(model.config) if model.config is not None else str(model.sites)}

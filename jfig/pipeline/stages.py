@@ -56,7 +56,7 @@ def candidates_stage(model, sae_list, atlas: Atlas, tokens, opts: BuildOptions, 
     cands = select_candidates(atlas, sae_list, effects=effects, importance=opts.importance, top_k=opts.top_k,
                               min_coact=opts.min_coact, keep_low_coact=opts.keep_low_coact,
                               min_alignment=opts.min_alignment, window=opts.window)
-    pairs = cands.pairs.select(list(PAIR_KEYS)).to_pydict()
+    pairs = cands.pairs.select([*PAIR_KEYS, "low_coactivation", "admitted_by", "priority"]).to_pydict()
     state.save_json("candidates.json", {"pairs": pairs, "report": cands.report.rows})
     return pairs, cands.report
 
@@ -69,7 +69,10 @@ def plan_sources(pairs: dict, max_sources: int | None) -> list[tuple[str, int, d
     order = sorted(by_src, key=lambda k: (*site_key(k[0]), k[0], k[1]))
     if max_sources is not None and len(order) > max_sources:
         n_pairs = {k: sum(len(v) for v in by_src[k].values()) for k in order}
-        keep = set(sorted(order, key=lambda k: -n_pairs[k])[:max_sources])
+        prior: dict[tuple[str, int], float] = {}
+        for ss, s, p in zip(pairs["source_site"], pairs["source"], pairs.get("priority", [0.0] * len(pairs["source"]))):
+            prior[(ss, int(s))] = prior.get((ss, int(s)), 0.0) + float(p)
+        keep = set(sorted(order, key=lambda k: (-n_pairs[k], -prior.get(k, 0.0)))[:max_sources])
         order = [k for k in order if k in keep]
     return [(ss, s, {t: sorted(v) for t, v in by_src[(ss, s)].items()}) for ss, s in order]
 

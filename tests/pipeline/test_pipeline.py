@@ -129,3 +129,11 @@ def test_a_block_without_a_recorded_checksum_is_not_trusted(tmp_path):
     state_file.write_text(json.dumps(state))
     np.savez(tmp_path / "blocks" / "block_00000.npz", mean=np.zeros(3))            # and the file is foreign
     assert build_graph(model, saes, toks, out_dir=tmp_path, **opts).edges.equals(full.edges)
+
+
+def test_token_arrays_are_used_as_given():
+    model, saes = recovery_model()
+    toks = np.random.default_rng(0).integers(0, 64, size=(40, 16))        # 16-token rows; seq_len defaults to 64
+    g = build_graph(model, saes, toks, top_k=24, min_alignment=0.0, progress=False)
+    assert g.manifest["statistics"]["seq_len"] == 16 and g.manifest["statistics"]["n_sequences"] == 40
+    assert g.n_edges > 0
