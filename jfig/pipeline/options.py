@@ -170,9 +170,9 @@ class CandidateOptions(StageOptions):
                                               "sequences used to score importance")
     min_coact: float = option(0.01, Check("float", lo=0, hi=1), "minimum co-activation rate P(j | i) of a pair")
     keep_low_coact: bool = option(True, BOOL, "also keep pairs that co-activate significantly less than chance")
-    min_alignment: float | None = option(None, Check("float", lo=0, hi=1, none="the random-direction cosine"),
+    min_alignment: float | None = option(None, Check("float", lo=0, hi=1, none="2/sqrt(d_in)"),
                                          "minimum |cosine| between the source's decoder row and the target's encoder "
-                                         "row (adjacent layers)")
+                                         "row, for pairs at most one layer apart")
     max_sources: int | None = option(None, Check("int", lo=1, none="no cap"),
                                      "cap on measured source features (those with most candidate pairs first)")
 
@@ -188,8 +188,8 @@ class MeasureOptions(StageOptions):
     inputs_per_source: int = option(32, INT1, "inputs (sequences where the source fires) per source feature")
     block_size: int = option(8, INT1, "source features per resumable block")
     null_every: int = option(2, INT0, "random-direction control on every n-th block (0: none, tau = 0)")
-    memory_budget: float = option(2e9, Check("bytes"), "bytes a measurement chunk may use: a number or '2GB', "
-                                                       "'512MiB', '1.5e9'")
+    memory_budget: float = option(2e9, Check("bytes"), "memory a measurement chunk may use, in bytes: a number "
+                                                       "or a string with a unit")
 
 
 @dataclass(frozen=True)
@@ -318,9 +318,7 @@ class BuildOptions(StageOptions):
             if (stage, name) in given:
                 raise OptionError(f"option {key} is given twice (as {given[stage, name]} and as {key})", key)
             given[stage, name] = key
-            kind = STAGES[stage] if stage else cls
-            check = next(f.metadata["check"] for f in dataclasses.fields(kind) if f.name == name)
-            (stages[stage] if stage else top)[name] = check(key, value)
+            (stages[stage] if stage else top)[name] = option_field(stage, name).metadata["check"](key, value)
 
         for key, value in d.items():
             key = str(key)
@@ -376,12 +374,14 @@ def unknown_option_message(key: str) -> str:
     return f"unknown build option {key!r}; {hint}"
 
 
+def option_field(stage: str | None, name: str) -> dataclasses.Field:
+    """The dataclass field of option `name` of `stage` (None: a shared option); its metadata holds
+    the option's Check ("check") and meaning ("doc")."""
+    return next(f for f in dataclasses.fields(STAGES[stage] if stage else BuildOptions) if f.name == name)
+
+
 def options_table() -> list[tuple[str, str, Any, str]]:
     """(flat name, stage, default, meaning) for every option, in manifest order."""
     defaults = BuildOptions()
-    rows = []
-    for name, (stage, f) in FLAT.items():
-        kind = STAGES[stage] if stage else BuildOptions
-        meta = next(x.metadata for x in dataclasses.fields(kind) if x.name == f)
-        rows.append((name, stage or "shared", getattr(getattr(defaults, stage) if stage else defaults, f), meta["doc"]))
-    return rows
+    return [(name, stage or "shared", getattr(getattr(defaults, stage) if stage else defaults, f),
+             option_field(stage, f).metadata["doc"]) for name, (stage, f) in FLAT.items()]
