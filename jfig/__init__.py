@@ -8,7 +8,7 @@ from . import data, edits, errors, sites
 from .atlas import Atlas, build_atlas
 from .candidates import Candidates, select_candidates
 from .edits import Ablate, Clamp, Compose, Patch, Steer
-from .errors import FormatError, JfigError, ShapeError, SiteError
+from .errors import FormatError, JfigError, OptionError, ShapeError, SiteError
 from .graph import InteractionGraph, load_graph
 from .measure import Effects, GatingEffects, feature_importance, measure_effects, measure_gating, weight_effects
 from .models.config import ModelConfig
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Ablate", "Atlas", "BuildOptions", "Candidates", "Clamp", "Compose", "DEFAULT_MODEL", "Effects", "FormatError",
-    "GatingEffects", "InteractionGraph", "JfigError", "Model", "ModelConfig", "Patch", "Prefix", "RunOutput", "SAE",
+    "GatingEffects", "InteractionGraph", "JfigError", "Model", "ModelConfig", "OptionError", "Patch", "Prefix", "RunOutput", "SAE",
     "ShapeError", "SiteError", "Steer", "Tokenizer", "__version__", "build_atlas", "build_graph", "data",
     "default_saes", "edits", "errors", "feature_importance", "load_graph", "load_model", "load_sae",
     "measure_effects", "measure_gating", "sae_metrics", "save_sae", "select_candidates", "sites", "train_sae",

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from . import __version__
 from .errors import JfigError
 from .models.registry import load_model
-from .pipeline import load_config, run_build, run_demo, summarize
+from .pipeline import dry_run, load_config, run_build, run_demo, summarize
 from .saes import load_sae
 from .saes.defaults import default_saes, metrics_table
 
@@ -78,6 +78,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_build(args) -> int:
+    if args.dry_run:
+        print(dry_run(args.config))
+        return 0
     graph = run_build(args.config, progress=not args.quiet)
     print(summarize(graph))
     print(f"\ngraph written to {Path(load_config(args.config)['out']) / 'graph'}")
@@ -120,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
     b = sub.add_parser("build", help="build a graph from a TOML config (model, saes, corpus, out, [options])")
     b.add_argument("config")
+    b.add_argument("--dry-run", action="store_true",
+                   help="check the model, SAEs, corpus and output folder, print the resolved options and an "
+                        "estimate of the work and memory; compute and write nothing (exit 2 on a problem)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_build)
     r = sub.add_parser("run", help="next-token prediction and most active SAE features for prompts")

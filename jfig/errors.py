@@ -9,3 +9,11 @@ class SiteError(JfigError, KeyError):
     """A site name is unknown to the model, or malformed."""
     def __str__(self):  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+class OptionError(JfigError, ValueError):
+    """A build option is unknown, or its value has the wrong type or is out of range.
+
+    `key` is the option as it was given (e.g. "alpha" or "measure.method"), so a config reader can
+    point at the line that set it."""
+    def __init__(self, message: str, key: str = ""):
+        super().__init__(message)
+        self.key = key

@@ -1,10 +1,14 @@
-"""The graph build: options, the on-disk run state, the stages, `build_graph`, the TOML config and
-the demo (`jfig demo`, `jfig build CONFIG.toml`)."""
+"""The graph build: options, the on-disk run state, the stages, `build_graph`, the TOML config, the
+dry run and the demo (`jfig demo`, `jfig build CONFIG.toml [--dry-run]`)."""
 from .build import build_graph, sae_fingerprint
 from .config import CONFIG_KEYS, load_config
 from .demo import DEMO_OPTIONS, run_build, run_demo, summarize
-from .options import BuildOptions
+from .dryrun import BuildPlan, Estimate, dry_run, estimate, plan_build
+from .options import (AtlasOptions, BuildOptions, CandidateOptions, GatingOptions, MeasureOptions, SignificanceOptions,
+                      options_table)
 from .state import STATE_FILE, RunState
 
-__all__ = ["BuildOptions", "CONFIG_KEYS", "DEMO_OPTIONS", "RunState", "STATE_FILE", "build_graph", "load_config",
-           "run_build", "run_demo", "sae_fingerprint", "summarize"]
+__all__ = ["AtlasOptions", "BuildOptions", "BuildPlan", "CONFIG_KEYS", "CandidateOptions", "DEMO_OPTIONS", "Estimate",
+           "GatingOptions", "MeasureOptions", "RunState", "STATE_FILE", "SignificanceOptions", "build_graph", "dry_run",
+           "estimate", "load_config", "options_table", "plan_build", "run_build", "run_demo", "sae_fingerprint",
+           "summarize"]

@@ -9,7 +9,6 @@ uninterrupted run.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -40,7 +39,9 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     model: a jfig Model; saes: SAEs at several sites; tokens_or_corpus: int tokens [n, seq] (used as
     given: every row, at its length; `seq_len` and `max_sequences` apply to corpora) or a corpus/spec
     (packed with the model's tokenizer into `max_sequences` rows of `seq_len`). Options are
-    BuildOptions fields. With
+    BuildOptions flat names (top_k=, alpha=, gating=, ...) or per-stage tables (candidates={"top_k":
+    ...} or a CandidateOptions); they are checked before any work (OptionError names a bad or unknown
+    option). With
     `out_dir`, results are written as they complete and a rerun resumes (see module docstring);
     the graph is saved to `out_dir/graph`. `on_block(i)` is called after each measured block
     (tests use it to interrupt a build).
@@ -55,7 +56,7 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     else:
         tokens = tokens_from(tokens_or_corpus, model, opts.seq_len, seed=opts.seed,
                              max_tokens=opts.max_sequences * opts.seq_len)[: opts.max_sequences]
-    fp = {"options": dataclasses.asdict(opts), "tokens": fingerprint(tokens.tobytes()),
+    fp = {"options": opts.to_dict(), "tokens": fingerprint(tokens.tobytes()),
           "saes": {s: sae_fingerprint(x) for s, x in sorted(saes.items())},
           "model": repr(model.config) if model.config is not None else str(model.sites)}
     state = RunState(out_dir, fp)
@@ -73,7 +74,7 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     stage("measurement")
     first, n_null = first_order_edges(rec, opts)
     gating = None
-    if opts.gating:
+    if opts.gating.enabled:
         sig = {k: rec[k][first.decision.keep] for k in PAIR_KEYS}
         gating = gating_edges(gating_stage(model, saes, tokens, sig, opts, state), opts)
     manifest = {
@@ -83,7 +84,7 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
         "saes": [{"site": s, "d_sae": int(x.d_sae), "architecture": x.architecture, "k": x.k,
                   "fingerprint": fp["saes"][s]} for s, x in sorted(saes.items())],
         "corpus_hash": fp["tokens"],
-        "options": dataclasses.asdict(opts),
+        "options": opts.to_dict(),
         "statistics": {"tau": first.decision.tau, "n_tested": first.decision.n_tested, "n_null": n_null,
                        "n_gating_tested": 0 if gating is None else len(gating),
                        "n_sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])},

@@ -79,8 +79,8 @@ def plan_sources(pairs: dict, max_sources: int | None) -> list[tuple[str, int, d
 
 def pvalues(eff, opts: BuildOptions, seed: int) -> np.ndarray:
     if opts.pvalue == "permutation":
-        return sign_flip_pvalues(eff.per_input, eff.input_weight, n_perm=opts.n_perm, seed=seed)
-    return sign_flip_normal_pvalues(eff.per_input, eff.input_weight)
+        return sign_flip_pvalues(eff.per_input, eff.weights, n_perm=opts.n_perm, seed=seed)
+    return sign_flip_normal_pvalues(eff.per_input, eff.weights)
 
 
 def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: int) -> dict[str, np.ndarray]:
@@ -92,7 +92,8 @@ def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: 
         for ts, t in tg.items():
             tsets.setdefault(ts, set()).update(t)
     targets = {ts: sorted(v) for ts, v in sorted(tsets.items(), key=lambda kv: (*site_key(kv[0]), kv[0]))}
-    kw = dict(method=opts.method, positions=opts.positions, targets=targets, inputs_per_source=opts.inputs_per_source,
+    kw = dict(method=opts.method, positions=opts.positions, clamp_at=opts.clamp_at, read=opts.read, inputs=opts.inputs,
+              targets=targets, inputs_per_source=opts.inputs_per_source,
               atlas=atlas, batch_size=opts.batch_size, memory_budget=opts.memory_budget, seed=opts.seed + index,
               progress=False)
     eff = measure_effects(model, saes, sources, tokens, keep_per_input=True, **kw)

@@ -18,15 +18,21 @@ import numpy as np
 from scipy.special import erfc
 
 
+def pair_weights(weight, shape: tuple[int, int, int]) -> np.ndarray:
+    """Weights [S, M, T] from per-input weights [S, M] (shared by every target) or per-pair [S, M, T]."""
+    w = np.asarray(weight, np.float64)
+    return np.broadcast_to(w[..., None] if w.ndim == 2 else w, shape)
+
+
 @partial(jax.jit, static_argnames=("n_perm",))
 def _sign_flip_counts(e, w, key, n_perm: int):
-    """#{b : |mean_b| ≥ |mean_obs|} for sign-flipped means. e [S, M, T], w [S, M]."""
-    n = jnp.maximum(w.sum(-1), 1.0)[:, None]                          # [S, 1]
-    obs = jnp.abs(jnp.einsum("sm,smt->st", w, e) / n)
+    """#{b : |mean_b| ≥ |mean_obs|} for sign-flipped means. e [S, M, T], w [S, M, T]."""
+    n = jnp.maximum(w.sum(1), 1.0)                                    # [S, T]
+    obs = jnp.abs(jnp.einsum("smt,smt->st", w, e) / n)
     signs = jax.random.rademacher(key, (n_perm, e.shape[0], e.shape[1]), dtype=e.dtype)   # [B, S, M]
 
     def body(count, s):
-        null = jnp.abs(jnp.einsum("sm,smt->st", w * s, e) / n)
+        null = jnp.abs(jnp.einsum("smt,smt->st", w * s[..., None], e) / n)
         return count + (null >= obs - 1e-12 * jnp.abs(obs)), None
 
     count, _ = jax.lax.scan(body, jnp.zeros(obs.shape, jnp.int32), signs)
@@ -34,13 +40,14 @@ def _sign_flip_counts(e, w, key, n_perm: int):
 
 
 def sign_flip_pvalues(per_input, weight, *, n_perm: int = 1000, seed: int = 0, chunk: int = 64) -> np.ndarray:
-    """Two-sided permutation p-values [S, T] from per-input paired effects [S, M, T] and weights [S, M].
+    """Two-sided permutation p-values [S, T] from per-input paired effects [S, M, T] and weights [S, M]
+    (or per pair, [S, M, T]).
 
     Entries with no inputs get NaN. Sources are processed in chunks to bound memory.
     """
     per_input = np.nan_to_num(np.asarray(per_input, np.float32))
-    weight = np.asarray(weight, np.float32)
     S, M, T = per_input.shape
+    weight = pair_weights(weight, per_input.shape).astype(np.float32)
     out = np.full((S, T), np.nan, np.float64)
     key = jax.random.PRNGKey(seed)
     for s0 in range(0, S, chunk):
@@ -50,11 +57,11 @@ def sign_flip_pvalues(per_input, weight, *, n_perm: int = 1000, seed: int = 0, c
         pad = chunk - e.shape[0]
         if pad:  # fixed shapes: one compilation
             e = np.concatenate([e, np.zeros((pad, M, T), e.dtype)])
-            w = np.concatenate([w, np.zeros((pad, M), w.dtype)])
+            w = np.concatenate([w, np.zeros((pad, M, T), w.dtype)])
         cnt = np.asarray(_sign_flip_counts(jnp.asarray(e), jnp.asarray(w), jax.random.fold_in(key, s0), n_perm))
         p = (1.0 + cnt[: sl.stop - sl.start]) / (1.0 + n_perm)
-        has = weight[sl].sum(-1) > 0
-        out[sl] = np.where(has[:, None], p, np.nan)
+        has = weight[sl].sum(1) > 0
+        out[sl] = np.where(has, p, np.nan)
     return out
 
 
@@ -67,13 +74,13 @@ def sign_flip_normal_pvalues(per_input, weight) -> np.ndarray:
     an entry averages over ~20 or more inputs (tested against the Monte-Carlo test).
     """
     e = np.nan_to_num(np.asarray(per_input, np.float64))
-    w = np.asarray(weight, np.float64)[..., None]
+    w = pair_weights(weight, e.shape)
     num = np.abs((w * e).sum(1))
     den = np.sqrt((w * e * e).sum(1))
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.where(den > 0, num / den, 0.0)
     p = erfc(z / np.sqrt(2.0))
-    return np.where(np.asarray(weight).sum(-1)[:, None] > 0, p, np.nan)
+    return np.where(w.sum(1) > 0, p, np.nan)
 
 
 def label_permutation_pvalue(e, group, *, n_perm: int = 1000, seed: int = 0) -> np.ndarray:
