@@ -33,7 +33,7 @@ class BuildOptions:
     alpha: float = 0.01
     correction: str = "bonferroni"
     tau_quantile: float = 0.99
-    pvalue: str = "normal"              # "normal" (sign-flip, normal approx.) or "permutation" (Monte-Carlo)
+    pvalue: str = "saddlepoint"         # sign-flip test: "saddlepoint", "normal" or "permutation" (Monte-Carlo)
     n_perm: int = 1000
     gating: bool = True
     gating_max_targets: int = 16        # targets with >= 2 significant inputs tested for gating
@@ -45,7 +45,7 @@ class BuildOptions:
 
     def __post_init__(self):
         choices = {"method": METHODS, "positions": POSITION_MODES, "correction": CORRECTIONS,
-                   "pvalue": ("normal", "permutation"), "gating_method": ("mixed", "factorial"),
+                   "pvalue": ("saddlepoint", "normal", "permutation"), "gating_method": ("mixed", "factorial"),
                    "importance": IMPORTANCE_KINDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
