@@ -20,7 +20,7 @@ from ..graph import InteractionGraph, NodeInfo, assemble_graph
 from ..models.validation import check_saes
 from .options import BuildOptions
 from .stages import (PAIR_KEYS, atlas_stage, candidates_stage, first_order_edges, gating_edges, gating_stage,
-                     measure_blocks)
+                     measure_blocks, smallest_pvalue)
 from .state import RunState
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
         "corpus_hash": fp["tokens"],
         "options": opts.to_dict(),
         "statistics": {"tau": first.decision.tau, "n_tested": first.decision.n_tested, "n_null": n_null,
+                       "min_attainable_p": smallest_pvalue(rec),
                        "n_gating_tested": 0 if gating is None else len(gating),
                        "n_sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])},
         "pruning_report": [dict(r) for r in report.rows],

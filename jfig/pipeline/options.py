@@ -22,7 +22,7 @@ from ..errors import OptionError
 from ..measure import CLAMP_AT, IMPORTANCE_KINDS, INPUT_MODES, METHODS, POSITION_MODES, READS
 from ..stats import CORRECTIONS
 
-PVALUE_METHODS = ("normal", "permutation")
+PVALUE_METHODS = ("saddlepoint", "normal", "permutation")
 GATING_ESTIMATORS = ("mixed", "factorial")
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -211,8 +211,9 @@ class SignificanceOptions(StageOptions):
                              "multiple-testing correction: bonferroni, bh (FDR) or none")
     tau_quantile: float = option(0.99, Check("float", lo=0, hi=1), "quantile of random-direction |effects| "
                                                                     "an edge must exceed (tau)")
-    pvalue: str = option("normal", Check("choice", choices=PVALUE_METHODS),
-                         "sign-flip test p-values: 'normal' approximation or Monte-Carlo 'permutation'")
+    pvalue: str = option("saddlepoint", Check("choice", choices=PVALUE_METHODS),
+                         "sign-flip test p-values: 'saddlepoint' tail (exact for few inputs; no floor above "
+                         "what the inputs allow), 'normal' approximation or Monte-Carlo 'permutation'")
     n_perm: int = option(1000, INT1, "sign flips for pvalue = 'permutation'")
 
 

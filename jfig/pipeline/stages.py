@@ -4,7 +4,8 @@
     candidates_stage  importance (a measurement), then the pruning filters   -> candidates.json
     measure_blocks    blocks of source features on their candidate targets   -> blocks/block_{i:05d}.npz
                       (every `null_every`-th block also with random directions: the null for tau)
-    first_order_edges significance of every measured pair (one path: jfig.stats.decide)
+    first_order_edges significance of every measured pair (one path: jfig.stats.decide); warns when
+                      Bonferroni's alpha / m is below the smallest p-value the inputs allow
     gating_stage      second-order tests for targets with several inputs     -> gating.npz
     gating_edges      significance of every tested triple
 """
@@ -20,7 +21,8 @@ from ..data.progress import progress_bar
 from ..graph import EdgeRecords
 from ..measure import feature_importance, measure_effects, measure_gating
 from ..sites import site_key
-from ..stats import decide, normal_pvalues, null_threshold, sign_flip_normal_pvalues, sign_flip_pvalues
+from ..stats import (decide, min_attainable_pvalue, min_inputs_for_pvalue, null_threshold, sign_flip_normal_pvalues,
+                     sign_flip_pvalues, sign_flip_saddlepoint_pvalues, t_pvalues)
 from .options import BuildOptions
 from .state import RunState
 
@@ -78,9 +80,34 @@ def plan_sources(pairs: dict, max_sources: int | None) -> list[tuple[str, int, d
 
 
 def pvalues(eff, opts: BuildOptions, seed: int) -> np.ndarray:
+    """Sign-flip p-values [n_sources, n_targets] of a block by the `pvalue` option."""
     if opts.pvalue == "permutation":
         return sign_flip_pvalues(eff.per_input, eff.weights, n_perm=opts.n_perm, seed=seed)
-    return sign_flip_normal_pvalues(eff.per_input, eff.weights)
+    if opts.pvalue == "normal":
+        return sign_flip_normal_pvalues(eff.per_input, eff.weights)
+    return sign_flip_saddlepoint_pvalues(eff.per_input, eff.weights)
+
+
+def smallest_pvalue(rec: dict) -> float:
+    """The smallest p-value the measured pairs' inputs allow (exact sign-flip floor 2 / 2^n at the
+    largest n); 1 without inputs."""
+    n = np.asarray(rec["n"], np.float64)
+    n = n[np.isfinite(n)]
+    return min_attainable_pvalue(n.max() if n.size else 0)
+
+
+def warn_unreachable(rec: dict, opts: BuildOptions, n_tested: int) -> None:
+    """Log a warning when no pair can pass Bonferroni: alpha / m is below the smallest p-value the
+    inputs allow (the normal approximation and the Monte-Carlo test have higher floors still)."""
+    if opts.correction != "bonferroni" or n_tested == 0:
+        return
+    n = np.asarray(rec["n"], np.float64)
+    n = int(n[np.isfinite(n)].max(initial=0))
+    floor, need = smallest_pvalue(rec), opts.alpha / n_tested
+    if floor >= need:
+        log.warning("Bonferroni over m = %d tests at alpha = %g needs p < %.3g, but with n = %d inputs the "
+                    "smallest attainable p-value is %.3g; raise inputs_per_source to at least %d or use "
+                    "correction = 'bh'", n_tested, opts.alpha, need, n, floor, min_inputs_for_pvalue(need))
 
 
 def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: int) -> dict[str, np.ndarray]:
@@ -147,6 +174,7 @@ def first_order_edges(rec: dict, opts: BuildOptions) -> tuple[EdgeRecords, int]:
     null = rec["null_mean"][np.isfinite(rec["null_mean"])] if len(rec["null_mean"]) else np.zeros(0)
     tau = null_threshold(null, opts.tau_quantile) if null.size else 0.0
     decision = decide(rec["mean"], rec["p_value"], alpha=opts.alpha, correction=opts.correction, tau=tau)
+    warn_unreachable(rec, opts, decision.n_tested)
     return EdgeRecords(**{k: rec[k] for k in (*PAIR_KEYS, "mean", "var", "n", "p_value")}, decision=decision,
                        estimator=opts.method), int(null.size)
 
@@ -181,7 +209,7 @@ def gating_edges(gate: dict, opts: BuildOptions) -> EdgeRecords | None:
     """Every tested (source, modulator, target) triple with its decision (no size threshold yet)."""
     if len(gate.get("mean", [])) == 0:
         return None
-    p = normal_pvalues(gate["mean"], gate["var"], gate["n"])
+    p = t_pvalues(gate["mean"], gate["var"], gate["n"])
     decision = decide(gate["mean"], p, alpha=opts.alpha, correction=opts.correction)
     return EdgeRecords(**{k: gate[k] for k in (*PAIR_KEYS, "mean", "var", "n")}, p_value=p, decision=decision,
                        estimator=opts.gating_method, modulator=gate["modulator"])

@@ -2,8 +2,11 @@
 and the edge decision (docs/concepts.md)."""
 from .corrections import CORRECTIONS, adjust, benjamini_hochberg, bonferroni
 from .decisions import Decision, decide, edge_kind, null_threshold, significant
-from .permutation import label_permutation_pvalue, normal_pvalues, sign_flip_normal_pvalues, sign_flip_pvalues
+from .permutation import label_permutation_pvalue, sign_flip_normal_pvalues, sign_flip_pvalues, t_pvalues
+from .tails import (min_attainable_pvalue, min_inputs_for_pvalue, sign_flip_exact_pvalues,
+                    sign_flip_saddlepoint_pvalues)
 
 __all__ = ["CORRECTIONS", "Decision", "adjust", "benjamini_hochberg", "bonferroni", "decide", "edge_kind",
-           "label_permutation_pvalue", "normal_pvalues", "null_threshold", "sign_flip_normal_pvalues",
-           "sign_flip_pvalues", "significant"]
+           "label_permutation_pvalue", "min_attainable_pvalue", "min_inputs_for_pvalue", "null_threshold",
+           "sign_flip_exact_pvalues", "sign_flip_normal_pvalues", "sign_flip_pvalues", "sign_flip_saddlepoint_pvalues",
+           "significant", "t_pvalues"]

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.special import erfc
+from scipy.stats import t as student_t
 
 
 def pair_weights(weight, shape: tuple[int, int, int]) -> np.ndarray:
@@ -97,10 +98,12 @@ def label_permutation_pvalue(e, group, *, n_perm: int = 1000, seed: int = 0) -> 
     return (1.0 + (null >= obs - 1e-12 * obs).sum(0)) / (1.0 + n_perm)
 
 
-def normal_pvalues(mean, var, n) -> np.ndarray:
-    """Two-sided p-values of mean / sqrt(var / n) against a standard normal (NaN where undefined).
-    Used for the gating statistics, whose per-input values are not paired differences."""
+def t_pvalues(mean, var, n) -> np.ndarray:
+    """Two-sided p-values of t = mean / sqrt(var / n) against Student's t with n − 1 degrees of freedom
+    (NaN where undefined, including n < 2). Used for the gating statistics, whose per-input values are
+    not paired differences; all arguments broadcast."""
     mean, var, n = (np.asarray(x, np.float64) for x in (mean, var, n))
     with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.abs(mean) / np.sqrt(var / np.maximum(n, 1))
-    return np.where(np.isfinite(z), erfc(z / np.sqrt(2)), np.nan)
+        t = np.abs(mean) / np.sqrt(var / np.maximum(n, 1))
+        p = 2.0 * student_t.sf(t, np.maximum(n - 1, 1))
+    return np.where(np.isfinite(t) & (n >= 2), np.minimum(p, 1.0), np.nan)
