@@ -119,11 +119,11 @@ def block_records(m: int, n: int, p: float) -> dict:
 
 def test_warning_when_bonferroni_is_unreachable(caplog):
     caplog.set_level(logging.WARNING, logger="jfig")
-    opts = BuildOptions(alpha=0.01, correction="bonferroni")
+    opts = BuildOptions.from_dict(dict(alpha=0.01, correction="bonferroni"))
     first_order_edges(block_records(1000, 12, 2 / 2 ** 12), opts)   # needs 1e-5 < 2/2^12
     msg = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "m = 1000" in msg and "n = 12 inputs" in msg and "at least 18" in msg and "'bh'" in msg
     caplog.clear()
     first_order_edges(block_records(1000, 32, 1e-9), opts)
-    first_order_edges(block_records(1000, 12, 1e-3), BuildOptions(correction="bh"))
+    first_order_edges(block_records(1000, 12, 1e-3), BuildOptions.from_dict(dict(correction="bh")))
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
