@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ..data import collect_activations, corpus_hash, default_corpus, tokens_from
 from ..errors import JfigError
 from .loaders import load_sae, save_sae
+from .metrics import sae_metrics
+from .sae import SAE
+from .train import train_sae
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LAYERS = (6, 10, 14, 18)   # early-middle to late-middle of 30 layers, 4 apart (inside a window of 5)
 
@@ -50,7 +58,7 @@ def cache_root() -> Path:
     return Path(base) / "jfig"
 
 
-def model_id(model) -> str:
+def model_id(model: Any) -> str:
     """A stable identifier of a built-in model: its name and a hash of its config and a weight sample."""
     cfg = model.config
     h = hashlib.sha256(repr(cfg).encode())
@@ -63,8 +71,9 @@ def _folder_name(site: str) -> str:
     return site.replace("/", "_")
 
 
-def default_saes(model, *, settings: DefaultSAESettings | None = None, cache_dir=None, force: bool = False,
-                 progress: bool = True, **overrides):
+def default_saes(model: Any, *, settings: DefaultSAESettings | None = None,
+                 cache_dir: str | os.PathLike | None = None, force: bool = False, progress: bool = True,
+                 **overrides: Any) -> tuple[list[SAE], dict[str, Any]]:
     """SAEs for `model` at the default sites: loaded from the cache, or trained and cached.
 
     Keyword overrides set DefaultSAESettings fields (sites, d_sae, k, tokens, ...). Returns
@@ -75,7 +84,8 @@ def default_saes(model, *, settings: DefaultSAESettings | None = None, cache_dir
     if overrides:
         unknown = set(overrides) - set(DefaultSAESettings.__dataclass_fields__)
         if unknown:
-            raise JfigError(f"unknown default-SAE settings {sorted(unknown)}")
+            raise JfigError(f"unknown default-SAE settings {sorted(unknown)}; expected DefaultSAESettings fields "
+                            f"{sorted(DefaultSAESettings.__dataclass_fields__)}")
         settings = DefaultSAESettings(**{**asdict(settings), **{k: (tuple(v) if isinstance(v, list) else v)
                                                                for k, v in overrides.items()}})
     for s in settings.sites:
@@ -86,16 +96,13 @@ def default_saes(model, *, settings: DefaultSAESettings | None = None, cache_dir
     if manifest_path.exists() and not force:
         manifest = json.loads(manifest_path.read_text())
         if all((folder / _folder_name(s) / "cfg.json").exists() for s in settings.sites):
-            if progress:
-                print(f"jfig: using cached SAEs in {folder}")
+            logger.info("using cached SAEs in %s", folder)
             return [load_sae(folder / _folder_name(s)) for s in settings.sites], manifest
     return _train_and_cache(model, settings, folder, mid, progress)
 
 
-def _train_and_cache(model, settings: DefaultSAESettings, folder: Path, mid: str, progress: bool):
-    from ..data import collect_activations, corpus_hash, default_corpus, tokens_from
-    from .metrics import sae_metrics
-    from .train import train_sae
+def _train_and_cache(model: Any, settings: DefaultSAESettings, folder: Path, mid: str,
+                     progress: bool) -> tuple[list[SAE], dict[str, Any]]:
     t0 = time.time()
     corpus = default_corpus(model) if settings.corpus == "default" else settings.corpus
     n_seq = (settings.tokens + settings.eval_tokens) // settings.seq_len + 1
@@ -105,9 +112,8 @@ def _train_and_cache(model, settings: DefaultSAESettings, folder: Path, mid: str
         raise JfigError(f"the corpus gave only {len(toks)} sequences of {settings.seq_len} tokens; need more than {n_eval}")
     train_toks, eval_toks = toks[n_eval:], toks[:n_eval]
     chash = corpus_hash(corpus, model.tokenizer, seq_len=settings.seq_len, seed=settings.seed)
-    if progress:
-        print(f"jfig: training default SAEs at {len(settings.sites)} sites on {train_toks.size} tokens "
-              f"(d_sae {settings.d_sae}, k {settings.k}); cache: {folder}")
+    logger.info("training default SAEs at %d sites on %d tokens (d_sae %d, k %d); cache: %s",
+                len(settings.sites), train_toks.size, settings.d_sae, settings.k, folder)
     batches = (train_toks[i: i + 16] for i in range(0, len(train_toks), 16))
     bufs = collect_activations(model, batches, settings.sites, drop_bos=True, bos_id=None)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -125,9 +131,8 @@ def _train_and_cache(model, settings: DefaultSAESettings, folder: Path, mid: str
         metrics[site] = {k: float(v) for k, v in m.items()}
         save_sae(sae, tmp / _folder_name(site))
         saes.append(sae)
-        if progress:
-            print(f"  {site}: FVU {m['fvu']:.3f}  L0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}  "
-                  f"CE recovered {m['ce_loss_recovered']:.3f}")
+        logger.info("%s: FVU %.3f  L0 %.1f  dead %.3f  CE recovered %.3f", site, m["fvu"], m["l0"],
+                    m["dead_fraction"], m["ce_loss_recovered"])
     manifest = {"format": "jfig-default-saes", "model": mid, "sites": list(settings.sites),
                 "settings": asdict(settings), "corpus_hash": chash, "train_tokens": int(train_toks.size),
                 "eval_tokens": int(eval_toks.size), "metrics": metrics, "seconds": round(time.time() - t0, 1)}
