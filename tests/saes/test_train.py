@@ -223,6 +223,20 @@ def test_jumprelu_pseudo_derivatives():
     np.testing.assert_allclose(dtheta, -(1 / eps) * in_window.sum(0), rtol=1e-6)
 
 
+def test_training_encodes_with_the_sae_encoder():
+    """The loss's encoder is the SAE's: the straight-through gate gives the inference values, and
+    the sparse top-k scattered back is the dense activation."""
+    pre = jax.random.normal(jax.random.key(3), (6, 10))
+    sae = SAE.init_random(jax.random.key(4), 5, 10, SITE, "jumprelu")
+    sae = dataclasses.replace(sae, threshold=jnp.full((10,), 0.3))
+    np.testing.assert_array_equal(sae.activation(pre, jump=lambda z, t: jumprelu(z, t, 0.1)), sae.activation(pre))
+    sae = SAE.init_random(jax.random.key(4), 5, 10, SITE, "topk", k=3)
+    values, index = sae.topk(pre)
+    assert values.shape == index.shape == (6, 3) and bool(jnp.all(values >= 0))
+    dense = jnp.zeros((6, 10)).at[jnp.arange(6)[:, None], index].set(values)
+    np.testing.assert_array_equal(dense, sae.activation(pre))
+
+
 def test_topk_loss_with_auxk_matches_numpy():
     cfg = TrainConfig(d_sae=12, k=2, aux_k=3, aux_coeff=0.25)
     rng = np.random.default_rng(1)
