@@ -7,6 +7,8 @@ reader as (out, in) and are transposed to jfig's (in, out).
 """
 from __future__ import annotations
 
+import os
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +16,7 @@ from ..errors import FormatError
 from .config import ModelConfig, gemma2_config, gpt2_config, llama_config
 from .gguf_reader import GGUFContents, read_gguf
 from .hf_loader import check_param_shapes, stack_layers
+from .tokenizer import Tokenizer
 
 LLAMA_ARCHS = ("llama", "mistral", "smollm")
 
@@ -74,7 +77,7 @@ def _opt_float(x):
     return float(x) if x is not None else None
 
 
-def params_from_gguf(cfg: ModelConfig, g: GGUFContents) -> dict:
+def params_from_gguf(cfg: ModelConfig, g: GGUFContents) -> dict[str, Any]:
     t = g.tensor
     has = lambda n: n in g.tensor_names  # noqa: E731
 
@@ -123,13 +126,12 @@ def params_from_gguf(cfg: ModelConfig, g: GGUFContents) -> dict:
     return params
 
 
-def load_gguf_model(path):
+def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any], Tokenizer | None]:
     """(config, params, tokenizer or None) from a GGUF file."""
     g = read_gguf(path)
     cfg = config_from_gguf(g)
     params = params_from_gguf(cfg, g)
     tokenizer = None
     if "tokenizer.ggml.tokens" in g.metadata:
-        from .tokenizer import Tokenizer
         tokenizer = Tokenizer.from_gguf(g)
     return cfg, params, tokenizer

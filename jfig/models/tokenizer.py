@@ -4,8 +4,11 @@
 (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`), so both give the same ids:
 
 - `tokenizer.ggml.model == "gpt2"`: byte-level BPE. Tokens are respelled in the byte alphabet if
-  they use other characters; merges come from the file. The pre-tokenizer is the GPT-2 regex
-  inside `ByteLevel`, unless `tokenizer.ggml.pre` names a split HF knows (Llama-3, Qwen-2, ...).
+  they use other characters; merges come from the file. The pre-tokenizer is HF's split for
+  `tokenizer.ggml.pre` (Llama-3, Qwen-2, ...: `PRE_TOKENIZER_SPLITS`) or GPT-2's regex inside
+  `ByteLevel` (`GPT2_REGEX_PRE_TOKENIZERS`); any other value is refused with a FormatError
+  listing `SUPPORTED_PRE_TOKENIZERS`, since HF's fallback to GPT-2's regex would silently
+  mis-split such text.
 - `tokenizer.ggml.model == "llama"`: SentencePiece BPE with byte fallback. Merges are rebuilt
   from the token scores. Gemma and Phi-3 files get HF's per-architecture fixes.
 - Token type 3 (control) becomes a special added token, type 4 (user-defined) a plain added
@@ -19,6 +22,7 @@ the model's vocabulary; we do not, so such a literal string is encoded as plain 
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
@@ -26,9 +30,21 @@ import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from jfig.errors import FormatError, JfigError
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as Backend
 
-__all__ = ["Tokenizer", "UnknownTokenError"]
+from jfig.errors import FormatError, JfigError
+from jfig.models.gguf_reader import GGUFContents, read_gguf
+
+try:  # chat templates only; the "chat" extra installs it
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+except ImportError:  # pragma: no cover - depends on the environment
+    jinja2 = None
+
+__all__ = ["GPT2_REGEX_PRE_TOKENIZERS", "PRE_TOKENIZER_SPLITS", "SUPPORTED_PRE_TOKENIZERS", "Tokenizer",
+           "UnknownTokenError", "byte_alphabet", "pre_tokenizer_name"]
 
 
 class UnknownTokenError(JfigError, KeyError):
@@ -42,7 +58,7 @@ class UnknownTokenError(JfigError, KeyError):
 
 
 @functools.lru_cache(maxsize=1)
-def _byte_alphabet() -> dict[int, str]:
+def byte_alphabet() -> dict[int, str]:
     """GPT-2's printable spelling of each byte: printable Latin-1 bytes stand for themselves,
     the other 68 bytes are given the code points 256, 257, ... in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
@@ -56,7 +72,7 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def _spell_bytes(text: str) -> str:
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     return "".join(alphabet[b] for b in text.encode("utf-8"))
 
 
@@ -66,13 +82,13 @@ def _in_byte_alphabet(text: str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _byte_alphabet_set() -> frozenset[str]:
-    return frozenset(_byte_alphabet().values())
+    return frozenset(byte_alphabet().values())
 
 
 # ----------------------------------------------------------------------------- pre-tokenizer splits
 
 # The splits HF applies for a `tokenizer.ggml.pre` value (transformers, gguf_tokenizer_mapping.py).
-# Any other value keeps GPT-2's own regex inside the ByteLevel pre-tokenizer.
+# The values of GPT2_REGEX_PRE_TOKENIZERS keep GPT-2's own regex inside the ByteLevel pre-tokenizer.
 _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _LLAMA3 = (
     _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -97,7 +113,7 @@ _GPT4O = (
     rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_PRE_SPLITS = {
+PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(
         ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
          "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe"),
@@ -109,11 +125,30 @@ _PRE_SPLITS = {
     **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O),
 }
 
+# `tokenizer.ggml.pre` values whose pre-tokenizer is GPT-2's regex inside ByteLevel (llama.cpp's
+# GPT-2 group, plus "default" and "smollm", which HF also maps to it; SmolLM's own digit split
+# changes nothing for its vocabulary, which has single-digit tokens only). A file without the key
+# is read as "default".
+GPT2_REGEX_PRE_TOKENIZERS = ("default", "gpt-2", "phi-2", "mpt", "olmo", "jais", "roberta-bpe", "smollm")
+# Every `tokenizer.ggml.pre` value a byte-level GGUF tokenizer may have; others are refused.
+SUPPORTED_PRE_TOKENIZERS = tuple(sorted({*GPT2_REGEX_PRE_TOKENIZERS, *PRE_TOKENIZER_SPLITS}))
+
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
 
 # ----------------------------------------------------------------------------- GGUF builders
+
+
+def pre_tokenizer_name(meta: dict[str, Any], where: str) -> str:
+    """The byte-level pre-tokenizer a GGUF names (``tokenizer.ggml.pre``, "default" when absent);
+    FormatError naming it unless it is in :data:`SUPPORTED_PRE_TOKENIZERS`."""
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in SUPPORTED_PRE_TOKENIZERS:
+        raise FormatError(f"{where}: GGUF tokenizer.ggml.pre = {pre!r} is not supported; supported: "
+                          f"{list(SUPPORTED_PRE_TOKENIZERS)}. Pass the model's tokenizer.json to "
+                          f"Tokenizer.from_file instead")
+    return pre
 
 
 def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
@@ -164,16 +199,13 @@ def _scored_merges(meta: dict[str, Any], tokens: Sequence[str], where: str,
     return _merges_from_scores(tokens, scores)
 
 
-def _byte_level_backend(meta: dict[str, Any], tokens: list[str], where: str):
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-
+def _byte_level_backend(meta: dict[str, Any], tokens: list[str], where: str) -> Backend:
+    split = PRE_TOKENIZER_SPLITS.get(pre_tokenizer_name(meta, where))
     vocab = {(t if _in_byte_alphabet(t) else _spell_bytes(t)): i for i, t in enumerate(tokens)}
     merges = _scored_merges(meta, tokens, where)
     backend = Backend(models.BPE(vocab=vocab, merges=merges, dropout=None,
                                  continuing_subword_prefix="", end_of_word_suffix="",
                                  fuse_unk=False))
-    split = _PRE_SPLITS.get(meta.get("tokenizer.ggml.pre"))
     if split is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
@@ -185,10 +217,7 @@ def _byte_level_backend(meta: dict[str, Any], tokens: list[str], where: str):
     return backend
 
 
-def _sentencepiece_backend(meta: dict[str, Any], tokens: list[str], where: str, arch: str):
-    from tokenizers import decoders, models, normalizers, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-
+def _sentencepiece_backend(meta: dict[str, Any], tokens: list[str], where: str, arch: str) -> Backend:
     unk_token = None
     if arch in _GEMMA_ARCHS:
         # Gemma stores tokens of 2+ spaces as real spaces; they merge as "▁" runs. Its merge
@@ -218,12 +247,10 @@ def _sentencepiece_backend(meta: dict[str, Any], tokens: list[str], where: str, 
     return backend
 
 
-def _add_gguf_tokens(backend, meta: dict[str, Any], tokens: list[str], byte_level: bool) -> None:
+def _add_gguf_tokens(backend: Backend, meta: dict[str, Any], tokens: list[str], byte_level: bool) -> None:
     """Control and special tokens as special added tokens, user-defined ones as plain added
     tokens, so each is matched whole in the text. A byte-level token spelled outside the byte
     alphabet is a mislabelled one (HF skips it too: adding it would grow the vocabulary)."""
-    from tokenizers import AddedToken
-
     types = meta.get("tokenizer.ggml.token_type") or ()
 
     def spelled_ok(t: str) -> bool:
@@ -284,14 +311,12 @@ class Tokenizer:
     # ------------------------------------------------------------------ constructors
 
     @classmethod
-    def from_gguf(cls, contents_or_path: Any) -> Tokenizer:
+    def from_gguf(cls, contents_or_path: GGUFContents | str | os.PathLike) -> Tokenizer:
         """Build the tokenizer described by a GGUF's `tokenizer.*` metadata.
 
         Args:
             contents_or_path: a `GGUFContents` from `read_gguf`, or a path to a .gguf file.
         """
-        from jfig.models.gguf_reader import GGUFContents, read_gguf
-
         contents = (contents_or_path if isinstance(contents_or_path, GGUFContents)
                     else read_gguf(contents_or_path))
         meta, where = contents.metadata, f"GGUF file {contents.path}"
@@ -342,8 +367,6 @@ class Tokenizer:
         `add_eos_token` and `chat_template` (as does a `chat_template.jinja`). Without an
         `add_bos_token` there, BOS/EOS follow what the file's post-processor adds.
         """
-        from tokenizers import Tokenizer as Backend
-
         path = pathlib.Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -539,18 +562,19 @@ def _post_processor_specials(backend: Any) -> tuple[list[int], list[int]]:
     return [], []
 
 
-@functools.lru_cache(maxsize=16)
-def _compile_chat_template(source: str) -> Any:
-    try:
-        import jinja2
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError as err:
-        raise JfigError("rendering a chat template needs jinja2; install it with "
-                        "`pip install jinja2`") from err
-    import datetime
+def _raise_template_error(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
 
-    class GenerationTag(jinja2.ext.Extension):
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+if jinja2 is not None:
+
+    class _GenerationTag(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` marks assistant text; render it as is."""
 
         tags = {"generation"}
@@ -559,18 +583,16 @@ def _compile_chat_template(source: str) -> Any:
             next(parser.stream)
             return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
-    def raise_exception(message: str):
-        raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
+@functools.lru_cache(maxsize=16)
+def _compile_chat_template(source: str) -> Any:
+    if jinja2 is None:
+        raise JfigError("rendering a chat template needs jinja2, which is not installed; install the chat "
+                        "extra with `pip install 'jfig[chat]'`")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_template_error
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
         return env.from_string(source)

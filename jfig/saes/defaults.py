@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from ..data.files import atomic_folder
 from ..errors import JfigError
 from .loaders import load_sae, save_sae
 from .metrics import sae_metrics
+from .sae import SAE
 from .train import train_sae
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def cache_root() -> Path:
     return Path(base) / "jfig"
 
 
-def model_id(model) -> str:
+def model_id(model: Any) -> str:
     """A stable identifier of a built-in model: its name and a hash of its config and a weight sample."""
     cfg = model.config
     h = hashlib.sha256(repr(cfg).encode())
@@ -68,8 +70,9 @@ def _folder_name(site: str) -> str:
     return site.replace("/", "_")
 
 
-def default_saes(model, *, settings: DefaultSAESettings | None = None, cache_dir=None, force: bool = False,
-                 progress: bool = True, **overrides):
+def default_saes(model: Any, *, settings: DefaultSAESettings | None = None,
+                 cache_dir: str | os.PathLike | None = None, force: bool = False, progress: bool = True,
+                 **overrides: Any) -> tuple[list[SAE], dict[str, Any]]:
     """SAEs for `model` at the default sites: loaded from the cache, or trained and cached.
 
     Keyword overrides set DefaultSAESettings fields (sites, d_sae, k, tokens, ...). Returns
@@ -80,7 +83,8 @@ def default_saes(model, *, settings: DefaultSAESettings | None = None, cache_dir
     if overrides:
         unknown = set(overrides) - set(DefaultSAESettings.__dataclass_fields__)
         if unknown:
-            raise JfigError(f"unknown default-SAE settings {sorted(unknown)}")
+            raise JfigError(f"unknown default-SAE settings {sorted(unknown)}; expected DefaultSAESettings fields "
+                            f"{sorted(DefaultSAESettings.__dataclass_fields__)}")
         settings = DefaultSAESettings(**{**asdict(settings), **{k: (tuple(v) if isinstance(v, list) else v)
                                                                for k, v in overrides.items()}})
     for s in settings.sites:
@@ -96,7 +100,8 @@ def default_saes(model, *, settings: DefaultSAESettings | None = None, cache_dir
     return _train_and_cache(model, settings, folder, mid, progress)
 
 
-def _train_and_cache(model, settings: DefaultSAESettings, folder: Path, mid: str, progress: bool):
+def _train_and_cache(model: Any, settings: DefaultSAESettings, folder: Path, mid: str,
+                     progress: bool) -> tuple[list[SAE], dict[str, Any]]:
     t0 = time.time()
     corpus = default_corpus(model) if settings.corpus == "default" else settings.corpus
     n_seq = (settings.tokens + settings.eval_tokens) // settings.seq_len + 1

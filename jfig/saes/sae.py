@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -51,6 +52,14 @@ def freeze_metadata(meta: Any) -> tuple[tuple[str, str], ...]:
 
 def _row_norms(W_dec: jax.Array) -> jax.Array:
     return jnp.linalg.norm(W_dec, axis=-1)  # [d_sae]
+
+
+JumpFn = Callable[[jax.Array, jax.Array], jax.Array]  # (pre [..., d_sae], threshold [d_sae]) -> f
+
+
+def jump_relu(pre: jax.Array, threshold: jax.Array) -> jax.Array:
+    """``relu(pre)`` where ``pre > threshold`` (strict), else 0; ``[..., d_sae]``."""
+    return jnp.where(pre > threshold, jax.nn.relu(pre), jnp.zeros_like(pre))
 
 
 class SAE(eqx.Module):
@@ -219,19 +228,25 @@ class SAE(eqx.Module):
         (times ``||W_dec||_row`` for topk with ``rescale_acts_by_decoder_norm``)."""
         return self._pre_from_normalized(self.normalize(x)[0])
 
-    def activation(self, pre: jax.Array) -> jax.Array:
+    def topk(self, pre: jax.Array, k: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """The ``k`` (default ``self.k``) largest pre-activations per token, relu'd, and their latent
+        indices: ``[..., d_sae] -> (values [..., k], index [..., k])``; on ties the lower index wins."""
+        values, index = jax.lax.top_k(pre, self.k if k is None else k)
+        return jax.nn.relu(values), index
+
+    def activation(self, pre: jax.Array, jump: JumpFn | None = None) -> jax.Array:
         """The activation function on pre-activations ``[..., d_sae]``.
 
-        jumprelu/batchtopk: ``relu(pre)`` where ``pre > threshold`` (strict), else 0.
-        topk: exactly ``k`` entries kept per token, chosen by ``jax.lax.top_k`` (on ties the lower
-        index wins), relu'd; all others 0.
+        jumprelu/batchtopk: ``jump(pre, threshold)``, by default :func:`jump_relu` (``relu(pre)``
+        where ``pre > threshold``, strictly, else 0); training passes a straight-through version.
+        topk: exactly ``k`` entries kept per token (see :meth:`topk`), all others 0.
         """
         if self.architecture == "relu":
             return jax.nn.relu(pre)
         if self.architecture in ("jumprelu", "batchtopk"):
-            return jnp.where(pre > self.threshold, jax.nn.relu(pre), jnp.zeros_like(pre))
-        values, index = jax.lax.top_k(pre, self.k)  # [..., k] each
-        flat_values = jax.nn.relu(values).reshape(-1, self.k)
+            return (jump_relu if jump is None else jump)(pre, self.threshold)
+        values, index = self.topk(pre)  # [..., k] each
+        flat_values = values.reshape(-1, self.k)
         flat_index = index.reshape(-1, self.k)
         rows = jnp.arange(flat_index.shape[0])[:, None]
         out = jnp.zeros((flat_index.shape[0], self.d_sae), pre.dtype).at[rows, flat_index].set(flat_values)

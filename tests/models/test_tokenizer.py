@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from jfig.errors import FormatError, JfigError
 from jfig.models.default_model import default_gguf_path
 from jfig.models.gguf_reader import read_gguf
-from jfig.models.tokenizer import Tokenizer, UnknownTokenError, _byte_alphabet
+import jfig.models.tokenizer as tokenizer_module
+from jfig.models.tokenizer import (GPT2_REGEX_PRE_TOKENIZERS, PRE_TOKENIZER_SPLITS, SUPPORTED_PRE_TOKENIZERS, Tokenizer,
+                                   UnknownTokenError, byte_alphabet)
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,7 +133,7 @@ def test_smollm_random_text_matches_hf(tok, hf, text):
     assert ids == hf(text)["input_ids"]
     # SmolLM2's vocabulary lacks 21 of the 256 byte tokens (e.g. 0xF1, 0x04); BPE without an
     # unknown token drops such bytes, in HF as here. Other text comes back exactly.
-    spell = _byte_alphabet()
+    spell = byte_alphabet()
     if all(tok.backend.token_to_id(spell[b]) is not None for b in text.encode("utf-8")):
         assert tok.decode(ids) == text
 
@@ -212,7 +214,7 @@ def write_sentencepiece_gguf(path, arch="llama", add_bos=None):
 def write_byte_level_gguf(path, pre):
     """256 byte tokens, a few merges, control/user-defined tokens, two spelled outside the
     byte alphabet (one control: HF skips it; one user-defined: not in the vocabulary)."""
-    spell = _byte_alphabet()
+    spell = byte_alphabet()
     tokens, types = [spell[b] for b in range(256)], [1] * 256
     merges = ["Ġ t", "Ġ h", "h e", "Ġt he", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2",
               "12 3", "Ġ Ġ", "ĠĠ Ġ", "Ċ Ċ"]
@@ -220,7 +222,9 @@ def write_byte_level_gguf(path, pre):
     tokens += ["<|begin|>", "<|end|>", "<think>", "bad control", "user word"]
     types += [3, 3, 4, 3, 4]
     w = _writer(path, "llama")
-    w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre(pre)
+    w.add_tokenizer_model("gpt2")
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
     w.add_token_list(tokens); w.add_token_types(types); w.add_token_merges(merges)
     w.add_bos_token_id(tokens.index("<|begin|>")); w.add_eos_token_id(tokens.index("<|end|>"))
     w.add_add_bos_token(True)
@@ -330,6 +334,30 @@ def test_gguf_tokenizer_errors(tmp_path):
 def test_pre_tokenizer_splits_follow_hf():
     """Our `tokenizer.ggml.pre` -> split-regex table is HF's, so files using any of them agree."""
     mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
-    from jfig.models.tokenizer import _PRE_SPLITS
+    assert PRE_TOKENIZER_SPLITS == mapping.GGUF_PRE_TOKENIZER_SPLITS
 
-    assert _PRE_SPLITS == mapping.GGUF_PRE_TOKENIZER_SPLITS
+
+def test_unsupported_pre_tokenizer_is_refused_by_name(tmp_path):
+    path = write_byte_level_gguf(tmp_path / "bpe_foo.gguf", "deepseek-llm")
+    with pytest.raises(FormatError, match=r"bpe_foo\.gguf: GGUF tokenizer\.ggml\.pre = 'deepseek-llm' is not "
+                                          r"supported; supported: \[.*'llama-bpe'.*'smollm'.*\]"):
+        Tokenizer.from_gguf(path)
+    assert set(SUPPORTED_PRE_TOKENIZERS) == set(PRE_TOKENIZER_SPLITS) | set(GPT2_REGEX_PRE_TOKENIZERS)
+    assert list(SUPPORTED_PRE_TOKENIZERS) == sorted(SUPPORTED_PRE_TOKENIZERS)
+
+
+def test_missing_pre_tokenizer_reads_as_default(tmp_path):
+    """Files written before `tokenizer.ggml.pre` existed get GPT-2's regex, as with "default"."""
+    missing = Tokenizer.from_gguf(write_byte_level_gguf(tmp_path / "nopre.gguf", None))
+    default = Tokenizer.from_gguf(write_byte_level_gguf(tmp_path / "default.gguf", "default"))
+    assert json.loads(missing.backend.to_str())["pre_tokenizer"] == json.loads(default.backend.to_str())["pre_tokenizer"]
+    for text in SYNTHETIC_TEXTS:
+        assert missing.encode(text) == default.encode(text)
+
+
+def test_chat_template_without_jinja2_names_the_extra(tmp_path, monkeypatch):
+    backend = Tokenizer.from_gguf(write_byte_level_gguf(tmp_path / "chat.gguf", "llama-bpe")).backend
+    tok = Tokenizer(backend, chat_template="{{ messages[0]['content'] }} (rendered without jinja2)")
+    monkeypatch.setattr(tokenizer_module, "jinja2", None)
+    with pytest.raises(JfigError, match=r"needs jinja2.*pip install 'jfig\[chat\]'"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])

@@ -9,13 +9,12 @@ import pytest
 import scipy.optimize
 
 import jfig
-from jfig.errors import JfigError, ShapeError
+from jfig.errors import FormatError, JfigError, ShapeError
 from jfig.models.config import llama_config
 from jfig.models.forward import init_params
 from jfig.saes import SAE
 from jfig.saes.train import (TrainConfig, TrainState, fit, geometric_median, heaviside_step, init_train_state,
-                             jumprelu, make_schedule, sae_from_state, train_sae, train_step)
-from jfig.saes.train import _loss
+                             jumprelu, make_schedule, sae_from_state, sae_loss, train_sae, train_step)
 
 SITE = "blocks.1.hook_resid_post"
 
@@ -133,7 +132,7 @@ def test_resume_after_kill_is_bit_exact(tmp_path, kind, architecture):
 
     with pytest.raises(KeyboardInterrupt):
         fit(_sources(kind, batch_at, n), 8, SITE, cfg, checkpoint_dir=tmp_path, progress=False, callback=kill)
-    assert [p.name for p in tmp_path.iterdir()] == [f"step_{n // 2:09d}.npz"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"step_{n // 2:09d}"]
     resumed, history = fit(_sources(kind, batch_at, n), 8, SITE, cfg, checkpoint_dir=tmp_path, progress=False)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         if getattr(full, name) is not None:
@@ -151,10 +150,10 @@ def test_max_steps_stops_and_resumes(tmp_path):
     full, _ = fit(batch_at, 8, SITE, cfg, progress=False)
     part, history = fit(batch_at, 8, SITE, cfg, checkpoint_dir=tmp_path, progress=False, max_steps=17)
     assert len(history["step"]) == 17 and part.meta["train_steps"] == 17
-    assert [p.name for p in tmp_path.iterdir()] == ["step_000000017.npz"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000000017"]
     resumed, _ = fit(batch_at, 8, SITE, cfg, checkpoint_dir=tmp_path, progress=False)
     np.testing.assert_array_equal(resumed.W_dec, full.W_dec)
-    assert [p.name for p in tmp_path.iterdir()] == ["step_000000024.npz"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000000024"]
     again, _ = fit(batch_at, 8, SITE, cfg, checkpoint_dir=tmp_path, progress=False)  # finished: no steps run
     np.testing.assert_array_equal(again.W_enc, full.W_enc)
 
@@ -168,6 +167,27 @@ def test_resume_refuses_a_different_config(tmp_path):
     with pytest.raises(JfigError, match="site"):
         fit(batch_at, 8, "blocks.0.hook_resid_post", cfg, checkpoint_dir=tmp_path, progress=False)
     fit(batch_at, 8, SITE, dataclasses.replace(cfg, log_every=3), checkpoint_dir=tmp_path, progress=False)
+
+
+def test_corrupt_checkpoint_is_a_format_error_naming_the_file(tmp_path):
+    _, batch_at = planted(32, 8, batch=32)
+    cfg = small_cfg("topk", steps=4)
+    fit(batch_at, 8, SITE, cfg, checkpoint_dir=tmp_path, progress=False)
+    (folder,) = tmp_path.iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "state.eqx"]
+    state_file = folder / "state.eqx"
+    blob = state_file.read_bytes()
+    state_file.write_bytes(blob[:len(blob) // 2])  # truncated
+    with pytest.raises(FormatError, match=r"state\.eqx is truncated or corrupt"):
+        fit(batch_at, 8, SITE, cfg, checkpoint_dir=tmp_path, progress=False)
+    state_file.write_bytes(blob)
+    meta = folder / "meta.json"
+    meta.write_text(meta.read_text()[:50])
+    with pytest.raises(FormatError, match=r"meta\.json is truncated or corrupt"):
+        fit(batch_at, 8, SITE, cfg, checkpoint_dir=tmp_path, progress=False)
+    (tmp_path / "step_000000002.npz").write_bytes(b"old")
+    with pytest.raises(FormatError, match=r"step_000000002\.npz is in the old \.npz format"):
+        fit(batch_at, 8, SITE, cfg, checkpoint_dir=tmp_path, progress=False)
 
 
 # ---------------------------------------------------------------------------------- formulas
@@ -203,6 +223,20 @@ def test_jumprelu_pseudo_derivatives():
     np.testing.assert_allclose(dtheta, -(1 / eps) * in_window.sum(0), rtol=1e-6)
 
 
+def test_training_encodes_with_the_sae_encoder():
+    """The loss's encoder is the SAE's: the straight-through gate gives the inference values, and
+    the sparse top-k scattered back is the dense activation."""
+    pre = jax.random.normal(jax.random.key(3), (6, 10))
+    sae = SAE.init_random(jax.random.key(4), 5, 10, SITE, "jumprelu")
+    sae = dataclasses.replace(sae, threshold=jnp.full((10,), 0.3))
+    np.testing.assert_array_equal(sae.activation(pre, jump=lambda z, t: jumprelu(z, t, 0.1)), sae.activation(pre))
+    sae = SAE.init_random(jax.random.key(4), 5, 10, SITE, "topk", k=3)
+    values, index = sae.topk(pre)
+    assert values.shape == index.shape == (6, 3) and bool(jnp.all(values >= 0))
+    dense = jnp.zeros((6, 10)).at[jnp.arange(6)[:, None], index].set(values)
+    np.testing.assert_array_equal(dense, sae.activation(pre))
+
+
 def test_topk_loss_with_auxk_matches_numpy():
     cfg = TrainConfig(d_sae=12, k=2, aux_k=3, aux_coeff=0.25)
     rng = np.random.default_rng(1)
@@ -211,7 +245,7 @@ def test_topk_loss_with_auxk_matches_numpy():
     x = rng.normal(size=(7, 5))
     dead = np.zeros(12, bool)
     dead[[1, 4, 5, 9, 10]] = True
-    loss, aux = _loss({k: jnp.asarray(v, jnp.float32) for k, v in p.items()}, jnp.asarray(x, jnp.float32),
+    loss, aux = sae_loss({k: jnp.asarray(v, jnp.float32) for k, v in p.items()}, jnp.asarray(x, jnp.float32),
                       jnp.asarray(dead), cfg)
 
     def top(pre, k, allowed):
@@ -229,7 +263,7 @@ def test_topk_loss_with_auxk_matches_numpy():
     mse = np.mean(np.sum(e ** 2, -1))
     np.testing.assert_allclose(aux["sparsity_loss"], auxk, rtol=1e-5)
     np.testing.assert_allclose(loss, mse + 0.25 * auxk, rtol=1e-5)
-    _, no_dead = _loss({k: jnp.asarray(v, jnp.float32) for k, v in p.items()}, jnp.asarray(x, jnp.float32),
+    _, no_dead = sae_loss({k: jnp.asarray(v, jnp.float32) for k, v in p.items()}, jnp.asarray(x, jnp.float32),
                        jnp.zeros(12, bool), cfg)
     assert float(no_dead["sparsity_loss"]) == 0.0
 
@@ -239,7 +273,7 @@ def test_relu_l1_is_weighted_by_decoder_norms():
     rng = np.random.default_rng(2)
     p = {"W_enc": rng.normal(size=(4, 6)), "b_enc": np.zeros(6), "W_dec": rng.normal(size=(6, 4)), "b_dec": np.zeros(4)}
     x = rng.normal(size=(3, 4))
-    loss, aux = _loss({k: jnp.asarray(v, jnp.float32) for k, v in p.items()}, jnp.asarray(x, jnp.float32),
+    loss, aux = sae_loss({k: jnp.asarray(v, jnp.float32) for k, v in p.items()}, jnp.asarray(x, jnp.float32),
                       jnp.zeros(6, bool), cfg)
     f = np.maximum(x @ p["W_enc"], 0)
     l1 = np.mean(f @ np.linalg.norm(p["W_dec"], axis=-1))

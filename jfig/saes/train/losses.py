@@ -1,0 +1,142 @@
+"""Training losses on top of the SAE's own encoder (:mod:`jfig.saes.sae`).
+
+The encoding is :meth:`SAE.pre_activations` followed by :meth:`SAE.activation` (or
+:meth:`SAE.topk` for the sparse TopK path); only what training adds lives here. ``x`` is a batch
+scaled by ``state.scale``, ``mse = mean_batch ||x - x_hat||^2``:
+
+- topk: ``mse + aux_coeff * auxk``. AuxK (Gao et al. 2024, "Scaling and evaluating sparse
+  autoencoders") reconstructs the main error ``e = x - x_hat`` from the ``aux_k`` largest
+  pre-activations among dead latents: ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch
+  (0 while no latent is dead).
+- jumprelu: ``mse + sparsity_coeff * L0`` with ``f = z * H(z - theta)``, ``theta =
+  exp(log_threshold)``. The step function's derivative in ``theta`` is replaced by the rectangle
+  kernel ``-(1/eps) K((z - theta)/eps)`` (Rajamanoharan et al. 2024, "Jumping Ahead"), in both the
+  reconstruction (times ``theta``) and the L0 term; ``z`` gets no gradient from L0.
+- relu: ``mse + l1_coeff * mean_batch sum_i f_i ||W_dec_i||``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jfig.saes.sae import SAE
+from jfig.saes.train.config import TrainConfig
+
+TRAINING_SITE = "training"  # site name of the SAE the loss builds; the inference SAE gets the real one
+
+
+def rectangle(u: jax.Array) -> jax.Array:
+    """K(u) = 1 on (-1/2, 1/2), else 0."""
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+def _sum_to(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jnp.sum(g, axis=tuple(range(g.ndim - len(shape)))).reshape(shape)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(z: jax.Array, theta: jax.Array, bandwidth: float) -> jax.Array:
+    """``z * H(z - theta)``; d/dz = H(z - theta), d/dtheta = -(theta/eps) K((z - theta)/eps)."""
+    return z * (z > theta)
+
+
+def _jumprelu_fwd(z, theta, bandwidth):
+    return jumprelu(z, theta, bandwidth), (z, theta)
+
+
+def _jumprelu_bwd(bandwidth, res, g):
+    z, theta = res
+    dz = (z > theta) * g
+    dtheta = -(theta / bandwidth) * rectangle((z - theta) / bandwidth) * g
+    return dz, _sum_to(dtheta, theta.shape)
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def heaviside_step(z: jax.Array, theta: jax.Array, bandwidth: float) -> jax.Array:
+    """``H(z - theta)``; d/dz = 0, d/dtheta = -(1/eps) K((z - theta)/eps)."""
+    return (z > theta).astype(z.dtype)
+
+
+def _step_fwd(z, theta, bandwidth):
+    return heaviside_step(z, theta, bandwidth), (z, theta)
+
+
+def _step_bwd(bandwidth, res, g):
+    z, theta = res
+    dtheta = -(1.0 / bandwidth) * rectangle((z - theta) / bandwidth) * g
+    return jnp.zeros_like(z), _sum_to(dtheta, theta.shape)
+
+
+heaviside_step.defvjp(_step_fwd, _step_bwd)
+
+
+def sparse_decode(values: jax.Array, index: jax.Array, W_dec: jax.Array) -> jax.Array:
+    """sum_j values[b, j] * W_dec[index[b, j]]: ``[batch, k] x [batch, k] -> [batch, d_in]``."""
+    return jnp.einsum("bk,bkd->bd", values, W_dec[index])
+
+
+def fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+    """Fraction of variance unexplained over a batch ``[batch, d_in]``: a scalar."""
+    return jnp.sum((x - x_hat) ** 2) / jnp.sum((x - jnp.mean(x, axis=0)) ** 2)
+
+
+def training_sae(params: dict[str, jax.Array], cfg: TrainConfig, site: str = TRAINING_SITE, **static: Any) -> SAE:
+    """The SAE that ``params`` (scaled-input units) describe; jumprelu gets ``threshold =
+    exp(log_threshold)``. ``static`` sets other static SAE fields (e.g. ``metadata``)."""
+    threshold = jnp.exp(params["log_threshold"]) if cfg.architecture == "jumprelu" else None
+    return SAE(W_enc=params["W_enc"], b_enc=params["b_enc"], W_dec=params["W_dec"], b_dec=params["b_dec"],
+               site=site, threshold=threshold, architecture=cfg.architecture, k=cfg.k, **static)
+
+
+def sae_loss(params: dict[str, jax.Array], x: jax.Array, dead: jax.Array,
+             cfg: TrainConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and aux outputs (mse, fvu, l0, sparsity_loss, fired ``[d_sae]``) for a scaled batch
+    ``x [batch, d_in]``; ``dead [d_sae]`` bool marks latents for AuxK."""
+    sae = training_sae(params, cfg)
+    pre = sae.pre_activations(x)  # [batch, d_sae]
+    if cfg.architecture == "topk":
+        values, index = sae.topk(pre)  # [batch, k]
+        x_hat = sparse_decode(values, index, sae.W_dec) + sae.b_dec
+        on = values > 0
+        fired = jnp.zeros((cfg.d_sae,), jnp.int32).at[index.reshape(-1)].add(on.reshape(-1).astype(jnp.int32))
+        l0 = jnp.mean(jnp.sum(on, axis=-1))
+        sparsity = auxk_loss(sae, pre, dead, jax.lax.stop_gradient(x - x_hat), cfg.resolved_aux_k(x.shape[-1]))
+        coeff = cfg.aux_coeff
+    elif cfg.architecture == "jumprelu":
+        bandwidth = cfg.jumprelu_bandwidth
+        f = sae.activation(pre, jump=lambda z, theta: jumprelu(z, theta, bandwidth))
+        x_hat = sae.decode(f)
+        fired = jnp.sum(f != 0, axis=0)
+        l0 = jnp.mean(jnp.sum(f != 0, axis=-1))
+        sparsity = jnp.mean(jnp.sum(heaviside_step(pre, sae.threshold, bandwidth), axis=-1))
+        coeff = cfg.jumprelu_sparsity_coeff
+    else:
+        f = sae.activation(pre)
+        x_hat = sae.decode(f)
+        fired = jnp.sum(f > 0, axis=0)
+        l0 = jnp.mean(jnp.sum(f > 0, axis=-1))
+        sparsity = jnp.mean(f @ jnp.linalg.norm(sae.W_dec, axis=-1))
+        coeff = cfg.l1_coeff
+    mse = jnp.mean(jnp.sum((x - x_hat) ** 2, axis=-1))
+    loss = mse + coeff * sparsity
+    return loss, {"mse": mse, "fvu": fvu(x, x_hat), "l0": l0, "sparsity_loss": sparsity, "fired": fired}
+
+
+def auxk_loss(sae: SAE, pre: jax.Array, dead: jax.Array, error: jax.Array, aux_k: int) -> jax.Array:
+    """AuxK: the top ``aux_k`` dead latents of ``pre [batch, d_sae]`` reconstruct ``error [batch,
+    d_in]``; FVU of that reconstruction, 0 when no latent is dead (under ``lax.cond``, so batches
+    without dead latents skip the second top-k)."""
+
+    def auxk(pre: jax.Array, W_dec: jax.Array) -> jax.Array:
+        values, index = sae.topk(jnp.where(dead, pre, -jnp.inf), aux_k)
+        values = jnp.where(dead[index], values, 0.0)
+        return jnp.nan_to_num(fvu(error, sparse_decode(values, index, W_dec)))
+
+    return jax.lax.cond(jnp.any(dead), auxk, lambda *_: jnp.zeros((), pre.dtype), pre, sae.W_dec)
