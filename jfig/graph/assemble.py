@@ -5,12 +5,13 @@
 
 `first_order` and `gating` are `EdgeRecords`: every tested pair (or triple) with its measured mean,
 variance, n, p-value and the significance decision from `jfig.stats.decide`. Rows the decision
-keeps become edges; every measured source and every edge endpoint becomes a node.
+keeps become edges (with any `extra` columns the records carry, null where a kind has none); every
+measured source and every edge endpoint becomes a node.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -42,6 +43,7 @@ class EdgeRecords:
     decision: Decision
     estimator: str
     modulator: np.ndarray | None = None        # gating only
+    extra: dict[str, np.ndarray] = field(default_factory=dict)   # more edge columns, [n_tested] each
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -78,7 +80,8 @@ def assemble_graph(first_order: EdgeRecords, gating: EdgeRecords | None, *, node
                    sites: tuple[str, ...], positions: str, manifest: dict) -> InteractionGraph:
     """The typed graph: an edge per kept row (excitatory/inhibitory by the sign of the mean; gating
     rows as hyperedges), a node per measured source and edge endpoint."""
-    edges: dict[str, list] = {k: [] for k in EDGE_COLUMNS}
+    extra_names = sorted(set(first_order.extra) | set(gating.extra if gating is not None else ()))
+    edges: dict[str, list] = {k: [] for k in (*EDGE_COLUMNS, *extra_names)}
 
     def add(rec: EdgeRecords, i: int, kind: str, modulator=None) -> None:
         ss, ts = str(rec.source_site[i]), str(rec.target_site[i])
@@ -89,6 +92,8 @@ def assemble_graph(first_order: EdgeRecords, gating: EdgeRecords | None, *, node
                    positions=positions, source_layer=site_layer(ss, sites), target_layer=site_layer(ts, sites),
                    modulator_site=None if modulator is None else ss,
                    modulator=None if modulator is None else int(modulator))
+        for name in extra_names:
+            row[name] = rec.extra[name][i].item() if name in rec.extra else None
         for k, v in row.items():
             edges[k].append(v)
 

@@ -26,6 +26,15 @@ from .state import RunState
 log = logging.getLogger(__name__)
 
 
+def cannot_inhibit(rec: dict, opts: BuildOptions) -> int:
+    """Tested pairs that could not show inhibition: the target was read after its activation function
+    and was inactive on every input, so an effect could only be >= 0 (read="pre" avoids this)."""
+    if opts.read == "pre":
+        return 0
+    active = np.asarray(rec.get("target_active", []), np.float64)
+    return int(((active == 0) & np.isfinite(np.asarray(rec["p_value"], np.float64))).sum())
+
+
 def sae_fingerprint(sae) -> str:
     """Short hash of an SAE's site and first decoder rows (identifies the SAE in a build's state)."""
     w = np.asarray(sae.W_dec, np.float32)
@@ -72,7 +81,7 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     stage(f"atlas and {len(pairs['source'])} candidate pairs")
     rec = measure_blocks(model, saes, tokens, atlas, pairs, opts, state, progress, on_block)
     stage("measurement")
-    first, n_null = first_order_edges(rec, opts)
+    first, taus, n_null = first_order_edges(rec, opts)
     gating = None
     if opts.gating.enabled:
         sig = {k: rec[k][first.decision.keep] for k in PAIR_KEYS}
@@ -85,7 +94,8 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
                   "fingerprint": fp["saes"][s]} for s, x in sorted(saes.items())],
         "corpus_hash": fp["tokens"],
         "options": opts.to_dict(),
-        "statistics": {"tau": first.decision.tau, "n_tested": first.decision.n_tested, "n_null": n_null,
+        "statistics": {"tau": taus, "n_tested": first.decision.n_tested, "n_null": n_null,
+                       "n_cannot_inhibit": cannot_inhibit(rec, opts),
                        "min_attainable_p": smallest_pvalue(rec),
                        "n_gating_tested": 0 if gating is None else len(gating),
                        "n_sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])},

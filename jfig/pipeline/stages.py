@@ -21,12 +21,14 @@ from ..data.progress import progress_bar
 from ..graph import EdgeRecords
 from ..measure import feature_importance, measure_effects, measure_gating
 from ..sites import site_key
-from ..stats import (decide, min_attainable_pvalue, min_inputs_for_pvalue, null_threshold, sign_flip_normal_pvalues,
+from ..stats import (decide, min_attainable_pvalue, min_inputs_for_pvalue, site_thresholds, sign_flip_normal_pvalues,
                      sign_flip_pvalues, sign_flip_saddlepoint_pvalues, t_pvalues)
 from .options import BuildOptions
 from .state import RunState
 
-BLOCK_KEYS = ("source_site", "source", "target_site", "target", "mean", "var", "n", "p_value", "null_mean")
+BLOCK_KEYS = ("source_site", "source", "target_site", "target", "mean", "var", "n", "p_value", "null_mean",
+              "target_active")
+PAIR_FLAGS = ("low_coactivation", "admitted_by")
 PAIR_KEYS = ("source_site", "source", "target_site", "target")
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,7 @@ def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: 
                 rows["n"].append(eff.n[r, c])
                 rows["p_value"].append(p[r, c])
                 rows["null_mean"].append(np.nan if null is None else null[r, c])
+                rows["target_active"].append(eff.target_active[r, c])
     return {k: np.asarray(v) for k, v in rows.items()}
 
 
@@ -164,19 +167,35 @@ def measure_blocks(model, saes, tokens, atlas, pairs: dict, opts: BuildOptions, 
             if on_block is not None:
                 on_block(i)
     if not out:
-        return {k: np.zeros(0) for k in BLOCK_KEYS}
-    return {k: np.concatenate([r[k] for r in out]) for k in BLOCK_KEYS}
+        rec = {k: np.zeros(0) for k in BLOCK_KEYS}
+    else:
+        rec = {k: np.concatenate([r[k] for r in out]) for k in BLOCK_KEYS}
+    return {**rec, **pair_flags(pairs, rec)}
 
 
-def first_order_edges(rec: dict, opts: BuildOptions) -> tuple[EdgeRecords, int]:
-    """Every measured pair with its decision: corrected p < alpha and |mean| > tau, tau from the
-    random-direction null. Also returns the number of null effects tau came from."""
-    null = rec["null_mean"][np.isfinite(rec["null_mean"])] if len(rec["null_mean"]) else np.zeros(0)
-    tau = null_threshold(null, opts.tau_quantile) if null.size else 0.0
+def pair_flags(pairs: dict, rec: dict) -> dict[str, np.ndarray]:
+    """How each measured pair was admitted (low co-activation flag, the admitting filter), [n_pairs]."""
+    if not all(k in pairs for k in PAIR_FLAGS):
+        return {}
+    flags = {(ss, int(s), ts, int(t)): (bool(lo), str(by)) for ss, s, ts, t, lo, by in
+             zip(*(pairs[k] for k in (*PAIR_KEYS, *PAIR_FLAGS)))}
+    got = [flags.get((str(ss), int(s), str(ts), int(t)), (False, "")) for ss, s, ts, t in
+           zip(*(rec[k] for k in PAIR_KEYS))]
+    return {"low_coactivation": np.asarray([g[0] for g in got], bool),
+            "admitted_by": np.asarray([g[1] for g in got], dtype=object if not got else None)}
+
+
+def first_order_edges(rec: dict, opts: BuildOptions) -> tuple[EdgeRecords, dict[str, float], int]:
+    """Every measured pair with its decision: corrected p < alpha and |mean| > tau, tau per target site
+    from the random-direction null. Also returns tau by site and the number of null effects."""
+    ok = np.isfinite(rec["null_mean"])
+    taus = site_thresholds(rec["null_mean"][ok], rec["target_site"][ok], opts.tau_quantile)
+    tau = np.asarray([taus.get(str(s), 0.0) for s in rec["target_site"]], np.float64)
     decision = decide(rec["mean"], rec["p_value"], alpha=opts.alpha, correction=opts.correction, tau=tau)
     warn_unreachable(rec, opts, decision.n_tested)
+    extra = {k: rec[k] for k in (*PAIR_FLAGS, "target_active") if k in rec}
     return EdgeRecords(**{k: rec[k] for k in (*PAIR_KEYS, "mean", "var", "n", "p_value")}, decision=decision,
-                       estimator=opts.method), int(null.size)
+                       estimator=opts.method, extra=extra), taus, int(ok.sum())
 
 
 def gating_stage(model, saes, tokens, sig: dict, opts: BuildOptions, state: RunState) -> dict:

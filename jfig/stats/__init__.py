@@ -1,7 +1,7 @@
 """Significance: permutation p-values, random-direction thresholds, multiple-testing corrections,
 and the edge decision (docs/concepts.md)."""
 from .corrections import CORRECTIONS, adjust, benjamini_hochberg, bonferroni
-from .decisions import Decision, decide, edge_kind, null_threshold, significant
+from .decisions import Decision, decide, edge_kind, null_threshold, significant, site_thresholds
 from .permutation import label_permutation_pvalue, sign_flip_normal_pvalues, sign_flip_pvalues, t_pvalues
 from .tails import (min_attainable_pvalue, min_inputs_for_pvalue, sign_flip_exact_pvalues,
                     sign_flip_saddlepoint_pvalues)
@@ -9,4 +9,4 @@ from .tails import (min_attainable_pvalue, min_inputs_for_pvalue, sign_flip_exac
 __all__ = ["CORRECTIONS", "Decision", "adjust", "benjamini_hochberg", "bonferroni", "decide", "edge_kind",
            "label_permutation_pvalue", "min_attainable_pvalue", "min_inputs_for_pvalue", "null_threshold",
            "sign_flip_exact_pvalues", "sign_flip_normal_pvalues", "sign_flip_pvalues", "sign_flip_saddlepoint_pvalues",
-           "significant", "t_pvalues"]
+           "significant", "site_thresholds", "t_pvalues"]

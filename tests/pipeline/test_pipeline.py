@@ -30,7 +30,7 @@ def test_recovers_planted_graph():
     assert tp / max(len(found), 1) >= 0.95 and tp / len(true_first) >= 0.95, (found, true_first)
     assert gates == true_gates
     assert g.manifest["statistics"]["n_tested"] >= 24 * 20           # many non-interacting pairs tested
-    assert g.manifest["statistics"]["tau"] > 0                         # random-direction null was used
+    assert min(g.manifest["statistics"]["tau"].values()) > 0           # random-direction null was used, per site
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.01])
