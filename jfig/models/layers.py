@@ -61,43 +61,61 @@ def rope_inv_freq(cfg: ModelConfig):
 
 def rope_tables(cfg: ModelConfig, seq: int):
     """cos, sin tables [s, d_head] in HF's rotate-half layout."""
-    freqs = jnp.arange(seq, dtype=jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]
+    return rope_at(cfg, jnp.arange(seq))
+
+
+def rope_at(cfg: ModelConfig, positions):
+    """cos, sin tables [..., d_head] at absolute `positions` (int [...], e.g. [b, s])."""
+    freqs = jnp.asarray(positions, jnp.float32)[..., None] * rope_inv_freq(cfg)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x, cos, sin):
-    """x [b, s, heads, e]; rotate pairs (j, j + e/2)."""
+    """x [b, s, heads, e]; cos, sin [s, e] or per row [b, s, e]; rotate pairs (j, j + e/2)."""
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+    cos, sin = (cos, sin) if cos.ndim == 3 else (cos[None], sin[None])
+    return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
 
 
-def attention_pattern(cfg: ModelConfig, q, k, sliding, *, freeze: bool = False):
-    """Softmax attention pattern [b, h, s_q, s_k] from q [b, s, h, e], k [b, s, g, e].
-
-    `sliding` is a traced bool: whether this layer uses the sliding window.
-    """
-    b, s, h, e = q.shape
-    g = k.shape[2]
-    qg = q.reshape(b, s, g, h // g, e)
-    scores = jnp.einsum("bqgre,bkge->bgrqk", qg, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, h, s, s) * cfg.q_scale
-    if cfg.attn_softcap is not None:
-        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-    i = jnp.arange(s)[:, None]
-    j = jnp.arange(s)[None, :]
+def causal_keep(cfg: ModelConfig, q_pos, k_pos, sliding):
+    """Bool [..., s_q, s_k]: query at absolute position i may see key at j (j <= i, and j > i - window
+    on sliding layers). q_pos [s_q] or [b, s_q]; k_pos [s_k] or [b, s_k]."""
+    i = q_pos[..., :, None]
+    j = k_pos[..., None, :]
     keep = j <= i
     if cfg.sliding_window is not None:
         keep = keep & ((j > i - cfg.sliding_window) | jnp.logical_not(sliding))
+    return keep
+
+
+def attention_pattern(cfg: ModelConfig, q, k, sliding, *, q_pos=None, k_pos=None, freeze: bool = False):
+    """Softmax attention pattern [b, h, s_q, s_k] from q [b, s_q, h, e], k [b, s_k, g, e].
+
+    `sliding` is a traced bool: whether this layer uses the sliding window. `q_pos` / `k_pos`
+    are the absolute positions of queries and keys ([s] or [b, s]; default 0..s-1); the causal
+    and sliding-window masks are computed from them.
+    """
+    b, sq, h, e = q.shape
+    sk, g = k.shape[1], k.shape[2]
+    qg = q.reshape(b, sq, g, h // g, e)
+    scores = jnp.einsum("bqgre,bkge->bgrqk", qg, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, h, sq, sk) * cfg.q_scale
+    if cfg.attn_softcap is not None:
+        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+    q_pos = jnp.arange(sq) if q_pos is None else q_pos
+    k_pos = jnp.arange(sk) if k_pos is None else k_pos
+    keep = causal_keep(cfg, q_pos, k_pos, sliding)
+    keep = keep[:, None] if keep.ndim == 3 else keep
     scores = jnp.where(keep, scores, -jnp.inf)
     return _frozen(jax.nn.softmax(scores, axis=-1), freeze)
 
 
 def attention_z(pattern, v):
-    """z [b, s, h, e] from pattern [b, h, s_q, s_k] and v [b, s, g, e] (GQA: head h reads kv h // (h/g))."""
-    b, h, s, _ = pattern.shape
+    """z [b, s_q, h, e] from pattern [b, h, s_q, s_k] and v [b, s_k, g, e] (GQA: head h reads kv h // (h/g))."""
+    b, h, sq, sk = pattern.shape
     g = v.shape[2]
-    pg = pattern.reshape(b, g, h // g, s, s)
+    pg = pattern.reshape(b, g, h // g, sq, sk)
     z = jnp.einsum("bgrqk,bkge->bqgre", pg, v)
-    return z.reshape(b, s, h, v.shape[-1])
+    return z.reshape(b, sq, h, v.shape[-1])

@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..edits import Edit, flatten_edits, position_axis
+from ..edits import Edit, flatten_edits
 from ..errors import JfigError, ShapeError, SiteError
 from ..sites import NEEDS_RESID_MID, NEEDS_RESID_PRE, RESIDUAL_STAGES, block_site, model_sites, parse_site
 from .config import ModelConfig
 from .forward import StopRun, forward
 from .validation import check_sae_fits, check_saes, check_tokens
+from .generate import generate
+from .hooks import EditHook
 
 
 
@@ -33,29 +35,6 @@ class Prefix(NamedTuple):
     site: str
     acts: jax.Array                    # activations at `site`
     resid: jax.Array | None            # resid_pre / resid_mid / embed when `site` needs it
-
-
-class _EditHook:
-    """Applies edits and records captures; `sites` is what the forward must call it for."""
-
-    def __init__(self, edits: tuple[Edit, ...], capture: tuple[str, ...], stop: str | None):
-        self.edits, self.capture, self.stop = edits, capture, stop
-        self.sites = frozenset([e.site for e in edits] + list(capture))
-        self.cache: dict[str, jax.Array] = {}
-        self.seen: set[str] = set()
-
-    def __call__(self, site: str, x):
-        self.seen.add(site)
-        if site not in self.sites and site != self.stop:
-            return x
-        for e in self.edits:
-            if e.site == site:
-                x = e.apply(x, position_axis(site))
-        if site in self.capture:
-            self.cache[site] = x
-        if site == self.stop:
-            raise StopRun(site)
-        return x
 
 
 def _resid_site_for(site: str) -> str | None:
@@ -75,7 +54,7 @@ def _resid_site_for(site: str) -> str | None:
 
 @partial(jax.jit, static_argnames=("cfg", "apply_fn", "capture", "stop", "start", "want_logits", "freeze"))
 def _run(params, tokens, edits, start_acts, start_resid, *, cfg, apply_fn, capture, stop, start, want_logits, freeze):
-    hook = _EditHook(edits, capture, stop)
+    hook = EditHook(edits, capture, stop)
     out = None
     try:
         if apply_fn is not None:
@@ -216,6 +195,22 @@ class Model(eqx.Module):
         return _run(self.params, None, flat, jnp.asarray(prefix.acts), prefix.resid, cfg=self.config,
                     apply_fn=None, capture=capture, stop=stop_at, start=start,
                     want_logits=logits and stop_at is None, freeze=freeze)
+
+    def generate(self, tokens, max_new_tokens: int, *, edits=(), temperature: float = 0.0, top_k: int | None = None,
+                 seed: int = 0) -> np.ndarray:
+        """Prompts [batch, seq] (or [seq], or a list of token lists of any lengths) continued by
+        `max_new_tokens` tokens: int32 [batch, longest prompt + max_new_tokens].
+
+        Edits apply at every step (prompt and new tokens; `positions` are absolute positions).
+        temperature=0 is greedy; top_k keeps the k likeliest tokens. Ragged prompts are
+        right-aligned, preceded by -1. Built-in models only; see jfig.models.generate.
+        """
+        if self.apply_fn is not None:
+            raise JfigError("generate needs a built-in model: a model wrapped with Model.from_function is an opaque "
+                            "function that jfig cannot run position by position on a key/value cache; re-run "
+                            "model.run on the whole sequence for each new token instead")
+        return generate(self, tokens, max_new_tokens, edits=self._check_edits(edits), temperature=temperature,
+                        top_k=top_k, seed=seed).tokens
 
     def _require_builtin(self, what: str):
         if self.apply_fn is not None:

@@ -1,4 +1,4 @@
-"""Model-driven data on tiny random models: the KV-cached sampler, activation streaming and buffers."""
+"""Model-driven data on tiny random models: the sampler (generation with a KV cache), activation streaming and buffers."""
 import json
 
 import jax
@@ -11,6 +11,7 @@ from jfig.data import ActivationBuffer, collect_activations, sample, sampled_cor
 from jfig.data import sampler as sampler_mod
 from jfig.errors import JfigError, ShapeError, SiteError
 from jfig.models import model as model_mod
+from jfig.models.generate import generate
 from tests.support.tiny_models import tiny_config
 from jfig.models.forward import init_params
 
@@ -61,25 +62,31 @@ def test_greedy_kv_cached_equals_rerunning_the_model(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_decode_logits_match_full_run_at_every_position(family):
+def test_cached_step_logits_match_full_run_at_every_position(family):
     m = tiny(family)
-    cfg, toks = m.config, jnp.asarray([[4, 9, 13, 2, 40, 7, 7, 21]])
-    full = m.run(toks).logits[0]
-    L, T = cfg.n_layers, 8
-    kc = jnp.zeros((L, 1, T, cfg.n_kv_heads, cfg.d_head))
-    vc = jnp.zeros_like(kc)
-    step = jax.jit(sampler_mod.decode_logits, static_argnums=0)
-    for i in range(T):
-        logits, kc, vc = step(cfg, m.params, kc, vc, toks[:, i], jnp.asarray([i]))
-        np.testing.assert_allclose(logits[0], full[i], atol=1e-4, rtol=1e-4)
+    toks = [4, 9, 13, 2, 40, 7, 7, 21]
+    gen = generate(m, [toks[:1]], len(toks) - 1, return_logits=True)
+    seq = np.asarray(gen.tokens)
+    np.testing.assert_allclose(gen.logits[0], m.run(seq).logits[0, :-1], atol=1e-4, rtol=1e-4)
+    for i in range(1, len(toks)):           # the prefill's logits at the last prompt position, too
+        gen = generate(m, [toks[:i]], 1, return_logits=True)
+        np.testing.assert_allclose(gen.logits[0, 0], m.run(jnp.asarray([toks[:i]])).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_decode_step_is_traced_once(model):
     sample(model, [[3, 4]], 5, temperature=0)
-    before = sampler_mod.TRACE_COUNT["step"]
-    sample(model, [[3, 4]], 9, temperature=0)             # 8 more steps, same cache bucket
-    sample(model, [[3, 4, 5]], 12, temperature=0.7, top_k=5)  # sampling settings are traced values
-    assert sampler_mod.TRACE_COUNT["step"] == before
+    traces = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        sample(model, [[3, 4]], 9, temperature=0)             # 8 more steps, same cache bucket
+        sample(model, [[3, 4, 5]], 12, temperature=0.7, top_k=5)  # sampling settings are traced values
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert traces == []
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy(model):
