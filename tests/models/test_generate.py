@@ -11,7 +11,7 @@ import jfig
 from jfig.errors import JfigError
 from jfig.models.forward import empty_cache
 from jfig.models.generate import generate, run_positions
-from tiny_models import tiny_model
+from tests.support.tiny_models import tiny_model
 
 PROMPTS = [[3, 7, 9], [5], [1, 4, 4, 8, 30, 12]]
 N_NEW = 7
