@@ -6,8 +6,13 @@ maps the site's activations `x` to new activations; `positions` restricts it to 
 token positions:
 
 - ``None``: every position;
-- an int array ``[n]``: those positions;
+- an int (or int array ``[n]``): those positions (negative ones count from the end);
 - a bool array ``[seq]`` or ``[batch, seq]``: a mask (e.g. where the source is active).
+
+`Edit.check(shape)` says whether an edit fits activations of a given shape; the model
+calls it on the host before running, and `apply` calls it again on the traced shape.
+Value checks (feature and position ranges) run on concrete leaves only: leaves traced
+by `jit`, `grad` or `vmap` are checked for shape and dtype alone.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .errors import ShapeError
 
@@ -29,9 +35,90 @@ def as_positions(positions):
     return p
 
 
+def as_values(values):
+    """A float leaf: jax float arrays (and tracers) keep their dtype, anything else becomes float32."""
+    if isinstance(values, jax.Array) and jnp.issubdtype(values.dtype, jnp.floating):
+        return values
+    return jnp.asarray(values, jnp.float32)
+
+
+def as_features(feature, label: str):
+    """Feature indices as an int32 leaf, [] or [n]; floats and bools are refused, not truncated."""
+    f = jnp.asarray(feature)
+    if not jnp.issubdtype(f.dtype, jnp.integer):
+        raise ShapeError(f"{label}: feature indices must be integers, got {f.dtype}")
+    if f.ndim > 1:
+        raise ShapeError(f"{label}: feature must be an int or an int array [n], got shape {tuple(f.shape)}")
+    return f.astype(jnp.int32)
+
+
 def position_axis(site: str) -> int:
     """Which axis of a site's activations is the token (query) position."""
     return 2 if site.endswith("hook_pattern") else 1
+
+
+def _concrete(leaf) -> np.ndarray | None:
+    """The leaf's values on the host, or None when it is traced (inside jit, grad, vmap)."""
+    if leaf is None or isinstance(leaf, jax.core.Tracer):
+        return None
+    return np.asarray(leaf)
+
+
+def _axis_size(shape, axis: int) -> int | None:
+    """Size of `axis` in a site shape that may end in None (sizes unknown from there on)."""
+    if shape is None or axis >= len(shape):
+        return None
+    return shape[axis]
+
+
+def _known(shape) -> bool:
+    """Whether every axis of a site shape is known."""
+    return shape is not None and all(n is not None for n in shape)
+
+
+def _broadcasts_to(shape, target) -> bool:
+    """Whether an array of `shape` broadcasts to `target` (numpy rules, no new axes beyond target's rank)."""
+    if len(shape) > len(target):
+        return False
+    return all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
+
+
+def check_positions(label: str, positions, shape, pos_axis: int = 1) -> None:
+    """`positions` (None, int [] / [n] or bool [seq] / [batch, seq]) fit a site of `shape`."""
+    if positions is None:
+        return
+    batch, seq = _axis_size(shape, 0), _axis_size(shape, pos_axis)
+    if positions.dtype == jnp.bool_:
+        if positions.ndim not in (1, 2):
+            raise ShapeError(f"{label}: a position mask must be [seq] or [batch, seq], got shape "
+                             f"{tuple(positions.shape)}")
+        if seq is not None and positions.shape[-1] != seq:
+            raise ShapeError(f"{label}: position mask has length {positions.shape[-1]}, expected the sequence "
+                             f"length {seq}")
+        if positions.ndim == 2 and batch is not None and positions.shape[0] not in (1, batch):
+            raise ShapeError(f"{label}: position mask has {positions.shape[0]} rows, expected 1 or the batch "
+                             f"size {batch}")
+        return
+    if positions.ndim > 1:
+        raise ShapeError(f"{label}: int positions must be an int or an int array [n], got shape "
+                         f"{tuple(positions.shape)}")
+    p = _concrete(positions)
+    if seq is not None and p is not None and p.size:
+        bad = p[(p < -seq) | (p >= seq)]
+        if bad.size:
+            raise ShapeError(f"{label}: position {int(bad[0])} is out of range for a sequence of length {seq} "
+                             f"(expected -{seq} <= position < {seq})")
+
+
+def _check_feature_range(label: str, feature, d_sae: int) -> None:
+    """Concrete feature indices lie in [0, d_sae)."""
+    f = _concrete(feature)
+    if f is None or not f.size:
+        return
+    bad = f[(f < 0) | (f >= d_sae)]
+    if bad.size:
+        raise ShapeError(f"{label}: feature index {int(bad[0])} is out of range for an SAE with d_sae {d_sae} "
+                         f"(expected 0 <= index < {d_sae})")
 
 
 def _mask(positions, x, pos_axis: int):
@@ -44,8 +131,6 @@ def _mask(positions, x, pos_axis: int):
     else:
         m = jnp.zeros((seq,), bool).at[positions].set(True)[None, :]
     # m: [batch|1, seq] -> insert singleton axes around the position axis.
-    shape = [1] * x.ndim
-    shape[0], shape[pos_axis] = m.shape[0], seq
     if pos_axis != 1:
         return m.reshape(m.shape[0], *([1] * (pos_axis - 1)), seq, *([1] * (x.ndim - pos_axis - 1)))
     return m.reshape(m.shape[0], seq, *([1] * (x.ndim - 2)))
@@ -67,26 +152,65 @@ class Edit(eqx.Module):
     def site(self) -> str:
         raise NotImplementedError
 
+    @property
+    def label(self) -> str:
+        """How error messages name this edit: 'Clamp at blocks.3.hook_resid_post'."""
+        return f"{type(self).__name__} at {self.site}"
+
+    def check(self, shape, pos_axis: int = 1) -> None:
+        """Raise ShapeError unless this edit fits activations of `shape` (a tuple; a trailing None
+        means the sizes from there on are unknown). The base class checks `positions`."""
+        check_positions(self.label, getattr(self, "positions", None), shape, pos_axis)
+
+
+def _clamp_leading_shape(sae, shape):
+    """The axes a clamp value broadcasts over: the SAE's feature shape without d_sae ([batch, seq])."""
+    if _known(shape):
+        return tuple(shape[:-2] if sae.reshape_hook_z else shape[:-1])
+    if shape is not None and len(shape) >= 2 and _known(shape[:2]):
+        return tuple(shape[:2])
+    return None
+
+
+def _check_clamp(label: str, sae, feature, value, shape) -> None:
+    """Feature indices in range for `sae`; `value` broadcasts to [batch, seq] (one feature) or
+    [batch, seq, n] (feature [n])."""
+    _check_feature_range(label, feature, sae.d_sae)
+    lead = _clamp_leading_shape(sae, shape)
+    if lead is None or value is None:
+        return
+    if feature.ndim == 0:
+        want, forms = lead, "a scalar, [seq] or [batch, seq]"
+    else:
+        want, forms = lead + tuple(feature.shape), "a scalar, [n], [seq, n] or [batch, seq, n] with n features"
+    if not _broadcasts_to(tuple(value.shape), want):
+        raise ShapeError(f"{label}: value shape {tuple(value.shape)} does not broadcast to {want}; expected {forms}")
+
 
 def _clamp_delta(sae, feature, value, x):
-    """Change of x when `feature` (int [] or [n]) of `sae` is set to `value`, keeping the error."""
+    """Change of x when `feature` (int [] or [n]) of `sae` is set to `value` (broadcastable to
+    [..., ] or [..., n], the feature shape without d_sae), keeping the SAE error."""
     f, stats = sae.encode_with_stats(x)
     feats = jnp.atleast_1d(feature)
-    vals = jnp.broadcast_to(jnp.asarray(value, f.dtype), feats.shape)
+    lead = f.shape[:-1]
+    v = jnp.asarray(value, f.dtype)
+    vals = jnp.broadcast_to(v, lead)[..., None] if jnp.ndim(feature) == 0 else jnp.broadcast_to(v, lead + feats.shape)
     dirs = jax.vmap(lambda i: sae.decode_direction(i, stats))(feats)  # [n, ..., d_in | n_heads, d_head]
     if dirs.shape[-1] != sae.d_in:  # hook_z SAEs hand back [..., n_heads, d_head]
         dirs = dirs.reshape(*dirs.shape[:-2], sae.d_in)
     dirs = jnp.moveaxis(dirs, 0, -2)  # [..., n, d_in]
     cur = jnp.take(f, feats, axis=-1)  # [..., n]
     delta = jnp.einsum("...n,...nd->...d", vals - cur, jnp.broadcast_to(dirs, cur.shape + dirs.shape[-1:]))
-    return delta.reshape(x.shape)
+    return delta.reshape(x.shape).astype(x.dtype)
 
 
 class Clamp(Edit):
-    """Error-preserving clamp: x + (value - f_i(x)) · d_i, with d_i the SAE's decoder direction.
+    """Error-preserving clamp: x' = x + (value - f_i(x)) · d_i per token, d_i the SAE's decoder direction.
 
-    `feature` is an int or int array [n] (several features clamped together); `value`
-    a scalar or [n]. Normalising SAEs scale d_i per token as their decode does.
+    `feature` is an int or an int array [n] (several features clamped together). `value`
+    broadcasts to the site's leading axes: a scalar, [seq] or [batch, seq] for one feature;
+    a scalar, [n], [seq, n] or [batch, seq, n] for n features; so a feature can take its
+    per-token values from another run. Normalising SAEs scale d_i per token as their decode does.
     """
 
     sae: Any
@@ -96,20 +220,25 @@ class Clamp(Edit):
 
     def __init__(self, sae, feature, value, positions=None):
         self.sae = sae
-        self.feature = jnp.asarray(feature, jnp.int32)
-        self.value = jnp.asarray(value, jnp.float32)
+        self.feature = as_features(feature, f"Clamp at {sae.site}")
+        self.value = as_values(value)
         self.positions = as_positions(positions)
 
     @property
     def site(self) -> str:
         return self.sae.site
 
+    def check(self, shape, pos_axis: int = 1) -> None:
+        super().check(shape, pos_axis)
+        _check_clamp(self.label, self.sae, self.feature, self.value, shape)
+
     def apply(self, x, pos_axis: int = 1):
+        self.check(x.shape, pos_axis)
         return where_positions(self.positions, x + _clamp_delta(self.sae, self.feature, self.value, x), x, pos_axis)
 
 
 class Ablate(Edit):
-    """Clamp `feature` to 0, keeping the SAE error."""
+    """Clamp `feature` (int or int array [n]) to 0, keeping the SAE error."""
 
     sae: Any
     feature: jax.Array
@@ -117,19 +246,25 @@ class Ablate(Edit):
 
     def __init__(self, sae, feature, positions=None):
         self.sae = sae
-        self.feature = jnp.asarray(feature, jnp.int32)
+        self.feature = as_features(feature, f"Ablate at {sae.site}")
         self.positions = as_positions(positions)
 
     @property
     def site(self) -> str:
         return self.sae.site
 
+    def check(self, shape, pos_axis: int = 1) -> None:
+        super().check(shape, pos_axis)
+        _check_clamp(self.label, self.sae, self.feature, None, shape)
+
     def apply(self, x, pos_axis: int = 1):
+        self.check(x.shape, pos_axis)
         return where_positions(self.positions, x + _clamp_delta(self.sae, self.feature, 0.0, x), x, pos_axis)
 
 
 class Steer(Edit):
-    """x + scale · direction; direction matches the site's trailing shape (e.g. [d_model])."""
+    """x + scale · direction; direction matches the site's trailing shape (e.g. [d_model]) and
+    broadcasts to its activations (up to [batch, seq, d_model])."""
 
     site_name: str = eqx.field(static=True)
     direction: jax.Array
@@ -138,20 +273,34 @@ class Steer(Edit):
 
     def __init__(self, site, direction, scale=1.0, positions=None):
         self.site_name = site
-        self.direction = jnp.asarray(direction, jnp.float32)
-        self.scale = jnp.asarray(scale, jnp.float32)
+        self.direction = as_values(direction)
+        self.scale = as_values(scale)
         self.positions = as_positions(positions)
 
     @property
     def site(self) -> str:
         return self.site_name
 
+    def check(self, shape, pos_axis: int = 1) -> None:
+        super().check(shape, pos_axis)
+        if not _known(shape):
+            return
+        d = tuple(self.direction.shape)
+        if d and len(shape) == 3 and d[-1] != shape[-1]:
+            raise ShapeError(f"{self.label}: direction has width {d[-1]}, expected {shape[-1]} (the site's width)")
+        if not _broadcasts_to(d, shape):
+            raise ShapeError(f"{self.label}: direction shape {d} does not broadcast to the activations {tuple(shape)}")
+        if not _broadcasts_to(tuple(self.scale.shape), shape):
+            raise ShapeError(f"{self.label}: scale shape {tuple(self.scale.shape)} does not broadcast to the "
+                             f"activations {tuple(shape)}")
+
     def apply(self, x, pos_axis: int = 1):
-        return where_positions(self.positions, x + self.scale * self.direction, x, pos_axis)
+        self.check(x.shape, pos_axis)
+        return where_positions(self.positions, (x + self.scale * self.direction).astype(x.dtype), x, pos_axis)
 
 
 class Patch(Edit):
-    """Replace the site's activations with `values` (broadcastable to them)."""
+    """Replace the site's activations with `values` (broadcastable to them, e.g. [batch, seq, d])."""
 
     site_name: str = eqx.field(static=True)
     values: jax.Array
@@ -159,14 +308,21 @@ class Patch(Edit):
 
     def __init__(self, site, values, positions=None):
         self.site_name = site
-        self.values = jnp.asarray(values, jnp.float32)
+        self.values = as_values(values)
         self.positions = as_positions(positions)
 
     @property
     def site(self) -> str:
         return self.site_name
 
+    def check(self, shape, pos_axis: int = 1) -> None:
+        super().check(shape, pos_axis)
+        if _known(shape) and not _broadcasts_to(tuple(self.values.shape), shape):
+            raise ShapeError(f"{self.label}: values shape {tuple(self.values.shape)} does not broadcast to the "
+                             f"activations {tuple(shape)}")
+
     def apply(self, x, pos_axis: int = 1):
+        self.check(x.shape, pos_axis)
         return where_positions(self.positions, jnp.broadcast_to(self.values, x.shape).astype(x.dtype), x, pos_axis)
 
 

@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..edits import Edit, flatten_edits
+from ..edits import Edit
 from ..errors import JfigError, ShapeError, SiteError
 from ..sites import NEEDS_RESID_MID, NEEDS_RESID_PRE, RESIDUAL_STAGES, block_site, model_sites, parse_site
 from .config import ModelConfig
 from .forward import StopRun, forward
-from .validation import check_sae_fits, check_saes, check_tokens
 from .generate import generate
 from .hooks import EditHook
+from .validation import check_edits, check_saes, check_tokens
 
 
 
@@ -132,14 +132,8 @@ class Model(eqx.Module):
         """{site: SAE} in forward order; each SAE must read a site of this model and be as wide as it."""
         return check_saes(self, saes)
 
-    def _check_edits(self, edits) -> tuple[Edit, ...]:
-        flat = flatten_edits(edits)
-        for e in flat:
-            self.check_site(e.site)
-            sae = getattr(e, "sae", None)
-            if sae is not None:
-                check_sae_fits(sae, self.site_width(e.site))
-        return flat
+    def _check_edits(self, edits, batch: int, seq: int) -> tuple[Edit, ...]:
+        return check_edits(self, edits, batch, seq)
 
     def _check_capture(self, capture) -> tuple[str, ...]:
         if capture is None:
@@ -158,7 +152,7 @@ class Model(eqx.Module):
         scales and attention patterns (direct effects).
         """
         tokens = self.check_tokens(tokens)
-        flat = self._check_edits(edits)
+        flat = self._check_edits(edits, *tokens.shape)
         capture = self._check_capture(capture)
         if stop_at is not None:
             self.check_site(stop_at)
@@ -183,7 +177,7 @@ class Model(eqx.Module):
         """
         self._require_builtin("run_suffix")
         start = self.check_site(prefix.site)
-        flat = self._check_edits(edits)
+        flat = self._check_edits(edits, *jnp.shape(prefix.acts)[:2])
         capture = self._check_capture(capture)
         order = {s: i for i, s in enumerate(self.sites)}
         for s in list(capture) + [e.site for e in flat] + ([stop_at] if stop_at else []):

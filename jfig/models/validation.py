@@ -1,7 +1,7 @@
 """Input checks shared by every stage: token arrays, SAEs against the sites they read, site order.
 
 Each check runs on the host before any tracing, and raises a JfigError subclass whose message
-names what is wrong and what was expected. Model methods (`check_tokens`, `check_saes`) and
+names what is wrong and what was expected. Model methods (`check_tokens`, `check_saes`, the edit checks) and
 every stage call these; no stage writes its own copy.
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..edits import flatten_edits, position_axis
 from ..errors import JfigError, ShapeError, SiteError
-from ..sites import site_key
+from ..sites import parse_site, site_key
 
 
 def check_tokens(tokens: Any, vocab_size: int | None, *, max_len: int | None = None, allow_1d: bool = True,
@@ -99,3 +100,33 @@ def check_features(features: Iterable[int], d_sae: int, site: str) -> np.ndarray
         raise JfigError(f"feature index {int(f.max() if f.max() >= d_sae else f.min())} out of range for the "
                         f"SAE at {site} with d_sae {d_sae}")
     return f
+
+
+def site_shape(config: Any, site: str, batch: int, seq: int) -> tuple:
+    """Activation shape at `site` for a [batch, seq] run: exact for built-in models (`config` set);
+    for wrapped functions (`config` None) only batch and seq are known, so the shape ends in None."""
+    if config is None:
+        return (batch, None) if site.endswith("hook_pattern") else (batch, seq, None)
+    local = parse_site(site).local
+    if local == "attn.hook_pattern":
+        return (batch, config.n_heads, seq, seq)
+    if local in ("attn.hook_q", "attn.hook_z"):
+        return (batch, seq, config.n_heads, config.d_head)
+    if local in ("attn.hook_k", "attn.hook_v"):
+        return (batch, seq, config.n_kv_heads, config.d_head)
+    if local == "mlp.hook_post":
+        return (batch, seq, config.d_mlp)
+    return (batch, seq, config.d_model)
+
+
+def check_edits(model: Any, edits: Any, batch: int, seq: int) -> tuple:
+    """A flat tuple of the edits, each at a site of `model` and fitting a [batch, seq] run there:
+    SAE widths, feature indices, values, directions and positions (concrete leaves only for values)."""
+    flat = flatten_edits(edits)
+    for e in flat:
+        model.check_site(e.site)
+        sae = getattr(e, "sae", None)
+        if sae is not None:
+            check_sae_fits(sae, model.site_width(e.site))
+        e.check(site_shape(model.config, e.site, batch, seq), position_axis(e.site))
+    return flat
