@@ -132,7 +132,7 @@ class Model(eqx.Module):
         """{site: SAE} in forward order; each SAE must read a site of this model and be as wide as it."""
         return check_saes(self, saes)
 
-    def _check_edits(self, edits, batch: int, seq: int) -> tuple[Edit, ...]:
+    def _check_edits(self, edits, batch: int, seq: int | None) -> tuple[Edit, ...]:
         return check_edits(self, edits, batch, seq)
 
     def _check_capture(self, capture) -> tuple[str, ...]:
@@ -203,8 +203,12 @@ class Model(eqx.Module):
             raise JfigError("generate needs a built-in model: a model wrapped with Model.from_function is an opaque "
                             "function that jfig cannot run position by position on a key/value cache; re-run "
                             "model.run on the whole sequence for each new token instead")
-        return generate(self, tokens, max_new_tokens, edits=self._check_edits(edits), temperature=temperature,
-                        top_k=top_k, seed=seed).tokens
+        # positions are absolute in each row's growing sequence (a mask edits nothing past its length),
+        # so only sites, widths, feature indices and values are checked here, not position ranges
+        rows = [tokens] if np.ndim(tokens[0]) == 0 else tokens
+        flat = self._check_edits(edits, len(rows), None)
+        return generate(self, tokens, max_new_tokens, edits=flat, temperature=temperature, top_k=top_k,
+                        seed=seed).tokens
 
     def _require_builtin(self, what: str):
         if self.apply_fn is not None:
