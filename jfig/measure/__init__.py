@@ -2,12 +2,12 @@
 weight-only terms (the direct residual path and decoder alignment)."""
 from ..saes.geometry import alignment_applies, decoder_alignment
 from .api import measure_effects
-from .engine import METHODS, POSITION_MODES
+from .engine import CLAMP_AT, METHODS, POSITION_MODES, READS
 from .gating import GATING_METHODS, GatingEffects, measure_gating
 from .importance import IMPORTANCE_KINDS, ablation_effects, attribution_effects, feature_importance
 from .types import Effects, FeatureList, feature_list
 from .weights import weight_effects
 
-__all__ = ["Effects", "FeatureList", "GATING_METHODS", "GatingEffects", "IMPORTANCE_KINDS", "METHODS",
-           "POSITION_MODES", "ablation_effects", "alignment_applies", "attribution_effects", "decoder_alignment",
+__all__ = ["CLAMP_AT", "Effects", "FeatureList", "GATING_METHODS", "GatingEffects", "IMPORTANCE_KINDS", "METHODS",
+           "POSITION_MODES", "READS", "ablation_effects", "alignment_applies", "attribution_effects", "decoder_alignment",
            "feature_importance", "feature_list", "measure_effects", "measure_gating", "weight_effects"]

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import JfigError
-from ..measure import GATING_METHODS, IMPORTANCE_KINDS, METHODS, POSITION_MODES
+from ..measure import CLAMP_AT, GATING_METHODS, IMPORTANCE_KINDS, METHODS, POSITION_MODES, READS
 from ..stats import CORRECTIONS
 
 
@@ -27,6 +27,8 @@ class BuildOptions:
     max_sources: int | None = None      # cap on measured source features (most candidate pairs first)
     method: str = "clamp"
     positions: str = "same"
+    clamp_at: str = "single"            # "single" (the source's strongest position) or "all_active"
+    read: str = "post"                  # targets read after their activation ("post") or before it ("pre")
     inputs_per_source: int = 32
     block_size: int = 8                 # source features per resumable block
     null_every: int = 2                 # run the random-direction control on every n-th block
@@ -44,7 +46,8 @@ class BuildOptions:
     seed: int = 0
 
     def __post_init__(self):
-        choices = {"method": METHODS, "positions": POSITION_MODES, "correction": CORRECTIONS,
+        choices = {"method": METHODS, "positions": POSITION_MODES, "clamp_at": CLAMP_AT, "read": READS,
+                   "correction": CORRECTIONS,
                    "pvalue": ("normal", "permutation"), "gating_method": ("mixed", "factorial"),
                    "importance": IMPORTANCE_KINDS}
         for name, allowed in choices.items():

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.special import erfc
+from scipy.stats import t as student_t
 
 
 @partial(jax.jit, static_argnames=("n_perm",))
@@ -97,3 +98,16 @@ def normal_pvalues(mean, var, n) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.abs(mean) / np.sqrt(var / np.maximum(n, 1))
     return np.where(np.isfinite(z), erfc(z / np.sqrt(2)), np.nan)
+
+
+def t_pvalues(mean, var, n) -> np.ndarray:
+    """Two-sided one-sample Student t p-values: t = mean / sqrt(var / n) with n − 1 degrees of
+    freedom (var the unbiased variance of the n per-input values); NaN where n < 2 or t is undefined
+    (0 / 0), 0 where a non-zero mean has zero variance.
+    Used for the gating statistics (mixed derivative, factorial contrast)."""
+    mean, var, n = (np.asarray(x, np.float64) for x in (mean, var, n))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.abs(mean) / np.sqrt(var / np.maximum(n, 1))
+    ok = ~np.isnan(t) & (n >= 2)
+    p = 2.0 * student_t.sf(np.where(ok, t, 0.0), np.maximum(n - 1, 1))
+    return np.where(ok, p, np.nan)
