@@ -22,14 +22,17 @@ from .graph import InteractionGraph
 
 EDGE_COLUMNS = ("source_site", "source", "target_site", "target", "kind", "weight", "p_value", "p_bonferroni",
                 "q_value", "variance", "n", "estimator", "positions", "source_layer", "target_layer",
-                "modulator_site", "modulator")
+                "modulator_site", "modulator", "cv", "gating_flag")
 
 
 @dataclass(frozen=True)
 class EdgeRecords:
-    """Tested pairs (first order) or triples (gating: source, modulator at the source's site -> target).
+    """Tested pairs (first order) or triples (gating: source, modulator -> target).
 
     Arrays are [n_tested]; `decision` is the outcome of `jfig.stats.decide` on `p_value` and `mean`.
+    `positions` labels what was measured (None: the graph's `positions`). First order may carry `cv`
+    (std/|mean| of the per-input slopes) and `gating_flag` (the variance-based flag); gating carries
+    `modulator` and `modulator_site` (None: the source's site).
     """
 
     source_site: np.ndarray
@@ -44,6 +47,10 @@ class EdgeRecords:
     estimator: str
     modulator: np.ndarray | None = None        # gating only
     extra: dict[str, np.ndarray] = field(default_factory=dict)   # more edge columns, [n_tested] each
+    modulator_site: np.ndarray | None = None   # gating only
+    positions: str | None = None
+    cv: np.ndarray | None = None               # first order only
+    gating_flag: np.ndarray | None = None      # first order only
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -83,15 +90,19 @@ def assemble_graph(first_order: EdgeRecords, gating: EdgeRecords | None, *, node
     extra_names = sorted(set(first_order.extra) | set(gating.extra if gating is not None else ()))
     edges: dict[str, list] = {k: [] for k in (*EDGE_COLUMNS, *extra_names)}
 
-    def add(rec: EdgeRecords, i: int, kind: str, modulator=None) -> None:
+    def add(rec: EdgeRecords, i: int, kind: str) -> None:
         ss, ts = str(rec.source_site[i]), str(rec.target_site[i])
+        gate = kind == "gating"
         row = dict(source_site=ss, source=int(rec.source[i]), target_site=ts, target=int(rec.target[i]), kind=kind,
                    weight=float(rec.mean[i]), p_value=float(rec.p_value[i]),
                    p_bonferroni=float(rec.decision.p_bonferroni[i]), q_value=float(rec.decision.q_value[i]),
                    variance=float(np.nan_to_num(rec.var[i])), n=int(rec.n[i]), estimator=rec.estimator,
-                   positions=positions, source_layer=site_layer(ss, sites), target_layer=site_layer(ts, sites),
-                   modulator_site=None if modulator is None else ss,
-                   modulator=None if modulator is None else int(modulator))
+                   positions=rec.positions or positions, source_layer=site_layer(ss, sites),
+                   target_layer=site_layer(ts, sites),
+                   modulator_site=(ss if rec.modulator_site is None else str(rec.modulator_site[i])) if gate else None,
+                   modulator=int(rec.modulator[i]) if gate else None,
+                   cv=None if rec.cv is None or not np.isfinite(rec.cv[i]) else float(rec.cv[i]),
+                   gating_flag=None if rec.gating_flag is None else bool(rec.gating_flag[i]))
         for name in extra_names:
             row[name] = rec.extra[name][i].item() if name in rec.extra else None
         for k, v in row.items():
@@ -101,10 +112,10 @@ def assemble_graph(first_order: EdgeRecords, gating: EdgeRecords | None, *, node
         add(first_order, i, "excitatory" if first_order.mean[i] > 0 else "inhibitory")
     if gating is not None:
         for i in np.flatnonzero(gating.decision.keep):
-            add(gating, i, "gating", modulator=gating.modulator[i])
+            add(gating, i, "gating")
     keys = {(str(s), int(f)) for s, f in zip(first_order.source_site, first_order.source)}
     keys |= {(s, f) for s, f in zip(edges["target_site"], edges["target"])}
-    keys |= {(s, f) for s, f in zip(edges["source_site"], edges["modulator"]) if f is not None}
+    keys |= {(s, f) for s, f in zip(edges["modulator_site"], edges["modulator"]) if f is not None}
     keys = sorted(keys, key=lambda k: (site_layer(k[0], sites), k[0], k[1]))
     nodes = {"site": [k[0] for k in keys], "feature": [k[1] for k in keys],
              "layer": [site_layer(k[0], sites) for k in keys],

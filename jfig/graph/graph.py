@@ -39,7 +39,11 @@ EDGE_SCHEMA = pa.schema([
     ("positions", pa.string()),       # 'same' | 'later' | 'all'
     ("source_layer", pa.int64()), ("target_layer", pa.int64()),
     ("modulator_site", pa.string()), ("modulator", pa.int64()),   # null unless kind == 'gating'
+    ("cv", pa.float64()),             # std/|mean| of the per-input effects (first order; null if unknown)
+    ("gating_flag", pa.bool_()),      # cv > the build's flag threshold: possibly gated (first order; null if unknown)
 ])
+# Columns added after the first release: a table without them (an older graph folder) gets them as nulls.
+OPTIONAL_EDGE_COLUMNS = ("cv", "gating_flag")
 NODE_SCHEMA = pa.schema([
     ("site", pa.string()), ("feature", pa.int64()), ("layer", pa.int64()),
     ("firing_rate", pa.float64()),    # null if unknown
@@ -270,12 +274,14 @@ def _conform(table, schema: pa.Schema, what: str) -> pa.Table:
     names = table.column_names
     if len(set(names)) != len(names):
         raise JfigError(f"{what} table has duplicate column names {sorted({n for n in names if names.count(n) > 1})}")
-    missing = [f.name for f in schema if f.name not in names]
+    optional = OPTIONAL_EDGE_COLUMNS if schema is EDGE_SCHEMA else ()
+    missing = [f.name for f in schema if f.name not in names and f.name not in optional]
     if missing:
         raise JfigError(f"{what} table lacks column(s) {missing}; expected columns {schema.names}")
     arrays, fields = [], []
     for field in schema:
-        arrays.append(_cast_column(table[field.name], field, what))
+        col = table[field.name] if field.name in names else pa.chunked_array([pa.nulls(table.num_rows, field.type)])
+        arrays.append(_cast_column(col, field, what))
         fields.append(field)
     for name in names:
         if name not in schema.names:
@@ -395,6 +401,9 @@ def _validate_edges(edges: pa.Table, nodes: pa.Table) -> None:
     for name in ("p_value", "p_bonferroni", "q_value"):
         _require(edges, "edges", pc.or_(pc.less(edges[name], 0), pc.greater(edges[name], 1)), f"{name} outside [0, 1]")
     _require(edges, "edges", pc.less(edges["variance"], 0), "variance is negative")
+    _require(edges, "edges", pc.less(edges["cv"], 0), "cv is negative")
+    _require(edges, "edges", pc.and_(gating, pc.or_(pc.is_valid(edges["cv"]), pc.is_valid(edges["gating_flag"]))),
+             "cv/gating_flag must be null on a gating edge (they describe first-order edges)")
 
     node_keys = _keys(nodes["site"], nodes["feature"])
     for end, layer in (("source", "source_layer"), ("target", "target_layer"), ("modulator", None)):

@@ -111,6 +111,17 @@ def run_targets(model, plan: Plan, acts, resid, tokens, delta):
     return out.cache
 
 
+def random_direction(direction, feature, seed: int):
+    """The null control's direction: one random unit direction per (seed, feature), scaled at every
+    position to the norm `direction` [M, S, ...] has there (same shape as `direction`)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), feature)
+    r = jax.random.normal(key, direction.shape[2:])
+    r = r / jnp.linalg.norm(r)
+    lead = direction.shape[:2]
+    norms = jnp.sqrt(jnp.sum(direction.reshape(*lead, -1) ** 2, -1))
+    return norms.reshape(lead + (1,) * (direction.ndim - 2)) * r
+
+
 def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tokens, fi, feature, alpha_lo, alpha_hi):
     """Per-input effects of one source on all targets: (slopes [M, n_t], valid [M], active [M, n_t]).
 
@@ -126,11 +137,7 @@ def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tok
         direction = direction.reshape(*direction.shape[:-1], *acts.shape[-2:])
     direction = jnp.broadcast_to(direction, acts.shape)
     if plan.direction == "random":
-        key = jax.random.fold_in(jax.random.PRNGKey(plan.direction_seed), feature)
-        r = jax.random.normal(key, acts.shape[2:])
-        r = r / jnp.linalg.norm(r)
-        norms = jnp.sqrt(jnp.sum(direction.reshape(*acts.shape[:2], -1) ** 2, -1)).reshape(acts.shape[:2] + extra)
-        direction = norms[..., None] * r
+        direction = random_direction(direction, feature, plan.direction_seed)
     valid = (rm.sum(-1) > 0).astype(jnp.float32)
     cmx, fix = cm.reshape(cm.shape + extra), fi.reshape(fi.shape + extra)
     unknown = jnp.full((acts.shape[0], sum(len(c) for c in tcols)), jnp.nan)

@@ -19,8 +19,8 @@ from ..data.files import fingerprint
 from ..graph import InteractionGraph, NodeInfo, assemble_graph
 from ..models.validation import check_saes
 from .options import BuildOptions
-from .stages import (PAIR_KEYS, atlas_stage, candidates_stage, first_order_edges, gating_edges, gating_stage,
-                     measure_blocks, smallest_pvalue)
+from .stages import (GATING_FLAG_CV, PAIR_KEYS, atlas_stage, candidates_stage, first_order_edges, gating_edges,
+                     gating_stage, measure_blocks, smallest_pvalue)
 from .state import RunState
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,11 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     rec = measure_blocks(model, saes, tokens, atlas, pairs, opts, state, progress, on_block)
     stage("measurement")
     first, taus, n_null = first_order_edges(rec, opts)
-    gating = None
+    gating, tau_gate, n_gating_null = None, 0.0, 0
     if opts.gating.enabled:
         sig = {k: rec[k][first.decision.keep] for k in PAIR_KEYS}
-        gating = gating_edges(gating_stage(model, saes, tokens, sig, opts, state), opts)
+        gating, tau_gate, n_gating_null = gating_edges(gating_stage(model, saes, tokens, atlas, sig, opts, state),
+                                                       opts)
     manifest = {
         "model": {"name": getattr(model.config, "name", "") if model.config is not None else "function",
                   "family": getattr(model.config, "family", None), "n_layers": getattr(model.config, "n_layers", None),
@@ -98,6 +99,7 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
                        "n_cannot_inhibit": cannot_inhibit(rec, opts),
                        "min_attainable_p": smallest_pvalue(rec),
                        "n_gating_tested": 0 if gating is None else len(gating),
+                       "tau_gate": tau_gate, "n_gating_null": n_gating_null, "gating_flag_cv": GATING_FLAG_CV,
                        "n_sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])},
         "pruning_report": [dict(r) for r in report.rows],
     }

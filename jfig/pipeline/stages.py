@@ -4,10 +4,12 @@
     candidates_stage  importance (a measurement), then the pruning filters   -> candidates.json
     measure_blocks    blocks of source features on their candidate targets   -> blocks/block_{i:05d}.npz
                       (every `null_every`-th block also with random directions: the null for tau)
-    first_order_edges significance of every measured pair (one path: jfig.stats.decide); warns when
-                      Bonferroni's alpha / m is below the smallest p-value the inputs allow
-    gating_stage      second-order tests for targets with several inputs     -> gating.npz
-    gating_edges      significance of every tested triple
+    first_order_edges significance of every measured pair (one path: jfig.stats.decide), tau per
+                      target site; warns when Bonferroni's alpha / m is below the smallest p-value
+                      the inputs allow
+    gating_stage      second-order tests (source, modulator -> target) for targets with a significant
+                      input, with the random-modulator null on every triple  -> gating.npz
+    gating_edges      significance of every tested triple (t test, tau_gate from the null)
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from ..data.progress import progress_bar
 from ..graph import EdgeRecords
 from ..measure import feature_importance, measure_effects, measure_gating
 from ..sites import site_key
-from ..stats import (decide, min_attainable_pvalue, min_inputs_for_pvalue, site_thresholds, sign_flip_normal_pvalues,
-                     sign_flip_pvalues, sign_flip_saddlepoint_pvalues, t_pvalues)
+from ..stats import (decide, label_permutation_pvalue, min_attainable_pvalue, min_inputs_for_pvalue, null_threshold,
+                     sign_flip_normal_pvalues, sign_flip_pvalues, sign_flip_saddlepoint_pvalues, site_thresholds,
+                     t_pvalues)
 from .options import BuildOptions
 from .state import RunState
 
@@ -30,6 +33,9 @@ BLOCK_KEYS = ("source_site", "source", "target_site", "target", "mean", "var", "
               "target_active")
 PAIR_FLAGS = ("low_coactivation", "admitted_by")
 PAIR_KEYS = ("source_site", "source", "target_site", "target")
+GATE_KEYS = ("source_site", "source", "modulator_site", "modulator", "target_site", "target", "mean", "var", "n",
+             "p_value", "null_mean")
+GATING_FLAG_CV = 1.0    # first-order edges with std/|mean| of their per-input slopes above this are flagged
 log = logging.getLogger(__name__)
 
 
@@ -187,48 +193,122 @@ def pair_flags(pairs: dict, rec: dict) -> dict[str, np.ndarray]:
 
 def first_order_edges(rec: dict, opts: BuildOptions) -> tuple[EdgeRecords, dict[str, float], int]:
     """Every measured pair with its decision: corrected p < alpha and |mean| > tau, tau per target site
-    from the random-direction null. Also returns tau by site and the number of null effects."""
+    from the random-direction null. Also returns tau by site and the number of null effects. Each pair
+    also gets cv = std/|mean| of its per-input slopes and the variance-based gating flag
+    cv > GATING_FLAG_CV (the effect changes a lot from input to input: possibly gated)."""
     ok = np.isfinite(rec["null_mean"])
     taus = site_thresholds(rec["null_mean"][ok], rec["target_site"][ok], opts.tau_quantile)
     tau = np.asarray([taus.get(str(s), 0.0) for s in rec["target_site"]], np.float64)
     decision = decide(rec["mean"], rec["p_value"], alpha=opts.alpha, correction=opts.correction, tau=tau)
     warn_unreachable(rec, opts, decision.n_tested)
     extra = {k: rec[k] for k in (*PAIR_FLAGS, "target_active") if k in rec}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cv = np.sqrt(np.asarray(rec["var"], np.float64)) / np.abs(np.asarray(rec["mean"], np.float64))
     return EdgeRecords(**{k: rec[k] for k in (*PAIR_KEYS, "mean", "var", "n", "p_value")}, decision=decision,
-                       estimator=opts.method, extra=extra), taus, int(ok.sum())
+                       estimator=opts.method, positions=opts.positions, cv=cv,
+                       gating_flag=np.isfinite(cv) & (cv > GATING_FLAG_CV), extra=extra), taus, int(ok.sum())
 
 
-def gating_stage(model, saes, tokens, sig: dict, opts: BuildOptions, state: RunState) -> dict:
-    """Second-order tests for targets with several significant inputs at one site (resumable)."""
-    saved = state.load_npz("gating.npz")
-    if saved is not None:
-        return saved
-    groups: dict[tuple[str, int, str], list[int]] = {}
+def _source_modulator(a: tuple[str, int], b: tuple[str, int], order: dict) -> tuple:
+    """(source, modulator) for two features: the one at the later site is the source (the modulator
+    must sit at the source's site or before it); at one site, the smaller feature id."""
+    if order[a[0]] != order[b[0]]:
+        return (a, b) if order[a[0]] > order[b[0]] else (b, a)
+    return (a, b) if a[1] < b[1] else (b, a)
+
+
+def gating_pairs(sig: dict, atlas: Atlas, opts: BuildOptions, sites: tuple[str, ...]) -> list:
+    """[((target_site, target), [((site_i, i), (site_k, k)), ...])]: the triples to test for gating.
+
+    Targets: every target with at least one significant first-order input, most inputs first, at most
+    `gating_max_targets`. Per target, at most `gating_max_pairs` (source, modulator) pairs:
+    (a) every pair of its significant inputs (the input at the later site is the source); then
+    (b) pure modulators: for each significant input i, features k at i's site or an earlier one that the
+        atlas shows co-activating with both j and i (P(j | k) >= min_coact and P(i | k) >= min_coact),
+        k not i and not an input of j, ranked by PMI(k, j) (then P(j | k)·P(i | k)), highest first.
+    """
+    order = {s: n for n, s in enumerate(sites)}
+    inputs: dict[tuple[str, int], set] = {}
     for ss, s, ts, t in zip(sig["source_site"], sig["source"], sig["target_site"], sig["target"]):
-        groups.setdefault((ts, int(t), ss), []).append(int(s))
-    multi = sorted(((k, sorted(set(v))) for k, v in groups.items() if len(set(v)) >= 2),
-                   key=lambda kv: (-len(kv[1]), *site_key(kv[0][0]), kv[0][0], kv[0][1], *site_key(kv[0][2]), kv[0][2]))
-    multi = multi[: opts.gating_max_targets]
-    rec = {k: [] for k in ("source_site", "source", "modulator", "target_site", "target", "mean", "var", "n")}
-    for (ts, t, ss), srcs in multi:
-        pairs = [((ss, a), (ss, b)) for ai, a in enumerate(srcs) for b in srcs[ai + 1:]][: opts.gating_max_pairs]
-        g = measure_gating(model, saes, pairs, tokens, method=opts.gating_method, targets={ts: [t]},
-                           inputs_per_pair=opts.inputs_per_source, batch_size=opts.batch_size, seed=opts.seed)
-        col = list(g.targets).index((ts, t))
-        for p, ((_, a), (_, b)) in enumerate(pairs):
-            for k, v in (("source_site", ss), ("source", a), ("modulator", b), ("target_site", ts), ("target", t),
-                         ("mean", g.mean[p, col]), ("var", g.var[p, col]), ("n", g.n[p, col])):
+        inputs.setdefault((str(ts), int(t)), set()).add((str(ss), int(s)))
+    targets = sorted(inputs, key=lambda j: (-len(inputs[j]), order[j[0]], j[1]))[: opts.gating_max_targets]
+    out = []
+    for j in targets:
+        srcs = sorted(inputs[j], key=lambda f: (order[f[0]], f[1]))
+        pairs = [_source_modulator(a, b, order) for n, a in enumerate(srcs) for b in srcs[n + 1:]]
+        found = []
+        for i in srcs:
+            for sk in sites:
+                if sk not in atlas.sites or order[sk] > order[i[0]] or (sk, j[0]) not in atlas.pairs or \
+                        (sk, i[0]) not in atlas.pairs:
+                    continue
+                tj, ti = atlas.tracked_index(j[0], [j[1]])[0], atlas.tracked_index(i[0], [i[1]])[0]
+                if tj < 0 or ti < 0:
+                    continue
+                pj = atlas.conditional_probability(sk, j[0])[:, tj]
+                pi = atlas.conditional_probability(sk, i[0])[:, ti]
+                pmi = np.nan_to_num(atlas.pmi(sk, j[0])[:, tj], nan=-np.inf)
+                for r in np.flatnonzero((np.nan_to_num(pj) >= opts.min_coact) & (np.nan_to_num(pi) >= opts.min_coact)):
+                    k = (sk, int(atlas.features[sk][r]))
+                    if k != i and k not in inputs[j]:
+                        found.append((-pmi[r], -pj[r] * pi[r], order[sk], k[1], order[i[0]], i[1], i, k))
+        seen = set(pairs)
+        for *_, i, k in sorted(found, key=lambda f: f[:6]):
+            if (i, k) not in seen:
+                seen.add((i, k))
+                pairs.append((i, k))
+        if pairs:
+            out.append((j, pairs[: opts.gating_max_pairs]))
+    return out
+
+
+def gating_pvalues(g, opts: BuildOptions) -> np.ndarray:
+    """p-values [n_pairs, n_targets]: Student's t on the per-input values (mixed, factorial), or the
+    label-permutation test of k active vs inactive (conditional)."""
+    if g.method != "conditional":
+        return t_pvalues(g.mean, g.var, g.n)
+    p = np.full(g.mean.shape, np.nan)
+    for r in range(len(g.pairs)):
+        w = g.input_weight[r] > 0
+        p[r] = label_permutation_pvalue(g.slopes[r][w], g.k_active[r][w], n_perm=opts.n_perm, seed=opts.seed + r)
+    return p
+
+
+def gating_stage(model, saes, tokens, atlas: Atlas, sig: dict, opts: BuildOptions, state: RunState) -> dict:
+    """Second-order tests of the triples `gating_pairs` selects, measured like the first-order pairs
+    (the build's positions, clamp_at, read and atlas α levels), each also with the modulator's direction
+    replaced by a random one of the same norm (the null for tau_gate). Resumable."""
+    saved = state.load_npz("gating.npz")
+    if saved is not None and all(k in saved for k in GATE_KEYS):
+        return saved
+    rec = {k: [] for k in GATE_KEYS}
+    kw = dict(method=opts.gating_method, positions=opts.positions, clamp_at=opts.clamp_at, read=opts.read,
+              atlas=atlas, inputs_per_pair=opts.inputs_per_source, batch_size=opts.batch_size, seed=opts.seed)
+    for (ts, t), pairs in gating_pairs(sig, atlas, opts, model.sites):
+        g = measure_gating(model, saes, pairs, tokens, targets={ts: [t]}, **kw)
+        null = measure_gating(model, saes, pairs, tokens, targets={ts: [t]}, direction="random", **kw).mean[:, 0] \
+            if opts.gating_method != "conditional" else np.full(len(pairs), np.nan)
+        p = gating_pvalues(g, opts)[:, 0]
+        for n, ((ss, a), (ks, b)) in enumerate(pairs):
+            for k, v in (("source_site", ss), ("source", a), ("modulator_site", ks), ("modulator", b),
+                         ("target_site", ts), ("target", t), ("mean", g.mean[n, 0]), ("var", g.var[n, 0]),
+                         ("n", g.n[n, 0]), ("p_value", p[n]), ("null_mean", null[n])):
                 rec[k].append(v)
     rec = {k: np.asarray(v) for k, v in rec.items()}
     state.save_npz("gating.npz", rec)
     return rec
 
 
-def gating_edges(gate: dict, opts: BuildOptions) -> EdgeRecords | None:
-    """Every tested (source, modulator, target) triple with its decision (no size threshold yet)."""
+def gating_edges(gate: dict, opts: BuildOptions) -> tuple[EdgeRecords | None, float, int]:
+    """Every tested (source, modulator, target) triple with its decision: corrected p < alpha and
+    |statistic| > tau_gate, the `tau_quantile` of |random-modulator null statistics|. Also returns
+    tau_gate and the number of null values it came from."""
     if len(gate.get("mean", [])) == 0:
-        return None
-    p = t_pvalues(gate["mean"], gate["var"], gate["n"])
-    decision = decide(gate["mean"], p, alpha=opts.alpha, correction=opts.correction)
-    return EdgeRecords(**{k: gate[k] for k in (*PAIR_KEYS, "mean", "var", "n")}, p_value=p, decision=decision,
-                       estimator=opts.gating_method, modulator=gate["modulator"])
+        return None, 0.0, 0
+    null = np.asarray(gate["null_mean"], np.float64)
+    null = null[np.isfinite(null)]
+    tau = null_threshold(null, opts.tau_quantile) if null.size else 0.0
+    decision = decide(gate["mean"], gate["p_value"], alpha=opts.alpha, correction=opts.correction, tau=tau)
+    return EdgeRecords(**{k: gate[k] for k in (*PAIR_KEYS, "mean", "var", "n", "p_value")}, decision=decision,
+                       estimator=opts.gating_method, positions=opts.positions, modulator=gate["modulator"],
+                       modulator_site=gate["modulator_site"]), tau, int(null.size)

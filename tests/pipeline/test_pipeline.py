@@ -2,11 +2,13 @@
 import json
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 
 import jfig
 from jfig.pipeline import build_graph
-from tests.support.planted_graph import SRC, null_model, recovery_model, truth
+from tests.support.planted_graph import (EXCITATORY, MOD_I, MOD_J, MOD_K, SRC, curvature_model, modulator_model,
+                                        null_model, recovery_model, truth)
 
 FAST = dict(seq_len=8, top_k=24, min_alignment=0.0, progress=False)
 
@@ -138,3 +140,33 @@ def test_token_arrays_are_used_as_given():
     g = build_graph(model, saes, toks, top_k=24, min_alignment=0.0, progress=False)
     assert g.manifest["statistics"]["seq_len"] == 16 and g.manifest["statistics"]["n_sequences"] == 40
     assert g.n_edges > 0
+
+
+def test_no_gating_edges_without_a_gate_and_the_null_sets_tau_gate():
+    """Strong first-order edges and curvature along each input, no gate: every tested triple is null,
+    and the random-modulator control (which the curvature does reach) gives tau_gate > 0."""
+    model, saes = curvature_model()
+    toks = np.random.default_rng(0).integers(0, 64, size=(96, 8))
+    g = build_graph(model, saes, toks, max_sequences=96, **FAST)
+    stats = g.manifest["statistics"]
+    assert g.edges_by_kind()["gating"] == 0
+    assert stats["n_gating_tested"] >= 10 and stats["n_gating_null"] == stats["n_gating_tested"]
+    assert stats["tau_gate"] > 0
+    found, _ = _recovered(g)
+    assert {(i, j) for i, j in EXCITATORY} <= set(found)
+
+
+def test_pure_modulator_is_found_as_a_gating_hyperedge():
+    model, saes = modulator_model()
+    toks = np.random.default_rng(0).integers(0, 64, size=(128, 8))
+    g = build_graph(model, saes, toks, max_sequences=128, gating_max_pairs=24, **FAST)
+    found, gates = _recovered(g)
+    assert found.get((MOD_I, MOD_J)) == "excitatory"
+    assert (MOD_K, MOD_J) not in found                                  # k is no first-order input of j
+    e = g.edges.filter(pc.equal(g.edges["kind"], "gating")).to_pylist()
+    hit = [r for r in e if (r["source"], r["modulator"], r["target"]) == (MOD_I, MOD_K, MOD_J)]
+    assert len(hit) == 1 and abs(hit[0]["weight"] - 2.0) < 0.05, e
+    assert hit[0]["estimator"] == "factorial" and hit[0]["positions"] == "same"
+    first = g.edges.filter(pc.not_equal(g.edges["kind"], "gating")).to_pylist()
+    assert all(r["cv"] is not None and r["gating_flag"] == (r["cv"] > g.manifest["statistics"]["gating_flag_cv"])
+               for r in first)

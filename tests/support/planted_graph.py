@@ -88,3 +88,45 @@ def truth():
         first[(i, j)] = first[(k, j)] = "excitatory"
     gates = {(min(i, k), max(i, k), j) for i, k, j in GATES}
     return first, gates
+
+
+def curvature_model(vocab=64, seed=0):
+    """No gate at all: the planted first-order edges of `recovery_model` plus curvature along each
+    input, t_j = 3 + Σ_i W_ij x_i + 0.1 Σ_{i: W_ij ≠ 0} x_i². Decoder directions (one coordinate each)
+    have no mixed term; a random modulator direction r does (0.2 r_i), so the random-modulator null is
+    not zero."""
+    W = np.zeros((D, D), np.float32)
+    for i, j in EXCITATORY:
+        W[i, j] = 2.0
+    for i, j in INHIBITORY:
+        W[i, j] = -2.0
+    params = {"X": _sources(vocab, seed), "W": jnp.asarray(W), "A": jnp.asarray((W != 0).astype(np.float32)),
+              "U": jax.random.normal(jax.random.PRNGKey(seed), (D, vocab))}
+
+    def apply(p, tokens, hook):
+        x = hook(SRC, p["X"][tokens])
+        return hook(TGT, 3.0 + x @ p["W"] + 0.1 * (x * x) @ p["A"]) @ p["U"]
+
+    return _wrap(apply, params, vocab)
+
+
+MOD_I, MOD_K, MOD_J = 0, 1, 2     # source, pure modulator, target of `modulator_model`
+
+
+def modulator_model(vocab=64, seed=0):
+    """A pure modulator: t_J = 3 + 2 x_I + 2 x_K (x_I − 1.5), every other target 3. On the tokens where
+    K fires, x_I is 1 or 2, half each, so K's own slope on J, 2 (x_I − 1.5) = ±1, averages to zero (K is no
+    first-order input of J) while K changes I's slope on J from 2 to 2 + 2 x_K: a gate (i, k -> j) with
+    factorial contrast 2."""
+    x = np.array(_sources(vocab, seed))
+    rng = np.random.default_rng(seed + 7)
+    on = np.flatnonzero(x[:, MOD_K] > 0)
+    x[on, MOD_I] = rng.permutation(np.resize([1.0, 2.0], len(on)))
+    params = {"X": jnp.asarray(x), "U": jax.random.normal(jax.random.PRNGKey(seed), (D, vocab))}
+
+    def apply(p, tokens, hook):
+        x = hook(SRC, p["X"][tokens])
+        t = jnp.full(x.shape, 3.0).at[..., MOD_J].add(2 * x[..., MOD_I] + 2 * x[..., MOD_K] * (x[..., MOD_I] - 1.5))
+        return hook(TGT, t) @ p["U"]
+
+    return _wrap(apply, params, vocab)
