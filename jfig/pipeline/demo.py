@@ -17,11 +17,13 @@ from .config import load_config
 log = logging.getLogger(__name__)
 
 # Sized to finish in well under 15 minutes on a 2-core CPU (SAE training included on a first run).
-# Importance uses the first-order (attribution) estimate here: exact ablation of each candidate
-# feature costs a forward pass to the logits per feature and batch, minutes on a CPU.
+# Targets are read before their activation function (read="pre"), so a source can be seen to push an
+# inactive target further down: inhibition is observable, and TopK competition inside the target SAE
+# does not masquerade as an interaction. Importance uses the first-order (attribution) estimate of the
+# ablation effect on a few sequences: exact ablation of every candidate costs minutes on a CPU.
 DEMO_OPTIONS = dict(seq_len=64, max_sequences=128, top_k=12, inputs_per_source=32, block_size=8, null_every=2,
-                    importance="attribution", importance_sequences=32, gating_max_targets=3, gating_max_pairs=3,
-                    batch_size=16)
+                    read="pre", importance="attribution", importance_sequences=4, importance_pool=24,
+                    gating_max_targets=4, gating_max_pairs=4, batch_size=16)
 
 
 def summarize(graph: InteractionGraph, k: int = 8) -> str:
