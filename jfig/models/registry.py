@@ -25,13 +25,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: jnp.dt
     Q4_1 GGUF dequantised), a path to a .gguf file, or an HF folder with config.json and
     safetensors weights (GPT-2, Llama family, Gemma-2). Nothing is downloaded.
     """
-    if isinstance(name_or_path, str) and name_or_path.lower() in ALIASES:
-        path = default_gguf_path()
-    else:
-        path = Path(name_or_path)
-        if not path.exists():
-            raise FormatError(f"model {str(name_or_path)!r} is neither a known name ({DEFAULT_MODEL}) nor an "
-                              f"existing .gguf file or HF model folder (jfig never downloads weights)")
+    path = model_path(name_or_path)
     if path.is_dir():
         cfg, params = load_hf_folder(path)
         tokenizer = Tokenizer.from_file(path) if (path / "tokenizer.json").exists() else None
@@ -39,3 +33,15 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: jnp.dt
         cfg, params, tokenizer = load_gguf_model(path)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     return Model.from_config(cfg, params, tokenizer)
+
+
+def model_path(name_or_path: str | os.PathLike) -> Path:
+    """The file or folder a model name or path refers to: the default model's GGUF file for its
+    names, else the path itself, which must exist (FormatError otherwise; nothing is downloaded)."""
+    if isinstance(name_or_path, str) and name_or_path.lower() in ALIASES:
+        return default_gguf_path()
+    path = Path(name_or_path)
+    if not path.exists():
+        raise FormatError(f"model {str(name_or_path)!r} is neither a known name ({DEFAULT_MODEL}) nor an "
+                          f"existing .gguf file or HF model folder (jfig never downloads weights)")
+    return path

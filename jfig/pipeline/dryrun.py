@@ -23,11 +23,10 @@ from ..data import Corpus
 from ..data.corpus import JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES
 from ..errors import JfigError, SiteError
 from ..models.config import ModelConfig
-from ..models.default_model import default_gguf_path
 from ..models.gguf_loader import config_from_gguf
 from ..models.gguf_reader import read_gguf
 from ..models.hf_loader import config_from_hf
-from ..models.registry import ALIASES
+from ..models.registry import model_path
 from ..saes import DefaultSAESettings, load_sae
 from ..sites import parse_site, site_key
 from .config import load_config
@@ -118,13 +117,7 @@ def site_width(cfg: ModelConfig, site: str) -> int | None:
 def read_model_config(model: str) -> tuple[ModelConfig, bool, str]:
     """(config, has a tokenizer, description) of a model name, .gguf file or HF folder, reading only
     its config or metadata; JfigError if it cannot be found or read."""
-    if model.lower() in ALIASES:
-        path = default_gguf_path()
-    else:
-        path = Path(model)
-        if not path.exists():
-            raise JfigError(f"model {model}: no such file or folder (expected a known name such as smollm2-135m, "
-                            f"a .gguf file or an HF model folder)")
+    path = model_path(model)
     if path.is_dir():
         cfg_file = path / "config.json"
         if not cfg_file.is_file():

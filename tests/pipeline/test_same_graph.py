@@ -1,7 +1,9 @@
 """A build gives the same graph as the stored reference table: the edges (pair, kind, n) exactly and the
-numbers to float32 round-off. The reference was written before the package was split into stages
-(`python -m tests.pipeline.test_same_graph --write` rewrites it; only do that for an intended change,
-and say why in the commit)."""
+numbers to float32 round-off. The reference was first written before the package was split into
+stages (the split left it unchanged), then rewritten for intended changes of the measurements: one
+sign and unit per estimator, single-position clamps, per-site tau, saddle-point p-values and the
+gating null (`python -m tests.pipeline.test_same_graph --write` rewrites it; only do that for an
+intended change, and say why in the commit)."""
 import json
 import sys
 from pathlib import Path
@@ -42,7 +44,7 @@ def table(graph) -> dict:
 def test_build_equals_the_stored_graph(name):
     want = json.loads(EXPECTED.read_text())[name]
     got = table(build(name))
-    assert len(want["source"]) > 10                      # the reference has real edges to compare
+    assert len(want["source"]) >= 5 and "excitatory" in want["kind"]   # the reference has real edges to compare
     for k in ("source_site", "source", "target_site", "target", "kind", "n", "modulator"):
         assert got[k] == want[k], k
     np.testing.assert_allclose(got["weight"], want["weight"], rtol=1e-5, atol=1e-7)
