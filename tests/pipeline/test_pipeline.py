@@ -170,3 +170,17 @@ def test_pure_modulator_is_found_as_a_gating_hyperedge():
     first = g.edges.filter(pc.not_equal(g.edges["kind"], "gating")).to_pylist()
     assert all(r["cv"] is not None and r["gating_flag"] == (r["cv"] > g.manifest["statistics"]["gating_flag_cv"])
                for r in first)
+
+
+def test_default_alignment_is_a_prior_not_a_filter():
+    """Identity SAEs on adjacent sites: every off-diagonal pair has decoder alignment 0, and the planted
+    interactions are not aligned. The old default filter (|cos| >= 2/sqrt(d)) tested only the diagonal;
+    by default every co-active pair is tested now, and the planted edges are found."""
+    model, saes = recovery_model()
+    toks = np.random.default_rng(0).integers(0, 64, size=(64, 8))
+    g = build_graph(model, saes, toks, seq_len=8, top_k=24, progress=False)
+    assert g.manifest["statistics"]["n_tested"] >= 24 * 20
+    found, _ = _recovered(g)
+    assert {(1, 5), (2, 7), (6, 1), (7, 3)} <= set(found)          # off-diagonal: alignment 0
+    filtered = build_graph(model, saes, toks, seq_len=8, top_k=24, min_alignment=0.1, progress=False)
+    assert filtered.manifest["statistics"]["n_tested"] <= 24      # the opt-in filter keeps the diagonal only
