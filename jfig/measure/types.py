@@ -58,11 +58,7 @@ def feature_list(spec, saes: dict) -> FeatureList:
     for site in out.unique_sites():
         if site not in saes:
             raise SiteError(f"no SAE given for site {site!r}; SAEs are at {sorted(saes)}")
-        d = saes[site].d_sae
-        fs = out.features[out.at(site)]
-        if len(fs) and (fs.min() < 0 or fs.max() >= d):
-            raise JfigError(f"feature index {int(fs.max() if fs.max() >= d else fs.min())} out of range for the "
-                            f"SAE at {site} with d_sae {d}")
+        check_features(out.features[out.at(site)], saes[site].d_sae, site)
     return out
 
 
