@@ -20,7 +20,7 @@ from ..models.validation import check_saes
 from ..sites import site_key
 from .engine import CLAMP_AT, INPUT_MODES, METHODS, POSITION_MODES, READS, Plan, chunk_effects
 from .reverse import reverse_effects
-from .select import auto_chunk, choose_inputs, nonzero_quantiles
+from .select import auto_chunk, bytes_per_source, choose_inputs, nonzero_quantiles
 from .types import Effects, FeatureList, feature_list, store_stats
 
 
@@ -69,14 +69,6 @@ def clamp_levels(method, vals_np, alphas, atlas_q):
         lo = flat.mean(0)
     return (np.nan_to_num(lo).astype(np.float32), np.nan_to_num(hi, nan=1.0).astype(np.float32),
             np.nan_to_num(med, nan=np.inf).astype(np.float32))
-
-
-def _bytes_per_source(model, plan, m, s, tgt_saes) -> float:
-    cfg = model.config
-    width = (cfg.d_model * 10 + cfg.d_mlp * 3 + cfg.n_heads * s) if cfg is not None else 4096
-    width += sum(t.d_sae * 2 for t in tgt_saes)
-    levels = 2 if plan.method in ("clamp", "ablate", "mean_ablate") else 3
-    return 4.0 * levels * m * s * width
 
 
 def _mesh_put(arrays, n_dev):
@@ -169,7 +161,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         alph[rows] = np.stack([lo, hi], -1)
         in_w[rows], in_idx[rows] = wgt, idx
         S = tokens.shape[1]
-        c = chunk_size or auto_chunk(_bytes_per_source(model, plan, inputs_per_source, S, tgt_saes),
+        c = chunk_size or auto_chunk(bytes_per_source(model.config, method, inputs_per_source, S, [t.d_sae for t in tgt_saes]),
                                      memory_budget, len(rows), n_dev)
         if n_dev > 1:
             c = max(n_dev, int(math.ceil(c / n_dev)) * n_dev)

@@ -37,6 +37,27 @@ def choose_inputs(max_act: np.ndarray, threshold: np.ndarray, m: int, seed: int)
     return idx, w
 
 
+AUTO_INPUTS = 100        # inputs per source when the memory budget allows them (the definitions' M ≈ 100)
+
+
+def bytes_per_source(config, method: str, m: int, seq: int, target_widths) -> float:
+    """Working set of one source's sweep in bytes: m inputs × seq positions × the float32 widths kept
+    per position (suffix activations of `config`, 4096 when unknown, plus 2 per target SAE feature),
+    for each run level the method makes (2 for finite differences, 3 for a jvp)."""
+    width = (config.d_model * 10 + config.d_mlp * 3 + config.n_heads * seq) if config is not None else 4096
+    width += 2 * sum(int(w) for w in target_widths)
+    levels = 2 if method in ("clamp", "ablate", "mean_ablate") else 3
+    return 4.0 * levels * m * seq * width
+
+
+def affordable_inputs(config, method: str, seq: int, target_widths, memory_budget: float,
+                      cap: int = AUTO_INPUTS) -> int:
+    """The most inputs per source (at most `cap`, at least 1) whose sweep of one source fits
+    `memory_budget` bytes."""
+    one = bytes_per_source(config, method, 1, seq, target_widths)
+    return int(max(1, min(cap, memory_budget // max(one, 1.0))))
+
+
 def auto_chunk(bytes_per_source: float, budget_bytes: float, n_sources: int, n_devices: int = 1) -> int:
     """Largest chunk of sources (a multiple of n_devices) whose working set fits the budget."""
     c = max(1, int(budget_bytes // max(bytes_per_source, 1.0)))

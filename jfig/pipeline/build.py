@@ -17,8 +17,9 @@ import numpy as np
 from ..data import looks_like_tokens, tokens_from
 from ..data.files import fingerprint
 from ..graph import InteractionGraph, NodeInfo, assemble_graph
+from ..measure import AUTO_INPUTS
 from ..models.validation import check_saes
-from .options import BuildOptions
+from .options import BuildOptions, format_bytes
 from .stages import (GATING_FLAG_CV, PAIR_KEYS, atlas_stage, candidates_stage, first_order_edges, gating_edges,
                      gating_stage, measure_blocks, smallest_pvalue)
 from .state import RunState
@@ -65,6 +66,10 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     else:
         tokens = tokens_from(tokens_or_corpus, model, opts.seq_len, seed=opts.seed,
                              max_tokens=opts.max_sequences * opts.seq_len)[: opts.max_sequences]
+    if opts.inputs_per_source is None:
+        opts = opts.with_inputs_resolved(model.config, [x.d_sae for x in saes.values()], tokens.shape[1])
+        log.info("inputs_per_source: %d (what memory_budget %s allows per source, up to %d)",
+                 opts.inputs_per_source, format_bytes(opts.memory_budget), AUTO_INPUTS)
     fp = {"options": opts.to_dict(), "tokens": fingerprint(tokens.tobytes()),
           "saes": {s: sae_fingerprint(x) for s, x in sorted(saes.items())},
           "model": repr(model.config) if model.config is not None else str(model.sites)}

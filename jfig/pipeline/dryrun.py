@@ -263,6 +263,7 @@ def plan_build(config_path: str | Path) -> BuildPlan:
         plan.notes.append(f"out: {check_out(plan.out)}")
     except JfigError as e:
         plan.problems.append(str(e))
+    plan.options = opts.with_inputs_resolved(plan.model_config, [s.d_sae for s in plan.saes], opts.seq_len)
     return plan
 
 

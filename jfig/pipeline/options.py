@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import OptionError
-from ..measure import CLAMP_AT, IMPORTANCE_KINDS, INPUT_MODES, METHODS, POSITION_MODES, READS
+from ..measure import (AUTO_INPUTS, CLAMP_AT, IMPORTANCE_KINDS, INPUT_MODES, METHODS, POSITION_MODES, READS,
+                       affordable_inputs)
 from ..stats import CORRECTIONS
 
-PVALUE_METHODS = ("saddlepoint", "normal", "permutation")
+PVALUE_METHODS = ("robust", "saddlepoint", "normal", "permutation")
 GATING_ESTIMATORS = ("mixed", "factorial")
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -195,7 +196,10 @@ class MeasureOptions(StageOptions):
     inputs: str = option("source", Check("choice", choices=INPUT_MODES),
                          "inputs of a pair: every input where the source fires ('source'), or only those where "
                          "the target is active too ('target_active')")
-    inputs_per_source: int = option(32, INT1, "inputs (sequences where the source fires) per source feature")
+    inputs_per_source: int | None = option(
+        None, Check("int", lo=1, none=f"as many as memory_budget allows for one source, up to {AUTO_INPUTS}"),
+        "inputs (sequences where the source fires) per source feature; more inputs resolve smaller "
+        "p-values and make the tests hold their level when per-input effects are skewed")
     block_size: int = option(8, INT1, "source features per resumable block")
     null_every: int = option(2, INT0, "random-direction control on every n-th block (0: none, tau = 0)")
     memory_budget: float = option(2e9, Check("bytes"), "memory a measurement chunk may use, in bytes: a number "
@@ -211,9 +215,12 @@ class SignificanceOptions(StageOptions):
                              "multiple-testing correction: bonferroni, bh (FDR) or none")
     tau_quantile: float = option(0.99, Check("float", lo=0, hi=1), "quantile of random-direction |effects| "
                                                                     "an edge must exceed (tau)")
-    pvalue: str = option("saddlepoint", Check("choice", choices=PVALUE_METHODS),
-                         "sign-flip test p-values: 'saddlepoint' tail (exact for few inputs; no floor above "
-                         "what the inputs allow), 'normal' approximation or Monte-Carlo 'permutation'")
+    pvalue: str = option("robust", Check("choice", choices=PVALUE_METHODS),
+                         "p-values of first-order and gating effects: 'robust' (the larger of the sign-flip "
+                         "saddle-point p-value and the skewness-corrected t test: holds its level when per-input "
+                         "effects are skewed), the sign-flip test's 'saddlepoint' tail (exact for few inputs; no "
+                         "floor above what the inputs allow), its 'normal' approximation or Monte-Carlo "
+                         "'permutation'")
     n_perm: int = option(1000, INT1, "sign flips for pvalue = 'permutation'")
 
 
@@ -358,6 +365,15 @@ class BuildOptions(StageOptions):
         """Flat {name: value} of every option (JSON-serialisable; `from_dict` reads it back). The graph
         manifest and the build folder's fingerprint store this."""
         return {name: getattr(getattr(self, stage) if stage else self, f) for name, (stage, f) in FLAT.items()}
+
+    def with_inputs_resolved(self, config, target_widths, seq: int) -> "BuildOptions":
+        """These options with inputs_per_source = None replaced by what `memory_budget` allows for one
+        source (`affordable_inputs`, up to AUTO_INPUTS) at sequence length `seq`, for a model of
+        `config` whose target SAEs have `target_widths` features; unchanged when it is set."""
+        if self.inputs_per_source is not None:
+            return self
+        n = affordable_inputs(config, self.method, seq, target_widths, self.memory_budget)
+        return self.replace(inputs_per_source=n)
 
     def replace(self, **flat: Any) -> "BuildOptions":
         """A copy with some options changed (flat names)."""

@@ -9,7 +9,7 @@
                       the inputs allow
     gating_stage      second-order tests (source, modulator -> target) for targets with a significant
                       input, with the random-modulator null on every triple  -> gating.npz
-    gating_edges      significance of every tested triple (t test, tau_gate from the null)
+    gating_edges      significance of every tested triple (the first-order test, tau_gate from the null)
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from ..graph import EdgeRecords
 from ..measure import feature_importance, measure_effects, measure_gating
 from ..sites import site_key
 from ..stats import (decide, label_permutation_pvalue, min_attainable_pvalue, min_inputs_for_pvalue, null_threshold,
-                     sign_flip_normal_pvalues, sign_flip_pvalues, sign_flip_saddlepoint_pvalues, site_thresholds,
-                     t_pvalues)
+                     robust_pvalues, sign_flip_normal_pvalues, sign_flip_pvalues, sign_flip_saddlepoint_pvalues,
+                     site_thresholds)
 from .options import BuildOptions
 from .state import RunState
 
@@ -87,13 +87,16 @@ def plan_sources(pairs: dict, max_sources: int | None) -> list[tuple[str, int, d
     return [(ss, s, {t: sorted(v) for t, v in by_src[(ss, s)].items()}) for ss, s in order]
 
 
-def pvalues(eff, opts: BuildOptions, seed: int) -> np.ndarray:
-    """Sign-flip p-values [n_sources, n_targets] of a block by the `pvalue` option."""
+def pvalues(per_input, weights, opts: BuildOptions, seed: int) -> np.ndarray:
+    """p-values [rows, n_targets] of mean effect = 0 from per-input effects [rows, M, n_targets] and
+    weights [rows, M] (or [rows, M, n_targets]) by the `pvalue` option; first-order and gating alike."""
     if opts.pvalue == "permutation":
-        return sign_flip_pvalues(eff.per_input, eff.weights, n_perm=opts.n_perm, seed=seed)
+        return sign_flip_pvalues(per_input, weights, n_perm=opts.n_perm, seed=seed)
     if opts.pvalue == "normal":
-        return sign_flip_normal_pvalues(eff.per_input, eff.weights)
-    return sign_flip_saddlepoint_pvalues(eff.per_input, eff.weights)
+        return sign_flip_normal_pvalues(per_input, weights)
+    if opts.pvalue == "saddlepoint":
+        return sign_flip_saddlepoint_pvalues(per_input, weights)
+    return robust_pvalues(per_input, weights)
 
 
 def smallest_pvalue(rec: dict) -> float:
@@ -132,7 +135,7 @@ def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: 
               atlas=atlas, batch_size=opts.batch_size, memory_budget=opts.memory_budget, seed=opts.seed + index,
               progress=False)
     eff = measure_effects(model, saes, sources, tokens, keep_per_input=True, **kw)
-    p = pvalues(eff, opts, opts.seed + index)
+    p = pvalues(eff.per_input, eff.weights, opts, opts.seed + index)
     null = None
     if opts.null_every and index % opts.null_every == 0:
         null = measure_effects(model, saes, sources, tokens, direction="random", **kw).mean
@@ -263,10 +266,11 @@ def gating_pairs(sig: dict, atlas: Atlas, opts: BuildOptions, sites: tuple[str, 
 
 
 def gating_pvalues(g, opts: BuildOptions) -> np.ndarray:
-    """p-values [n_pairs, n_targets]: Student's t on the per-input values (mixed, factorial), or the
-    label-permutation test of k active vs inactive (conditional)."""
+    """p-values [n_pairs, n_targets]: the first-order test (the `pvalue` option) on the per-input values
+    (mixed, factorial: under no gating, reversing the modulator's edit flips each input's sign), or
+    the label-permutation test of k active vs inactive (conditional)."""
     if g.method != "conditional":
-        return t_pvalues(g.mean, g.var, g.n)
+        return pvalues(g.per_input, g.input_weight, opts, opts.seed)
     p = np.full(g.mean.shape, np.nan)
     for r in range(len(g.pairs)):
         w = g.input_weight[r] > 0
@@ -285,7 +289,7 @@ def gating_stage(model, saes, tokens, atlas: Atlas, sig: dict, opts: BuildOption
     kw = dict(method=opts.gating_method, positions=opts.positions, clamp_at=opts.clamp_at, read=opts.read,
               atlas=atlas, inputs_per_pair=opts.inputs_per_source, batch_size=opts.batch_size, seed=opts.seed)
     for (ts, t), pairs in gating_pairs(sig, atlas, opts, model.sites):
-        g = measure_gating(model, saes, pairs, tokens, targets={ts: [t]}, **kw)
+        g = measure_gating(model, saes, pairs, tokens, targets={ts: [t]}, keep_per_input=True, **kw)
         null = measure_gating(model, saes, pairs, tokens, targets={ts: [t]}, direction="random", **kw).mean[:, 0] \
             if opts.gating_method != "conditional" else np.full(len(pairs), np.nan)
         p = gating_pvalues(g, opts)[:, 0]

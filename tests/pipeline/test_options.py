@@ -61,7 +61,7 @@ def test_bad_values_name_option_and_expectation(options, message):
     ("correction", "'bonferroni', 'bh', 'none'"),
     ("importance", "'loss', 'kl', 'attribution', 'rate'"),
     ("gating_method", "'mixed', 'factorial'"),
-    ("pvalue", "'saddlepoint', 'normal', 'permutation'"),
+    ("pvalue", "'robust', 'saddlepoint', 'normal', 'permutation'"),
 ])
 def test_choices_list_the_valid_values(name, valid):
     assert f"option {name} must be one of {valid}, got 'bogus'" in _err(**{name: "bogus"})

@@ -4,11 +4,12 @@ import json
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from scipy.stats import binom
 
 import jfig
 from jfig.pipeline import build_graph
 from tests.support.planted_graph import (EXCITATORY, MOD_I, MOD_J, MOD_K, SRC, curvature_model, modulator_model,
-                                        null_model, recovery_model, truth)
+                                        null_model, recovery_model, skewed_null_model, truth)
 
 FAST = dict(seq_len=8, top_k=24, min_alignment=0.0, progress=False)
 
@@ -46,6 +47,27 @@ def test_null_model_is_calibrated(alpha):
     assert g.n_edges / n <= alpha + slack
     strict = build_graph(model, saes, toks, max_sequences=256, gating=False, null_every=0, **FAST)
     assert strict.n_edges / n <= 0.01
+
+
+def test_family_wise_error_with_skewed_effects():
+    """No interaction anywhere, per-input clamp effects skewed (centred exponentials): over 16 token
+    samples, Bonferroni at α = 0.05 over all 576 pairs (tau off, so only the p-values decide) may give
+    an edge in no more builds than a binomial(16, α) allows. The default p-value holds this; the
+    sign-flip tail alone, exact only for symmetric effects, does not (7 of 16 when written)."""
+    alpha, draws = 0.05, 16
+    model, saes = skewed_null_model()
+    errors = {"robust": 0, "saddlepoint": 0}
+    for pvalue in errors:
+        for draw in range(draws):
+            toks = np.random.default_rng(50 + draw).integers(0, 512, size=(256, 8))
+            g = build_graph(model, saes, toks, alpha=alpha, null_every=0, gating=False, pvalue=pvalue, seed=draw,
+                            **FAST)
+            assert g.manifest["statistics"]["n_tested"] == 24 * 24
+            assert g.manifest["options"]["inputs_per_source"] == 100        # the default: M toward 100
+            errors[pvalue] += int(g.n_edges > 0)
+    limit = binom.ppf(0.99, draws, alpha)
+    assert errors["robust"] <= limit, errors
+    assert errors["saddlepoint"] > limit, errors
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):

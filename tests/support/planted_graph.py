@@ -110,6 +110,29 @@ def curvature_model(vocab=64, seed=0):
     return _wrap(apply, params, vocab)
 
 
+def skewed_null_model(vocab=512, seed=0):
+    """Like `null_model`, but g_ij(token) is a centred exponential (skewness ±2, the sign drawn per
+    pair), exactly mean zero over the tokens on which source i fires: every clamp effect has mean
+    zero over uniform tokens, while the per-input effects are skewed rather than symmetric."""
+    rng = np.random.default_rng(seed + 11)
+    x = np.zeros((vocab, D), np.float32)
+    g = np.empty((vocab, D, D), np.float32)
+    for i in range(D):
+        on = rng.permutation(vocab)[: vocab // 2]
+        x[on, i] = 1.5
+        v = rng.exponential(1.0, (vocab, D)) * rng.choice([-1.0, 1.0], size=D)
+        v[on] -= v[on].mean(0)
+        g[:, i, :] = v
+    params = {"X": jnp.asarray(x), "G": jnp.asarray(g), "U": jax.random.normal(jax.random.PRNGKey(seed), (D, vocab))}
+
+    def apply(p, tokens, hook):
+        x = hook(SRC, p["X"][tokens])
+        t = 40.0 + jnp.einsum("bsi,bsij->bsj", x, p["G"][tokens])     # > 0 always: ReLU never clips
+        return hook(TGT, t) @ p["U"]
+
+    return _wrap(apply, params, vocab)
+
+
 MOD_I, MOD_K, MOD_J = 0, 1, 2     # source, pure modulator, target of `modulator_model`
 
 
