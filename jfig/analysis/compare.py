@@ -18,7 +18,7 @@ from scipy import stats as sps
 from ..errors import JfigError
 from ..measure import METHODS, Effects, measure_effects
 from ..models.validation import check_saes
-from ..stats import CORRECTIONS, adjust, sign_flip_normal_pvalues
+from ..stats import CORRECTIONS, adjust, robust_pvalues
 
 CONTEXT_TOKENS = 6        # tokens shown on each side of the clamped position
 WORST_INPUTS = 3          # inputs listed per disagreeing pair
@@ -133,18 +133,12 @@ def _jsonable(v):
 
 
 def effect_pvalues(eff: Effects) -> np.ndarray:
-    """Two-sided sign-flip p-values [n_sources, n_targets] (normal approximation) from per-input values.
-
-    With per-pair input weights (inputs="target_active", binary) the weights are folded into the
-    values: Σ w e and Σ w e² are unchanged for w ∈ {0, 1}."""
+    """Two-sided p-values [n_sources, n_targets] from per-input values, by the build's default test
+    (`jfig.stats.robust_pvalues`: sign-flip saddle-point tail and skewness-corrected t), with the
+    input weights of each pair (per pair when inputs="target_active")."""
     if eff.per_input is None:
         raise JfigError("effect_pvalues needs per-input values (measure with keep_per_input=True)")
-    if eff.pair_weight is None:
-        p = sign_flip_normal_pvalues(eff.per_input, eff.input_weight)
-    else:
-        w = eff.pair_weight
-        p = sign_flip_normal_pvalues(eff.per_input * w, (w.max(-1) > 0).astype(np.float32))
-        p = np.where(w.sum(1) > 0, p, np.nan)
+    p = robust_pvalues(eff.per_input, eff.weights)
     return np.where(np.isfinite(eff.mean), p, np.nan)
 
 

@@ -281,23 +281,37 @@ def gating_pvalues(g, opts: BuildOptions) -> np.ndarray:
 def gating_stage(model, saes, tokens, atlas: Atlas, sig: dict, opts: BuildOptions, state: RunState) -> dict:
     """Second-order tests of the triples `gating_pairs` selects, measured like the first-order pairs
     (the build's positions, clamp_at, read and atlas α levels), each also with the modulator's direction
-    replaced by a random one of the same norm (the null for tau_gate). Resumable."""
+    replaced by a random one of the same norm (the null for tau_gate). Every (source, modulator) pair
+    is measured once, on all gating targets together (one compiled sweep per site pair, not one per
+    target); each triple reads its own target. Resumable."""
     saved = state.load_npz("gating.npz")
     if saved is not None and all(k in saved for k in GATE_KEYS):
         return saved
     rec = {k: [] for k in GATE_KEYS}
-    kw = dict(method=opts.gating_method, positions=opts.positions, clamp_at=opts.clamp_at, read=opts.read,
-              atlas=atlas, inputs_per_pair=opts.inputs_per_source, batch_size=opts.batch_size, seed=opts.seed)
-    for (ts, t), pairs in gating_pairs(sig, atlas, opts, model.sites):
-        g = measure_gating(model, saes, pairs, tokens, targets={ts: [t]}, keep_per_input=True, **kw)
-        null = measure_gating(model, saes, pairs, tokens, targets={ts: [t]}, direction="random", **kw).mean[:, 0] \
-            if opts.gating_method != "conditional" else np.full(len(pairs), np.nan)
-        p = gating_pvalues(g, opts)[:, 0]
-        for n, ((ss, a), (ks, b)) in enumerate(pairs):
-            for k, v in (("source_site", ss), ("source", a), ("modulator_site", ks), ("modulator", b),
-                         ("target_site", ts), ("target", t), ("mean", g.mean[n, 0]), ("var", g.var[n, 0]),
-                         ("n", g.n[n, 0]), ("p_value", p[n]), ("null_mean", null[n])):
-                rec[k].append(v)
+    triples = gating_pairs(sig, atlas, opts, model.sites)
+    if triples:
+        kw = dict(method=opts.gating_method, positions=opts.positions, clamp_at=opts.clamp_at, read=opts.read,
+                  atlas=atlas, inputs_per_pair=opts.inputs_per_source, batch_size=opts.batch_size, seed=opts.seed)
+        pairs = list(dict.fromkeys(pair for _, prs in triples for pair in prs))
+        targets: dict[str, list[int]] = {}
+        for (ts, t), _ in triples:
+            targets.setdefault(ts, []).append(t)
+        targets = {ts: sorted(set(v)) for ts, v in targets.items()}
+        g = measure_gating(model, saes, pairs, tokens, targets=targets, keep_per_input=True, **kw)
+        null = measure_gating(model, saes, pairs, tokens, targets=targets, direction="random", **kw).mean \
+            if opts.gating_method != "conditional" else np.full(g.mean.shape, np.nan)
+        p = gating_pvalues(g, opts)
+        row = {pair: r for r, pair in enumerate(pairs)}
+        col = {(ts, t): c for c, (ts, t) in enumerate(g.targets)}
+        for (ts, t), prs in triples:
+            c = col[(ts, t)]
+            for pair in prs:
+                r = row[pair]
+                (ss, a), (ks, b) = pair
+                for k, v in (("source_site", ss), ("source", a), ("modulator_site", ks), ("modulator", b),
+                             ("target_site", ts), ("target", t), ("mean", g.mean[r, c]), ("var", g.var[r, c]),
+                             ("n", g.n[r, c]), ("p_value", p[r, c]), ("null_mean", null[r, c])):
+                    rec[k].append(v)
     rec = {k: np.asarray(v) for k, v in rec.items()}
     state.save_npz("gating.npz", rec)
     return rec
