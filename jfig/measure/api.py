@@ -32,16 +32,19 @@ def default_targets(saes: dict, source_sites) -> FeatureList:
     return feature_list(spec, saes)
 
 
-def prefix_pass(model, src_sae, feats, tokens, batch_size: int, builtin: bool):
-    """Source-site activations [N, S, d], the residual a suffix needs, and the sources' values [N, S, n]."""
-    acts, resids, vals = [], [], []
+def prefix_pass(model, src_sae, feats, tokens, batch_size: int, builtin: bool, cache: bool = False):
+    """Source-site activations [N, S, d], the residual a suffix needs, the sources' values [N, S, n] and,
+    with `cache`, the clean keys/values of every layer and position (KVCache, [L, N, S, g, e] each;
+    else None)."""
+    acts, resids, vals, kvs = [], [], [], []
     cols = jnp.asarray(feats)
     site = src_sae.site
     for b in range(0, tokens.shape[0], batch_size):
         tb = tokens[b: b + batch_size]
         if builtin:
-            pre = model.prefix(tb, site)
+            pre = model.prefix(tb, site, cache=cache)
             a, r = pre.acts, pre.resid
+            kvs.append(pre.cache)
         else:
             a, r = model.run(tb, capture=(site,), stop_at=site).cache[site], None
         if not bool(jnp.isfinite(a).all()):
@@ -50,7 +53,10 @@ def prefix_pass(model, src_sae, feats, tokens, batch_size: int, builtin: bool):
         resids.append(r)
         vals.append(jnp.take(src_sae.encode(a), cols, axis=-1))
     resid = None if resids[0] is None else jnp.concatenate(resids)
-    return jnp.concatenate(acts), resid, jnp.concatenate(vals)
+    kv = None
+    if cache and builtin:
+        kv = type(kvs[0])(jnp.concatenate([c.k for c in kvs], axis=1), jnp.concatenate([c.v for c in kvs], axis=1))
+    return jnp.concatenate(acts), resid, jnp.concatenate(vals), kv
 
 
 def clamp_levels(method, vals_np, alphas, atlas_q):
@@ -83,7 +89,8 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
                     read: str = "post", inputs: str = "source",
                     batch_size: int = 32, memory_budget: float = 2e9, chunk_size: int | None = None,
                     keep_per_input: bool = False, devices: int | None = None, seed: int = 0,
-                    direction: str = "decoder", mode: str = "auto", progress: bool = True) -> Effects:
+                    direction: str = "decoder", mode: str = "auto", sparse: bool = True,
+                    progress: bool = True) -> Effects:
     """Effects of each source feature on every target feature, averaged over inputs.
 
     model: a jfig Model; saes: SAEs (list or {site: SAE}); sources: (site, feature) pairs or
@@ -101,6 +108,9 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
     mode (Jacobian methods): "forward" (one jvp per source), "reverse" (one vjp per target and
     position, shared by all sources) or "auto" (reverse when n_targets × seq < n_sources).
     direction: "decoder" (d_i) or "random" (a random direction with d_i's norm: the null control).
+    sparse: with positions="same" and clamp_at="single" on a built-in model, run only the clamped
+    token through the suffix, attending to the clean keys/values of earlier positions (the same
+    numbers as the full suffix, about seq_len times less suffix work); False runs every position.
     positions: "same" (read where the source was clamped), "later" (only at later, unclamped
     positions), "all" (every position from the first clamp on). Each source is measured on up
     to `inputs_per_source` inputs where it fires above its median; α levels default to its
@@ -150,9 +160,13 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         tcols_idx = [tgt.at(s) for s in tsites]
         tcols = tuple(jnp.asarray(tgt.features[c], jnp.int32) for c in tcols_idx)
         tgt_saes = tuple(saes[s] for s in tsites)
-        plan = Plan(site, tsites, method, positions, clamp_at, builtin, direction, seed, read, inputs)
+        plan = Plan(site, tsites, method, positions, clamp_at, builtin, direction, seed, read, inputs, sparse)
         feats = src.features[rows]
-        acts, resid, vals = prefix_pass(model, saes[site], feats, tokens, batch_size, builtin)
+        n_t = sum(len(c) for c in tcols_idx)
+        use_reverse = method.startswith("jacobian") and direction == "decoder" and inputs == "source" and (
+            mode == "reverse" or (mode == "auto" and n_t * tokens.shape[1] < len(rows)))
+        acts, resid, vals, kv = prefix_pass(model, saes[site], feats, tokens, batch_size, builtin,
+                                            cache=plan.position_sparse and not use_reverse)
         vals_np = np.asarray(vals)
         atlas_q = atlas.alpha_levels(site)[feats] if atlas is not None else None   # [n, 3]: 10/50/90 %
         a_rows = None if alphas is None else (np.asarray(alphas) if np.ndim(alphas) <= 1 else np.asarray(alphas)[rows])
@@ -161,15 +175,13 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         alph[rows] = np.stack([lo, hi], -1)
         in_w[rows], in_idx[rows] = wgt, idx
         S = tokens.shape[1]
-        c = chunk_size or auto_chunk(bytes_per_source(model.config, method, inputs_per_source, S, [t.d_sae for t in tgt_saes]),
+        c = chunk_size or auto_chunk(bytes_per_source(model.config, method, inputs_per_source, S,
+                                                      [t.d_sae for t in tgt_saes], sparse=kv is not None),
                                      memory_budget, len(rows), n_dev)
         if n_dev > 1:
             c = max(n_dev, int(math.ceil(c / n_dev)) * n_dev)
         toks_all = None if builtin else tokens
         order = np.concatenate([np.concatenate(tcols_idx)])
-        n_t = sum(len(c) for c in tcols_idx)
-        use_reverse = method.startswith("jacobian") and direction == "decoder" and inputs == "source" and (
-            mode == "reverse" or (mode == "auto" and n_t * S < len(rows)))
         if use_reverse:
             n, mu, m2, e, wv = reverse_effects(model, plan, saes[site], tgt_saes, tcols, acts, resid, toks_all, vals,
                                                feats, idx, wgt, batch=min(8, batch_size))
@@ -186,7 +198,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
             args = _mesh_put([jnp.asarray(idx[pad]), jnp.asarray(wpad), jnp.asarray(pad, jnp.int32),
                               jnp.asarray(feats[pad], jnp.int32), jnp.asarray(lo[pad]), jnp.asarray(hi[pad])], n_dev)
             n, mu, m2, e, w2, frac = chunk_effects(model, plan, saes[site], tgt_saes, tcols, acts, resid, toks_all,
-                                                   vals, *args, keep_per_input)
+                                                   vals, *args, keep_per_input, kv)
             n, mu, m2 = np.asarray(n)[: len(sl)], np.asarray(mu)[: len(sl)], np.asarray(m2)[: len(sl)]
             r = rows[sl]
             store_stats(mean, var, count, r, order, n, mu, m2)

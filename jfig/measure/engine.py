@@ -50,6 +50,15 @@ class Plan:
     direction_seed: int = 0
     read: str = "post"
     inputs: str = "source"
+    sparse: bool = True               # run only the clamped position where that gives the same numbers
+
+    @property
+    def position_sparse(self) -> bool:
+        """Whether the suffix runs only the clamped token: a built-in model (a key/value cache of the
+        clean run), one clamp position per input and targets read there. With causal attention the
+        positions before the clamp are unchanged at every layer, so the clamped token attending to
+        their cached keys/values gives exactly the full suffix's values at that position."""
+        return self.sparse and self.builtin and self.clamp_at == "single" and self.positions == "same"
 
     @property
     def needs_clean(self) -> bool:
@@ -100,11 +109,13 @@ def read_targets(plan: Plan, saes: tuple, tcols: tuple, cache: dict, rmask):
     return jnp.concatenate(vals, axis=-1), jnp.concatenate(act, axis=-1).astype(jnp.float32)
 
 
-def run_targets(model, plan: Plan, acts, resid, tokens, delta):
-    """Target-site activations after adding `delta` [M, S, d] at the source site."""
+def run_targets(model, plan: Plan, acts, resid, tokens, delta, kv=None, positions=None):
+    """Target-site activations after adding `delta` [M, S, d] at the source site. Position-sparse
+    (kv: the clean KVCache [L, M, T, g, e], positions [M, S] the absolute positions of the S rows):
+    only those rows run, attending to the cached keys/values of earlier positions."""
     if plan.builtin:
-        out = model.run_suffix(Prefix(plan.source_site, acts + delta, resid), capture=plan.target_sites,
-                               stop_at=plan.stop_site, freeze=plan.freeze)
+        out = model.run_suffix(Prefix(plan.source_site, acts + delta, resid, kv), capture=plan.target_sites,
+                               stop_at=plan.stop_site, freeze=plan.freeze, positions=positions)
     else:
         out = model.run(tokens, edits=(Steer(plan.source_site, delta, 1.0),), capture=plan.target_sites,
                         stop_at=plan.stop_site, freeze=plan.freeze)
@@ -122,12 +133,32 @@ def random_direction(direction, feature, seed: int):
     return norms.reshape(lead + (1,) * (direction.ndim - 2)) * r
 
 
-def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tokens, fi, feature, alpha_lo, alpha_hi):
+def at_clamp_position(fi, *arrays):
+    """The position-sparse view of one input batch: the clamp position p [M] (the source's strongest,
+    as clamp_mask "single" picks it) and each array [M, S, ...] (None passes through) at p, as
+    [M, 1, ...]."""
+    p = jnp.argmax(fi, axis=-1)
+    rows = jnp.arange(fi.shape[0])
+    return p, tuple(None if a is None else a[rows, p][:, None] for a in arrays)
+
+
+def input_cache(kv_all, i):
+    """The clean KVCache of inputs i [M] from the prefix cache kv_all ([L, N, T, g, e] each), or None."""
+    return None if kv_all is None else type(kv_all)(kv_all.k[:, i], kv_all.v[:, i])
+
+
+def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tokens, fi, feature, alpha_lo, alpha_hi,
+                   kv=None):
     """Per-input effects of one source on all targets: (slopes [M, n_t], valid [M], active [M, n_t]).
 
     acts [M, S, d] source-site activations, fi [M, S] the source's activation. `active` says where
-    each target was active in the clean run (NaN when the method makes no clean run).
+    each target was active in the clean run (NaN when the method makes no clean run). With
+    plan.position_sparse and kv (the inputs' clean KVCache) only the clamped token is run.
     """
+    positions = None
+    if plan.position_sparse:
+        p, (acts, resid, fi) = at_clamp_position(fi, acts, resid, fi)
+        positions = p[:, None]
     extra = (1,) * (acts.ndim - 3)                          # hook_z sites: [M, S, heads, d_head]
     cm = clamp_mask(fi, plan.clamp_at)
     rm = read_mask(cm, plan.positions)
@@ -143,7 +174,8 @@ def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tok
     unknown = jnp.full((acts.shape[0], sum(len(c) for c in tcols)), jnp.nan)
 
     def values(delta):
-        return read_targets(plan, tgt_saes, tcols, run_targets(model, plan, acts, resid, tokens, delta), rm)
+        return read_targets(plan, tgt_saes, tcols, run_targets(model, plan, acts, resid, tokens, delta, kv, positions),
+                            rm)
 
     def delta_at(alpha):
         return (cmx * (alpha - fix))[..., None] * direction
@@ -184,13 +216,14 @@ def pair_weights(plan: Plan, w, active):
 
 @eqx.filter_jit
 def chunk_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts_all, resid_all, tokens_all, fvals_all,
-                  idx, weight, cols, feats, alpha_lo, alpha_hi, keep_per_input: bool):
+                  idx, weight, cols, feats, alpha_lo, alpha_hi, keep_per_input: bool, kv_all=None):
     """A chunk of C sources: (n [C, T], mean [C, T], m2 [C, T], per_input [C, M, T] or None,
     pair weights [C, M, T] or None, target-active fraction [C, T]).
 
     idx/weight [C, M] pick each source's inputs from the cached prefix (acts_all [N, S, d]);
     cols [C] index the source's column in fvals_all [N, S, n_src]. Statistics are accumulated
-    with weights so padded inputs and inputs with nothing to read count for nothing.
+    with weights so padded inputs and inputs with nothing to read count for nothing. kv_all: the
+    clean KVCache of every input ([L, N, S, g, e]) for a position-sparse plan, else None.
     """
 
     def one(i, w, col, feat, lo, hi):
@@ -198,7 +231,8 @@ def chunk_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts_all, resid_a
         resid = None if resid_all is None else resid_all[i]
         toks = None if tokens_all is None else tokens_all[i]
         fi = fvals_all[i, :, col]
-        e, valid, active = source_effects(model, plan, src_sae, tgt_saes, tcols, acts, resid, toks, fi, feat, lo, hi)
+        e, valid, active = source_effects(model, plan, src_sae, tgt_saes, tcols, acts, resid, toks, fi, feat, lo, hi,
+                                          input_cache(kv_all, i))
         wv = w * valid                                              # [M]
         w2 = pair_weights(plan, wv, active)                         # [M, T]
         frac = (wv[:, None] * active).sum(0) / jnp.maximum(wv.sum(), 1.0)

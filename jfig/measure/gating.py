@@ -39,8 +39,8 @@ from ..errors import JfigError
 from ..models.model import Prefix
 from ..models.validation import saes_by_site
 from .api import clamp_levels, measure_effects, prefix_pass
-from .engine import (CLAMP_AT, POSITION_MODES, READS, Plan, clamp_mask, random_direction, read_mask, read_targets,
-                     run_targets, weighted_stats)
+from .engine import (CLAMP_AT, POSITION_MODES, READS, Plan, at_clamp_position, clamp_mask, input_cache,
+                     random_direction, read_mask, read_targets, run_targets, weighted_stats)
 from .select import choose_inputs
 from .types import FeatureList, feature_list, store_stats
 
@@ -104,7 +104,7 @@ def _k_direction(sae, feat, stats, shape, direction, seed):
 
 
 def _same_site_values(model, plan, sae, tgt_saes, tcols, acts, resid, toks, fi, fk, fi_feat, fk_feat, lo_i, hi_i,
-                      lo_k, hi_k, method, direction, seed):
+                      lo_k, hi_k, method, direction, seed, kv=None, positions=None):
     cm = clamp_mask(fi, plan.clamp_at)
     rm = read_mask(cm, plan.positions)
     stats = sae.encode_with_stats(acts)[1]
@@ -113,7 +113,8 @@ def _same_site_values(model, plan, sae, tgt_saes, tcols, acts, resid, toks, fi, 
     valid = (rm.sum(-1) > 0).astype(jnp.float32)
 
     def values(delta):
-        return read_targets(plan, tgt_saes, tcols, run_targets(model, plan, acts, resid, toks, delta), rm)[0]
+        return read_targets(plan, tgt_saes, tcols, run_targets(model, plan, acts, resid, toks, delta, kv, positions),
+                            rm)[0]
 
     if method == "mixed":
         ti, tk = cm[..., None] * di, cm[..., None] * dk
@@ -131,7 +132,7 @@ def _same_site_values(model, plan, sae, tgt_saes, tcols, acts, resid, toks, fi, 
 
 
 def _cross_site_values(model, plan, sae_k, sae_i, tgt_saes, tcols, acts, resid, toks, fi, fk, fi_feat, fk_feat,
-                       lo_i, hi_i, lo_k, hi_k, method, direction, seed):
+                       lo_i, hi_i, lo_k, hi_k, method, direction, seed, kv=None, positions=None):
     """k edited at its (earlier) site plan.source_site, then i set at its own site on the edited run."""
     cm = clamp_mask(fi, plan.clamp_at)
     rm = read_mask(cm, plan.positions)
@@ -141,8 +142,8 @@ def _cross_site_values(model, plan, sae_k, sae_i, tgt_saes, tcols, acts, resid, 
     def values(delta_k, value_i):
         edit = SetFeature(sae_i, fi_feat, value_i, cm)
         if plan.builtin:
-            out = model.run_suffix(Prefix(plan.source_site, acts + delta_k, resid), edits=(edit,),
-                                   capture=plan.target_sites, stop_at=plan.stop_site)
+            out = model.run_suffix(Prefix(plan.source_site, acts + delta_k, resid, kv), edits=(edit,),
+                                   capture=plan.target_sites, stop_at=plan.stop_site, positions=positions)
         else:
             out = model.run(toks, edits=(Steer(plan.source_site, delta_k, 1.0), edit), capture=plan.target_sites,
                             stop_at=plan.stop_site)
@@ -167,18 +168,22 @@ def _cross_site_values(model, plan, sae_k, sae_i, tgt_saes, tcols, acts, resid, 
 
 @eqx.filter_jit
 def _gating_chunk(model, plan, sae_k, sae_i, tgt_saes, tcols, acts_all, resid_all, toks_all, vals_i, vals_k, idx,
-                  weight, ci, ck, fi_feat, fk_feat, lo_i, hi_i, lo_k, hi_k, method, direction, seed):
+                  weight, ci, ck, fi_feat, fk_feat, lo_i, hi_i, lo_k, hi_k, method, direction, seed, kv_all=None):
     def one(i, w, a, b, fa, fb, l1, h1, l2, h2):
         acts = acts_all[i]
         resid = None if resid_all is None else resid_all[i]
         toks = None if toks_all is None else toks_all[i]
+        fi, fk = vals_i[i, :, a], vals_k[i, :, b]
+        kv, positions = input_cache(kv_all, i), None
+        if plan.position_sparse:       # only i's clamp position runs (engine.at_clamp_position)
+            p, (acts, resid, fi, fk) = at_clamp_position(fi, acts, resid, fi, fk)
+            positions = p[:, None]
         if sae_i is None:
-            e, valid = _same_site_values(model, plan, sae_k, tgt_saes, tcols, acts, resid, toks, vals_i[i, :, a],
-                                         vals_k[i, :, b], fa, fb, l1, h1, l2, h2, method, direction, seed)
+            e, valid = _same_site_values(model, plan, sae_k, tgt_saes, tcols, acts, resid, toks, fi, fk, fa, fb, l1,
+                                         h1, l2, h2, method, direction, seed, kv, positions)
         else:
-            e, valid = _cross_site_values(model, plan, sae_k, sae_i, tgt_saes, tcols, acts, resid, toks,
-                                          vals_i[i, :, a], vals_k[i, :, b], fa, fb, l1, h1, l2, h2, method,
-                                          direction, seed)
+            e, valid = _cross_site_values(model, plan, sae_k, sae_i, tgt_saes, tcols, acts, resid, toks, fi, fk, fa,
+                                          fb, l1, h1, l2, h2, method, direction, seed, kv, positions)
         return (*weighted_stats(e, w * valid), e, w * valid)
 
     return jax.vmap(one)(idx, weight, ci, ck, fi_feat, fk_feat, lo_i, hi_i, lo_k, hi_k)
@@ -192,7 +197,7 @@ def _check(name, value, allowed):
 def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positions: str = "same", targets=None,
                    inputs_per_pair: int = 32, alphas=None, atlas=None, clamp_at: str = "single", read: str = "post",
                    direction: str = "decoder", batch_size: int = 32, chunk_size: int = 8, seed: int = 0,
-                   keep_per_input: bool = False, progress: bool = False) -> GatingEffects:
+                   keep_per_input: bool = False, sparse: bool = True, progress: bool = False) -> GatingEffects:
     """Gating statistics for (source i, modulator k) pairs on every target feature.
 
     pairs: [((site_i, i), (site_k, k)), ...]; k's site must be i's or an earlier one. method:
@@ -200,7 +205,8 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
     what they mean in `measure_effects`. α levels: `alphas` (lo, hi) for every feature, else the
     atlas's 10th/90th percentiles of non-zero activations at each feature's site, else those of
     the inputs. direction: "decoder" or "random" (k's direction replaced by a random one of the
-    same norm: the null control; not for "conditional", which does not edit k).
+    same norm: the null control; not for "conditional", which does not edit k). sparse: run only
+    i's clamp position where `measure_effects` would (the same numbers; False runs every position).
     Returns GatingEffects [n_pairs, n_targets].
     """
     _check("gating method", method, GATING_METHODS)
@@ -247,12 +253,13 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
             continue
         tcols_idx = [tgt.at(s) for s in tsites]
         tcols = tuple(jnp.asarray(tgt.features[c], jnp.int32) for c in tcols_idx)
-        plan = Plan(sk, tsites, "clamp", positions, clamp_at, builtin, read=read)
+        plan = Plan(sk, tsites, "clamp", positions, clamp_at, builtin, read=read, sparse=sparse)
         fi_all = np.unique(np.asarray([pairs[p][0][1] for p in rows], np.int64))
         fk_all = np.unique(np.asarray([pairs[p][1][1] for p in rows], np.int64))
         same = si == sk
         feats_k = np.unique(np.concatenate([fi_all, fk_all])) if same else fk_all
-        acts, resid, vals_k = prefix_pass(model, saes[sk], feats_k, tokens, batch_size, builtin)
+        acts, resid, vals_k, kv = prefix_pass(model, saes[sk], feats_k, tokens, batch_size, builtin,
+                                              cache=plan.position_sparse)
         vals_i = vals_k if same else prefix_pass(model, saes[si], fi_all, tokens, batch_size, builtin)[2]
         feats_i = feats_k if same else fi_all
         levels_i = clamp_levels("clamp", np.asarray(vals_i), alphas,
@@ -277,7 +284,7 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
                 resid, None if builtin else tokens, vals_i, vals_k, jnp.asarray(idx[pad]), jnp.asarray(wpad),
                 jnp.asarray(a), jnp.asarray(b), jnp.asarray(feats_i[a], jnp.int32), jnp.asarray(feats_k[b], jnp.int32),
                 jnp.asarray(levels_i[0][a]), jnp.asarray(levels_i[1][a]), jnp.asarray(levels_k[0][b]),
-                jnp.asarray(levels_k[1][b]), method, direction, seed)
+                jnp.asarray(levels_k[1][b]), method, direction, seed, kv)
             r = rows[sl]
             store_stats(mean, var, count, r, tcol_order, *(np.asarray(x)[: len(sl)] for x in (n, mu, m2)))
             in_w[r] = np.asarray(wv)[: len(sl)]

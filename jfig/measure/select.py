@@ -40,13 +40,17 @@ def choose_inputs(max_act: np.ndarray, threshold: np.ndarray, m: int, seed: int)
 AUTO_INPUTS = 100        # inputs per source when the memory budget allows them (the definitions' M ≈ 100)
 
 
-def bytes_per_source(config, method: str, m: int, seq: int, target_widths) -> float:
+def bytes_per_source(config, method: str, m: int, seq: int, target_widths, sparse: bool = False) -> float:
     """Working set of one source's sweep in bytes: m inputs × seq positions × the float32 widths kept
     per position (suffix activations of `config`, 4096 when unknown, plus 2 per target SAE feature),
-    for each run level the method makes (2 for finite differences, 3 for a jvp)."""
+    for each run level the method makes (2 for finite differences, 3 for a jvp). Position-sparse
+    (one position runs): one position's widths per level plus the input's cached keys/values."""
     width = (config.d_model * 10 + config.d_mlp * 3 + config.n_heads * seq) if config is not None else 4096
     width += 2 * sum(int(w) for w in target_widths)
     levels = 2 if method in ("clamp", "ablate", "mean_ablate") else 3
+    if sparse and config is not None:
+        kv = 2 * config.n_layers * seq * config.n_kv_heads * config.d_head
+        return 4.0 * m * (levels * width + kv)
     return 4.0 * levels * m * seq * width
 
 

@@ -17,7 +17,7 @@ from ..edits import Edit
 from ..errors import JfigError, ShapeError, SiteError
 from ..sites import NEEDS_RESID_MID, NEEDS_RESID_PRE, RESIDUAL_STAGES, block_site, model_sites, parse_site
 from .config import ModelConfig
-from .forward import StopRun, forward
+from .forward import KVCache, StopRun, empty_cache, forward
 from .generate import generate
 from .hooks import EditHook
 from .validation import check_edits, check_saes, check_tokens
@@ -30,11 +30,13 @@ class RunOutput(NamedTuple):
 
 
 class Prefix(NamedTuple):
-    """Activations at `site` and the residual a suffix run from there also needs."""
+    """Activations at `site` and the residual a suffix run from there also needs; with `cache`, the
+    clean keys and values of every layer at every position (a position-sparse suffix attends to them)."""
 
     site: str
     acts: jax.Array                    # activations at `site`
     resid: jax.Array | None            # resid_pre / resid_mid / embed when `site` needs it
+    cache: KVCache | None = None       # k, v [n_layers, batch, seq, n_kv_heads, d_head]
 
 
 def _resid_site_for(site: str) -> str | None:
@@ -53,7 +55,8 @@ def _resid_site_for(site: str) -> str | None:
 
 
 @partial(jax.jit, static_argnames=("cfg", "apply_fn", "capture", "stop", "start", "want_logits", "freeze"))
-def _run(params, tokens, edits, start_acts, start_resid, *, cfg, apply_fn, capture, stop, start, want_logits, freeze):
+def _run(params, tokens, edits, start_acts, start_resid, *, cfg, apply_fn, capture, stop, start, want_logits, freeze,
+         positions=None, cache=None):
     hook = EditHook(edits, capture, stop)
     out = None
     try:
@@ -61,7 +64,9 @@ def _run(params, tokens, edits, start_acts, start_resid, *, cfg, apply_fn, captu
             out = apply_fn(params, tokens, hook)
         else:
             out = forward(cfg, params, tokens=tokens, hook=hook, stop=stop, start=start, start_acts=start_acts,
-                          start_resid=start_resid, logits=want_logits, freeze=freeze)
+                          start_resid=start_resid, logits=want_logits, freeze=freeze, positions=positions,
+                          cache=cache)
+            out = out[0] if cache is not None else out
     except StopRun:
         out = None
     missing = [s for s in capture if s not in hook.cache]
@@ -69,6 +74,15 @@ def _run(params, tokens, edits, start_acts, start_resid, *, cfg, apply_fn, captu
         raise SiteError(f"the run never reached site(s) {missing}: the model function did not call hook() there"
                         + (f" before stopping at {stop!r}" if stop else ""))
     return RunOutput(logits=out if want_logits else None, cache=hook.cache)
+
+
+@partial(jax.jit, static_argnames=("cfg", "capture"))
+def _cached_prefix(params, tokens, edits, *, cfg, capture):
+    """A full clean run (no logits) that captures `capture` and fills a key/value cache of every layer."""
+    hook = EditHook(edits, capture, None)
+    _, kv = forward(cfg, params, tokens=tokens, hook=hook, logits=False,
+                    cache=empty_cache(cfg, tokens.shape[0], tokens.shape[1]))
+    return dict(hook.cache), kv
 
 
 class Model(eqx.Module):
@@ -160,20 +174,32 @@ class Model(eqx.Module):
                     capture=capture, stop=stop_at, start=None, want_logits=logits and stop_at is None,
                     freeze=freeze)
 
-    def prefix(self, tokens, site: str, *, edits=()) -> Prefix:
-        """Run up to `site` and return what a suffix run from there needs."""
+    def prefix(self, tokens, site: str, *, edits=(), cache: bool = False) -> Prefix:
+        """Run up to `site` and return what a suffix run from there needs. With `cache=True` the run
+        goes through every layer and also returns the clean keys/values of every position (a suffix
+        from one position on then only recomputes that position and later ones)."""
         self._require_builtin("prefix")
         self.check_site(site)
         need = _resid_site_for(site)
         cap = (site,) + ((need,) if need else ())
-        out = self.run(tokens, edits=edits, capture=cap, stop_at=site, logits=False)
-        return Prefix(site, out.cache[site], out.cache.get(need) if need else None)
+        if not cache:
+            out = self.run(tokens, edits=edits, capture=cap, stop_at=site, logits=False)
+            return Prefix(site, out.cache[site], out.cache.get(need) if need else None)
+        tokens = self.check_tokens(tokens)
+        flat = self._check_edits(edits, *tokens.shape)
+        acts, kv = _cached_prefix(self.params, tokens, flat, cfg=self.config, capture=cap)
+        return Prefix(site, acts[site], acts.get(need) if need else None, kv)
 
     def run_suffix(self, prefix: Prefix, *, edits=(), capture=(), stop_at: str | None = None,
-                   logits: bool = False, freeze: bool = False) -> RunOutput:
+                   logits: bool = False, freeze: bool = False, positions=None) -> RunOutput:
         """Continue a run from `prefix.site` with its activations; edits at that site apply first.
 
         Equals the matching part of a full run. No unembedding unless `logits=True`.
+        Position-sparse: with `prefix.cache` (the clean keys/values of every position) and
+        `positions` (int [batch, s], the absolute positions of the s rows of `prefix.acts`), only
+        those positions run; they attend to the cached keys/values of earlier positions. With
+        causal attention this equals the full suffix at those positions when every position the
+        edits change is among them.
         """
         self._require_builtin("run_suffix")
         start = self.check_site(prefix.site)
@@ -186,9 +212,13 @@ class Model(eqx.Module):
                 raise SiteError(f"site {s!r} comes before the suffix start {start!r}")
         if _resid_site_for(start) is not None and prefix.resid is None:
             raise ShapeError(f"a suffix run from {start!r} also needs the residual {_resid_site_for(start)!r}")
+        if (positions is None) != (prefix.cache is None):
+            raise ShapeError("a position-sparse suffix needs both prefix.cache (from model.prefix(..., cache=True)) "
+                             "and the positions of its rows")
         return _run(self.params, None, flat, jnp.asarray(prefix.acts), prefix.resid, cfg=self.config,
                     apply_fn=None, capture=capture, stop=stop_at, start=start,
-                    want_logits=logits and stop_at is None, freeze=freeze)
+                    want_logits=logits and stop_at is None, freeze=freeze,
+                    positions=None if positions is None else jnp.asarray(positions, jnp.int32), cache=prefix.cache)
 
     def generate(self, tokens, max_new_tokens: int, *, edits=(), temperature: float = 0.0, top_k: int | None = None,
                  seed: int = 0) -> np.ndarray:
