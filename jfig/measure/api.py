@@ -19,6 +19,7 @@ from ..errors import JfigError, ShapeError
 from ..models.validation import check_saes
 from ..sites import site_key
 from .engine import CLAMP_AT, INPUT_MODES, METHODS, POSITION_MODES, READS, Plan, chunk_effects
+from .prefix import CleanPrefix, prefix_pass
 from .reverse import reverse_effects
 from .select import auto_chunk, bytes_per_source, choose_inputs, nonzero_quantiles
 from .types import Effects, FeatureList, feature_list, store_stats
@@ -30,33 +31,6 @@ def default_targets(saes: dict, source_sites) -> FeatureList:
     spec = {s: np.arange(sae.d_sae) for s, sae in sorted(saes.items(), key=lambda kv: site_key(kv[0]))
             if site_key(s) >= first}
     return feature_list(spec, saes)
-
-
-def prefix_pass(model, src_sae, feats, tokens, batch_size: int, builtin: bool, cache: bool = False):
-    """Source-site activations [N, S, d], the residual a suffix needs, the sources' values [N, S, n] and,
-    with `cache`, the clean keys/values of every layer and position (KVCache, [L, N, S, g, e] each;
-    else None)."""
-    acts, resids, vals, kvs = [], [], [], []
-    cols = jnp.asarray(feats)
-    site = src_sae.site
-    for b in range(0, tokens.shape[0], batch_size):
-        tb = tokens[b: b + batch_size]
-        if builtin:
-            pre = model.prefix(tb, site, cache=cache)
-            a, r = pre.acts, pre.resid
-            kvs.append(pre.cache)
-        else:
-            a, r = model.run(tb, capture=(site,), stop_at=site).cache[site], None
-        if not bool(jnp.isfinite(a).all()):
-            raise ShapeError(f"activations at {site} contain NaN or inf (input rows {b}..{b + len(tb) - 1})")
-        acts.append(a)
-        resids.append(r)
-        vals.append(jnp.take(src_sae.encode(a), cols, axis=-1))
-    resid = None if resids[0] is None else jnp.concatenate(resids)
-    kv = None
-    if cache and builtin:
-        kv = type(kvs[0])(jnp.concatenate([c.k for c in kvs], axis=1), jnp.concatenate([c.v for c in kvs], axis=1))
-    return jnp.concatenate(acts), resid, jnp.concatenate(vals), kv
 
 
 def clamp_levels(method, vals_np, alphas, atlas_q):
@@ -90,7 +64,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
                     batch_size: int = 32, memory_budget: float = 2e9, chunk_size: int | None = None,
                     keep_per_input: bool = False, devices: int | None = None, seed: int = 0,
                     direction: str = "decoder", mode: str = "auto", sparse: bool = True,
-                    progress: bool = True) -> Effects:
+                    clean: CleanPrefix | None = None, progress: bool = True) -> Effects:
     """Effects of each source feature on every target feature, averaged over inputs.
 
     model: a jfig Model; saes: SAEs (list or {site: SAE}); sources: (site, feature) pairs or
@@ -111,6 +85,8 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
     sparse: with positions="same" and clamp_at="single" on a built-in model, run only the clamped
     token through the suffix, attending to the clean keys/values of earlier positions (the same
     numbers as the full suffix, about seq_len times less suffix work); False runs every position.
+    clean: a CleanPrefix of these tokens (`jfig.measure.clean_prefix`), so the prefix is not run
+    again for every call on the same tokens.
     positions: "same" (read where the source was clamped), "later" (only at later, unclamped
     positions), "all" (every position from the first clamp on). Each source is measured on up
     to `inputs_per_source` inputs where it fires above its median; α levels default to its
@@ -166,7 +142,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         use_reverse = method.startswith("jacobian") and direction == "decoder" and inputs == "source" and (
             mode == "reverse" or (mode == "auto" and n_t * tokens.shape[1] < len(rows)))
         acts, resid, vals, kv = prefix_pass(model, saes[site], feats, tokens, batch_size, builtin,
-                                            cache=plan.position_sparse and not use_reverse)
+                                            cache=plan.position_sparse and not use_reverse, clean=clean)
         vals_np = np.asarray(vals)
         atlas_q = atlas.alpha_levels(site)[feats] if atlas is not None else None   # [n, 3]: 10/50/90 %
         a_rows = None if alphas is None else (np.asarray(alphas) if np.ndim(alphas) <= 1 else np.asarray(alphas)[rows])

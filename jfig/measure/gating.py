@@ -38,7 +38,8 @@ from ..edits import Edit, Steer
 from ..errors import JfigError
 from ..models.model import Prefix
 from ..models.validation import saes_by_site
-from .api import clamp_levels, measure_effects, prefix_pass
+from .api import clamp_levels, measure_effects
+from .prefix import CleanPrefix, prefix_pass
 from .engine import (CLAMP_AT, POSITION_MODES, READS, Plan, at_clamp_position, clamp_mask, input_cache,
                      random_direction, read_mask, read_targets, run_targets, weighted_stats)
 from .select import choose_inputs
@@ -197,7 +198,8 @@ def _check(name, value, allowed):
 def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positions: str = "same", targets=None,
                    inputs_per_pair: int = 32, alphas=None, atlas=None, clamp_at: str = "single", read: str = "post",
                    direction: str = "decoder", batch_size: int = 32, chunk_size: int = 8, seed: int = 0,
-                   keep_per_input: bool = False, sparse: bool = True, progress: bool = False) -> GatingEffects:
+                   keep_per_input: bool = False, sparse: bool = True, clean: CleanPrefix | None = None,
+                   progress: bool = False) -> GatingEffects:
     """Gating statistics for (source i, modulator k) pairs on every target feature.
 
     pairs: [((site_i, i), (site_k, k)), ...]; k's site must be i's or an earlier one. method:
@@ -207,6 +209,7 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
     the inputs. direction: "decoder" or "random" (k's direction replaced by a random one of the
     same norm: the null control; not for "conditional", which does not edit k). sparse: run only
     i's clamp position where `measure_effects` would (the same numbers; False runs every position).
+    clean: a CleanPrefix of these tokens, shared with other measurements on them.
     Returns GatingEffects [n_pairs, n_targets].
     """
     _check("gating method", method, GATING_METHODS)
@@ -235,7 +238,7 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
     tokens = model.check_tokens(tokens)
     opts = dict(inputs_per_pair=inputs_per_pair, clamp_at=clamp_at, read=read, direction=direction, seed=seed)
     if method == "conditional":
-        return _conditional(model, saes, pairs, tokens, tgt, positions, inputs_per_pair, alphas, atlas, clamp_at,
+        return _conditional(model, saes, pairs, tokens, tgt, positions, inputs_per_pair, alphas, atlas, clamp_at, clean,
                             read, batch_size, seed, opts)
     P, T, M = len(pairs), len(tgt), inputs_per_pair
     mean = np.full((P, T), np.nan, np.float32)
@@ -259,8 +262,8 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
         same = si == sk
         feats_k = np.unique(np.concatenate([fi_all, fk_all])) if same else fk_all
         acts, resid, vals_k, kv = prefix_pass(model, saes[sk], feats_k, tokens, batch_size, builtin,
-                                              cache=plan.position_sparse)
-        vals_i = vals_k if same else prefix_pass(model, saes[si], fi_all, tokens, batch_size, builtin)[2]
+                                              cache=plan.position_sparse, clean=clean)
+        vals_i = vals_k if same else prefix_pass(model, saes[si], fi_all, tokens, batch_size, builtin, clean=clean)[2]
         feats_i = feats_k if same else fi_all
         levels_i = clamp_levels("clamp", np.asarray(vals_i), alphas,
                                 None if atlas is None else atlas.alpha_levels(si)[feats_i])
@@ -294,18 +297,19 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
                          input_weight=in_w if keep_per_input else None, options=opts)
 
 
-def _conditional(model, saes, pairs, tokens, tgt, positions, m, alphas, atlas, clamp_at, read, batch_size, seed,
+def _conditional(model, saes, pairs, tokens, tgt, positions, m, alphas, atlas, clamp_at, clean, read, batch_size, seed,
                  opts):
     sources = sorted({p[0] for p in pairs}, key=lambda x: (model.sites.index(x[0]), x[1]))
     eff = measure_effects(model, saes, sources, tokens, method="clamp", positions=positions, targets=tgt,
                           inputs_per_source=m, alphas=alphas, atlas=atlas, clamp_at=clamp_at, read=read,
-                          batch_size=batch_size, keep_per_input=True, seed=seed, progress=False)
+                          batch_size=batch_size, keep_per_input=True, seed=seed, clean=clean, progress=False)
     row = {s: r for r, s in enumerate(eff.sources)}
     builtin = model.apply_fn is None
     values = {}                                   # site -> (features, their values [N, S, n])
     for site in sorted({a[0] for a, _ in pairs} | {b[0] for _, b in pairs}):
         feats = np.unique(np.asarray([f for s, f in sum(([a, b] for a, b in pairs), []) if s == site], np.int64))
-        values[site] = (feats, np.asarray(prefix_pass(model, saes[site], feats, tokens, batch_size, builtin)[2]))
+        values[site] = (feats, np.asarray(prefix_pass(model, saes[site], feats, tokens, batch_size, builtin,
+                                                      clean=clean)[2]))
 
     def feature_values(site, f, idx):
         feats, v = values[site]

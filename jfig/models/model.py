@@ -190,6 +190,18 @@ class Model(eqx.Module):
         acts, kv = _cached_prefix(self.params, tokens, flat, cfg=self.config, capture=cap)
         return Prefix(site, acts[site], acts.get(need) if need else None, kv)
 
+    def clean_prefixes(self, tokens, sites) -> tuple[dict[str, Prefix], KVCache]:
+        """One clean run through every layer: {site: Prefix} for each site (its activations and the
+        residual a suffix from there needs; no cache in them) and the keys/values of every layer and
+        position, shared by all of them (a position-sparse suffix from any site reads it)."""
+        self._require_builtin("clean_prefixes")
+        sites = tuple(self.check_site(s) for s in sites)
+        need = {s: _resid_site_for(s) for s in sites}
+        cap = tuple(dict.fromkeys([*sites, *(n for n in need.values() if n)]))
+        tokens = self.check_tokens(tokens)
+        acts, kv = _cached_prefix(self.params, tokens, (), cfg=self.config, capture=cap)
+        return {s: Prefix(s, acts[s], acts[need[s]] if need[s] else None) for s in sites}, kv
+
     def run_suffix(self, prefix: Prefix, *, edits=(), capture=(), stop_at: str | None = None,
                    logits: bool = False, freeze: bool = False, positions=None) -> RunOutput:
         """Continue a run from `prefix.site` with its activations; edits at that site apply first.

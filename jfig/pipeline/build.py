@@ -21,7 +21,7 @@ from ..measure import AUTO_INPUTS
 from ..models.validation import check_saes
 from .options import BuildOptions, format_bytes
 from .stages import (GATING_FLAG_CV, PAIR_KEYS, atlas_stage, candidates_stage, first_order_edges, gating_edges,
-                     gating_stage, measure_blocks, smallest_pvalue)
+                     gating_stage, measure_blocks, shared_prefix, smallest_pvalue)
 from .state import RunState
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,21 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     atlas = atlas_stage(model, sae_list, tokens, opts, state, progress, fp["tokens"])
     pairs, report = candidates_stage(model, sae_list, atlas, tokens, opts, state, progress)
     stage(f"atlas and {len(pairs['source'])} candidate pairs")
-    rec = measure_blocks(model, saes, tokens, atlas, pairs, opts, state, progress, on_block)
+    shared: dict = {}
+
+    def clean():                     # the clean prefix, run once and only if something is measured
+        if "prefix" not in shared:
+            shared["prefix"] = shared_prefix(model, saes, tokens, opts)
+        return shared["prefix"]
+
+    rec = measure_blocks(model, saes, tokens, atlas, pairs, opts, state, progress, on_block, clean)
     stage("measurement")
     first, taus, n_null = first_order_edges(rec, opts)
     gating, tau_gate, n_gating_null = None, 0.0, 0
     if opts.gating.enabled:
         sig = {k: rec[k][first.decision.keep] for k in PAIR_KEYS}
-        gating, tau_gate, n_gating_null = gating_edges(gating_stage(model, saes, tokens, atlas, sig, opts, state),
-                                                       opts)
+        gate = gating_stage(model, saes, tokens, atlas, sig, opts, state, clean)
+        gating, tau_gate, n_gating_null = gating_edges(gate, opts)
     manifest = {
         "model": {"name": getattr(model.config, "name", "") if model.config is not None else "function",
                   "family": getattr(model.config, "family", None), "n_layers": getattr(model.config, "n_layers", None),

@@ -21,7 +21,7 @@ from ..atlas import Atlas, build_atlas
 from ..candidates import Report, select_candidates
 from ..data.progress import progress_bar
 from ..graph import EdgeRecords
-from ..measure import feature_importance, measure_effects, measure_gating
+from ..measure import CleanPrefix, clean_prefix, clean_prefix_bytes, feature_importance, measure_effects, measure_gating
 from ..sites import site_key
 from ..stats import (decide, label_permutation_pvalue, min_attainable_pvalue, min_inputs_for_pvalue, null_threshold,
                      robust_pvalues, sign_flip_normal_pvalues, sign_flip_pvalues, sign_flip_saddlepoint_pvalues,
@@ -121,9 +121,23 @@ def warn_unreachable(rec: dict, opts: BuildOptions, n_tested: int) -> None:
                     "correction = 'bh'", n_tested, opts.alpha, need, n, floor, min_inputs_for_pvalue(need))
 
 
-def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: int) -> dict[str, np.ndarray]:
+def shared_prefix(model, saes: dict, tokens, opts: BuildOptions) -> CleanPrefix | None:
+    """The clean run of the build's tokens at every SAE site with every layer's keys/values, shared by
+    every block and the gating tests (one prefix run instead of one per block and site); None for
+    wrapped models or when it would not fit `memory_budget` (each sweep then runs its own prefix)."""
+    if model.apply_fn is not None:
+        return None
+    need = clean_prefix_bytes(model.config, tokens.shape[0], tokens.shape[1], [s.d_in for s in saes.values()])
+    if need > opts.memory_budget:
+        log.info("clean prefix of %d bytes exceeds memory_budget; each sweep runs its own prefix", need)
+        return None
+    return clean_prefix(model, tokens, tuple(saes), opts.batch_size)
+
+
+def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: int,
+                  clean: CleanPrefix | None = None) -> dict[str, np.ndarray]:
     """One block of sources measured on their candidate targets (+ the random-direction null on every
-    `null_every`-th block): a record per (source, target) pair."""
+    `null_every`-th block): a record per (source, target) pair. `clean`: the shared clean prefix."""
     sources = [(ss, s) for ss, s, _ in block]
     tsets: dict[str, set] = {}
     for _, _, tg in block:
@@ -133,7 +147,7 @@ def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: 
     kw = dict(method=opts.method, positions=opts.positions, clamp_at=opts.clamp_at, read=opts.read, inputs=opts.inputs,
               targets=targets, inputs_per_source=opts.inputs_per_source,
               atlas=atlas, batch_size=opts.batch_size, memory_budget=opts.memory_budget, seed=opts.seed + index,
-              progress=False)
+              clean=clean, progress=False)
     eff = measure_effects(model, saes, sources, tokens, keep_per_input=True, **kw)
     p = pvalues(eff.per_input, eff.weights, opts, opts.seed + index)
     null = None
@@ -159,8 +173,9 @@ def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: 
 
 
 def measure_blocks(model, saes, tokens, atlas, pairs: dict, opts: BuildOptions, state: RunState, progress: bool,
-                   on_block=None) -> dict[str, np.ndarray]:
-    """Measure every candidate source in blocks (resumable); returns the concatenated block records."""
+                   on_block=None, clean=lambda: None) -> dict[str, np.ndarray]:
+    """Measure every candidate source in blocks (resumable); returns the concatenated block records.
+    `clean()` gives the shared clean prefix (called only when a block has to be measured)."""
     plan = plan_sources(pairs, opts.max_sources)
     blocks = [plan[i: i + opts.block_size] for i in range(0, len(plan), opts.block_size)]
     out = []
@@ -169,7 +184,7 @@ def measure_blocks(model, saes, tokens, atlas, pairs: dict, opts: BuildOptions, 
             name = f"blocks/block_{i:05d}.npz"
             rec = state.load_npz(name)
             if rec is None or not all(k in rec for k in BLOCK_KEYS):
-                rec = measure_block(model, saes, tokens, atlas, block, opts, i)
+                rec = measure_block(model, saes, tokens, atlas, block, opts, i, clean())
                 state.save_npz(name, rec)
             out.append({k: rec[k] for k in BLOCK_KEYS})
             bar.update(1)
@@ -278,7 +293,8 @@ def gating_pvalues(g, opts: BuildOptions) -> np.ndarray:
     return p
 
 
-def gating_stage(model, saes, tokens, atlas: Atlas, sig: dict, opts: BuildOptions, state: RunState) -> dict:
+def gating_stage(model, saes, tokens, atlas: Atlas, sig: dict, opts: BuildOptions, state: RunState,
+                 clean=lambda: None) -> dict:
     """Second-order tests of the triples `gating_pairs` selects, measured like the first-order pairs
     (the build's positions, clamp_at, read and atlas α levels), each also with the modulator's direction
     replaced by a random one of the same norm (the null for tau_gate). Every (source, modulator) pair
@@ -291,7 +307,8 @@ def gating_stage(model, saes, tokens, atlas: Atlas, sig: dict, opts: BuildOption
     triples = gating_pairs(sig, atlas, opts, model.sites)
     if triples:
         kw = dict(method=opts.gating_method, positions=opts.positions, clamp_at=opts.clamp_at, read=opts.read,
-                  atlas=atlas, inputs_per_pair=opts.inputs_per_source, batch_size=opts.batch_size, seed=opts.seed)
+                  atlas=atlas, inputs_per_pair=opts.inputs_per_source, batch_size=opts.batch_size, seed=opts.seed,
+                  clean=clean())
         pairs = list(dict.fromkeys(pair for _, prs in triples for pair in prs))
         targets: dict[str, list[int]] = {}
         for (ts, t), _ in triples:

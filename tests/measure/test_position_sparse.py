@@ -87,3 +87,22 @@ def test_gating_equals_the_full_suffix(case, method):
     full = measure_gating(model, saes, pairs, toks, sparse=False, **kw)
     np.testing.assert_array_equal(sparse.n, full.n)
     close(sparse.per_input, full.per_input)
+
+
+def test_shared_clean_prefix_gives_the_same_effects(case):
+    """One clean run at every site, reused by measurements at several sites, equals each measurement
+    running its own prefix; tokens of another shape are refused."""
+    model, saes, toks = case
+    clean = jfig.measure.clean_prefix(model, toks, SITES, batch_size=7)
+    assert clean.nbytes == jfig.measure.clean_prefix_bytes(model.config, *toks.shape, [16] * 3) - 4 * 24 * 10 * 16 * 3
+    for site, method in ((SITES[0], "clamp"), (SITES[1], "jacobian")):
+        kw = dict(method=method, inputs_per_source=8, progress=False, keep_per_input=True, mode="forward")
+        shared = jfig.measure_effects(model, saes, {site: [0, 1, 2]}, toks, clean=clean, **kw)
+        own = jfig.measure_effects(model, saes, {site: [0, 1, 2]}, toks, **kw)
+        close(shared.per_input, own.per_input)
+    pairs = [((SITES[1], 0), (SITES[0], 1))]
+    kw = dict(method="factorial", inputs_per_pair=8, keep_per_input=True, targets={SITES[2]: list(range(10))})
+    close(measure_gating(model, saes, pairs, toks, clean=clean, **kw).per_input,
+          measure_gating(model, saes, pairs, toks, **kw).per_input)
+    with pytest.raises(jfig.JfigError, match="clean prefix was run on tokens of shape"):
+        jfig.measure_effects(model, saes, {SITES[0]: [0]}, toks[:12], clean=clean, progress=False)

@@ -1,0 +1,92 @@
+"""The clean prefix a sweep starts from: source-site activations, the residual a suffix from there
+needs, the sources' values, and (position-sparse sweeps) the clean keys/values of every layer.
+
+`prefix_pass` runs it for one source site, or reads it from a `CleanPrefix`: one clean run of a
+token array through every layer that captures every source site at once, so a build measuring many
+blocks of sources at several sites runs the model's prefix once instead of once per block and site.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+from ..errors import JfigError, ShapeError
+from ..models.forward import KVCache
+from ..models.model import Prefix
+
+
+@dataclass
+class CleanPrefix:
+    """The clean run of tokens [N, S]: prefixes {site: Prefix} (activations [N, S, ...] and the residual
+    a suffix from there needs) and kv, the keys/values of every layer (KVCache, [L, N, S, g, e])."""
+
+    shape: tuple[int, int]
+    prefixes: dict[str, Prefix]
+    kv: KVCache
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.kv.k, self.kv.v] + [a for p in self.prefixes.values() for a in (p.acts, p.resid)
+                                           if a is not None]
+        return int(sum(a.size * a.dtype.itemsize for a in arrays))
+
+
+def clean_prefix_bytes(config, n: int, seq: int, widths) -> int:
+    """Bytes of a CleanPrefix of n sequences of seq tokens of a model of `config` at sites of `widths`
+    (the residual of a non-residual site counted as one more d_model)."""
+    kv = 2 * config.n_layers * config.n_kv_heads * config.d_head
+    return int(4 * n * seq * (kv + sum(int(w) + config.d_model for w in widths)))
+
+
+def clean_prefix(model, tokens, sites, batch_size: int = 16) -> CleanPrefix:
+    """One clean run of tokens [N, S] (in batches) through every layer of a built-in model, capturing
+    `sites` and every layer's keys/values."""
+    tokens = model.check_tokens(tokens)
+    parts, kvs = [], []
+    for b in range(0, tokens.shape[0], batch_size):
+        pre, kv = model.clean_prefixes(tokens[b: b + batch_size], sites)
+        parts.append(pre)
+        kvs.append(kv)
+    prefixes = {}
+    for s in parts[0]:
+        resid = None if parts[0][s].resid is None else jnp.concatenate([p[s].resid for p in parts])
+        prefixes[s] = Prefix(s, jnp.concatenate([p[s].acts for p in parts]), resid)
+    kv = KVCache(jnp.concatenate([c.k for c in kvs], axis=1), jnp.concatenate([c.v for c in kvs], axis=1))
+    return CleanPrefix(tuple(tokens.shape), prefixes, kv)
+
+
+def prefix_pass(model, src_sae, feats, tokens, batch_size: int, builtin: bool, cache: bool = False,
+                clean: CleanPrefix | None = None):
+    """Source-site activations [N, S, d], the residual a suffix needs, the sources' values [N, S, n] and,
+    with `cache`, the clean keys/values of every layer and position (KVCache, [L, N, S, g, e] each;
+    else None). With `clean` (a CleanPrefix of these tokens that has the site) nothing but the SAE
+    encoding runs."""
+    cols = jnp.asarray(feats)
+    site = src_sae.site
+    if clean is not None and site in clean.prefixes:
+        if tuple(tokens.shape) != clean.shape:
+            raise JfigError(f"the clean prefix was run on tokens of shape {clean.shape}, these are {tuple(tokens.shape)}")
+        pre = clean.prefixes[site]
+        vals = jnp.concatenate([jnp.take(src_sae.encode(pre.acts[b: b + batch_size]), cols, axis=-1)
+                                for b in range(0, tokens.shape[0], batch_size)])
+        return pre.acts, pre.resid, vals, clean.kv if cache else None
+    acts, resids, vals, kvs = [], [], [], []
+    for b in range(0, tokens.shape[0], batch_size):
+        tb = tokens[b: b + batch_size]
+        if builtin:
+            pre = model.prefix(tb, site, cache=cache)
+            a, r = pre.acts, pre.resid
+            kvs.append(pre.cache)
+        else:
+            a, r = model.run(tb, capture=(site,), stop_at=site).cache[site], None
+        if not bool(jnp.isfinite(a).all()):
+            raise ShapeError(f"activations at {site} contain NaN or inf (input rows {b}..{b + len(tb) - 1})")
+        acts.append(a)
+        resids.append(r)
+        vals.append(jnp.take(src_sae.encode(a), cols, axis=-1))
+    resid = None if resids[0] is None else jnp.concatenate(resids)
+    kv = None
+    if cache and builtin:
+        kv = KVCache(jnp.concatenate([c.k for c in kvs], axis=1), jnp.concatenate([c.v for c in kvs], axis=1))
+    return jnp.concatenate(acts), resid, jnp.concatenate(vals), kv
