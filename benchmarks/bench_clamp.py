@@ -51,7 +51,7 @@ def main():
 
     import jfig
     from jfig.measure import engine
-    from jfig.measure.api import prefix_pass
+    from jfig.measure.prefix import prefix_pass
     model = jfig.load_model("smollm2-135m")
     cfg = model.config
     src_site, tgt_site = "blocks.8.hook_resid_post", "blocks.12.hook_resid_post"
@@ -59,7 +59,7 @@ def main():
     sae_t = jfig.SAE.init_random(jax.random.PRNGKey(1), cfg.d_model, a.d_sae, tgt_site, "topk", k=a.k)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (a.inputs, a.seq)), jnp.int32)
-    acts, _, vals_all = prefix_pass(model, sae_s, np.arange(a.d_sae), tokens, a.inputs, True)
+    acts, _, vals_all, kv = prefix_pass(model, sae_s, np.arange(a.d_sae), tokens, a.inputs, True, cache=True)
     fires = np.asarray((vals_all > 0).sum((0, 1)))
     feats = np.argsort(-fires)[: a.sources]                   # sources that fire on these inputs
     vals = vals_all[..., feats]
@@ -84,6 +84,21 @@ def main():
         out = run_jfig()
     t_jfig = (time.perf_counter() - t) / reps
     jfig_per_input = np.asarray(out[3])                       # [C, M, d_sae]
+
+    def timed(plan_single, kv_all):                           # one clamp position per input, read there
+        args1 = (model, plan_single, *args[2:], kv_all)
+        jax.block_until_ready(engine.chunk_effects(*args1)[1])
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            res = engine.chunk_effects(*args1)
+            jax.block_until_ready(res[1])
+        return (time.perf_counter() - t0) / reps, np.asarray(res[3])
+
+    t_full1, full1 = timed(engine.Plan(src_site, (tgt_site,), "clamp", "same", "single", True, sparse=False), None)
+    t_sparse1, sparse1 = timed(engine.Plan(src_site, (tgt_site,), "clamp", "same", "single", True), kv)
+    print(f"single-position clamps: full suffix {t_full1:.3f} s, position-sparse suffix {t_sparse1:.3f} s "
+          f"({t_full1 / t_sparse1:.1f}x); max |difference| {np.abs(full1 - sparse1).max():.2e} "
+          f"(max |effect| {np.abs(full1).max():.2e})")
     n_interv = C * a.inputs                                   # source-feature interventions (each = 2 levels)
     flops = minimal_flops(cfg, 2 * n_interv, a.seq, a.d_sae)
     peak = matmul_peak()

@@ -5,13 +5,13 @@ from .api import measure_effects
 from .engine import CLAMP_AT, INPUT_MODES, METHODS, POSITION_MODES, READS
 from .gating import GATING_METHODS, GatingEffects, measure_gating
 from .importance import IMPORTANCE_KINDS, ablation_effects, attribution_effects, feature_importance
-from .prefix import CleanPrefix, clean_prefix, clean_prefix_bytes
+from .prefix import CleanPrefix, activation_sd, clean_prefix, clean_prefix_bytes
 from .select import AUTO_INPUTS, affordable_inputs
 from .types import Effects, FeatureList, feature_list
 from .weights import weight_effects
 
 __all__ = ["AUTO_INPUTS", "CLAMP_AT", "CleanPrefix", "Effects", "FeatureList", "GATING_METHODS", "GatingEffects",
            "IMPORTANCE_KINDS", "INPUT_MODES", "METHODS", "POSITION_MODES", "READS", "ablation_effects",
-           "affordable_inputs", "alignment_applies", "attribution_effects", "clean_prefix", "clean_prefix_bytes",
-           "decoder_alignment", "feature_importance", "feature_list", "measure_effects", "measure_gating",
-           "weight_effects"]
+           "activation_sd", "affordable_inputs", "alignment_applies", "attribution_effects", "clean_prefix",
+           "clean_prefix_bytes", "decoder_alignment", "feature_importance", "feature_list", "measure_effects",
+           "measure_gating", "weight_effects"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax.numpy as jnp
+import numpy as np
 
 from ..errors import JfigError, ShapeError
 from ..models.forward import KVCache
@@ -90,3 +91,20 @@ def prefix_pass(model, src_sae, feats, tokens, batch_size: int, builtin: bool, c
     if cache and builtin:
         kv = KVCache(jnp.concatenate([c.k for c in kvs], axis=1), jnp.concatenate([c.v for c in kvs], axis=1))
     return jnp.concatenate(acts), resid, jnp.concatenate(vals), kv
+
+
+def activation_sd(model, sae, features, tokens, *, read: str = "post", batch_size: int = 16,
+                  clean: CleanPrefix | None = None) -> np.ndarray:
+    """Standard deviation [n] of each of `features` of `sae` over every token of tokens [N, S]: of its
+    activation (read="post") or its encoder pre-activation ("pre"), the quantity a measurement reads.
+    Effects divided by it are in units of the feature's natural spread."""
+    cols = jnp.asarray(features, jnp.int32)
+    acts = prefix_pass(model, sae, cols, tokens, batch_size, model.apply_fn is None, clean=clean)[0]
+    n, s1, s2 = 0, 0.0, 0.0
+    for b in range(0, acts.shape[0], batch_size):
+        pre = sae.pre_activations(acts[b: b + batch_size])
+        v = np.asarray(jnp.take(pre if read == "pre" else sae.activation(pre), cols, axis=-1), np.float64)
+        v = v.reshape(-1, v.shape[-1])
+        n, s1, s2 = n + v.shape[0], s1 + v.sum(0), s2 + (v * v).sum(0)
+    mean = s1 / n
+    return np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))

@@ -21,7 +21,7 @@ from ..measure import AUTO_INPUTS
 from ..models.validation import check_saes
 from .options import BuildOptions, format_bytes
 from .stages import (GATING_FLAG_CV, PAIR_KEYS, atlas_stage, candidates_stage, first_order_edges, gating_edges,
-                     gating_stage, measure_blocks, shared_prefix, smallest_pvalue)
+                     gating_stage, measure_blocks, shared_prefix, smallest_pvalue, target_scales)
 from .state import RunState
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
         return shared["prefix"]
 
     rec = measure_blocks(model, saes, tokens, atlas, pairs, opts, state, progress, on_block, clean)
+    if len(rec["target"]):
+        rec["target_sd"] = target_scales(model, saes, tokens, rec, opts, clean())
     stage("measurement")
     first, taus, n_null = first_order_edges(rec, opts)
     gating, tau_gate, n_gating_null = None, 0.0, 0

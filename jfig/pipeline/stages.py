@@ -21,7 +21,8 @@ from ..atlas import Atlas, build_atlas
 from ..candidates import Report, select_candidates
 from ..data.progress import progress_bar
 from ..graph import EdgeRecords
-from ..measure import CleanPrefix, clean_prefix, clean_prefix_bytes, feature_importance, measure_effects, measure_gating
+from ..measure import (CleanPrefix, activation_sd, clean_prefix, clean_prefix_bytes, feature_importance, measure_effects,
+                       measure_gating)
 from ..sites import site_key
 from ..stats import (decide, label_permutation_pvalue, min_attainable_pvalue, min_inputs_for_pvalue, null_threshold,
                      robust_pvalues, sign_flip_normal_pvalues, sign_flip_pvalues, sign_flip_saddlepoint_pvalues,
@@ -209,6 +210,20 @@ def pair_flags(pairs: dict, rec: dict) -> dict[str, np.ndarray]:
             "admitted_by": np.asarray([g[1] for g in got], dtype=object if not got else None)}
 
 
+def target_scales(model, saes: dict, tokens, rec: dict, opts: BuildOptions, clean: CleanPrefix | None) -> np.ndarray:
+    """[n_pairs]: the standard deviation over the build's tokens of each pair's target, as measured
+    (activation, or pre-activation with read="pre"); weights divided by it are in target SDs."""
+    out = np.full(len(rec["target"]), np.nan)
+    sites = np.asarray(rec["target_site"]).astype(str)
+    targets = np.asarray(rec["target"], np.int64)
+    for site in np.unique(sites):
+        rows = sites == site
+        feats = np.unique(targets[rows])
+        sd = activation_sd(model, saes[site], feats, tokens, read=opts.read, batch_size=opts.batch_size, clean=clean)
+        out[rows] = sd[np.searchsorted(feats, targets[rows])]
+    return out
+
+
 def first_order_edges(rec: dict, opts: BuildOptions) -> tuple[EdgeRecords, dict[str, float], int]:
     """Every measured pair with its decision: corrected p < alpha and |mean| > tau, tau per target site
     from the random-direction null. Also returns tau by site and the number of null effects. Each pair
@@ -220,6 +235,10 @@ def first_order_edges(rec: dict, opts: BuildOptions) -> tuple[EdgeRecords, dict[
     decision = decide(rec["mean"], rec["p_value"], alpha=opts.alpha, correction=opts.correction, tau=tau)
     warn_unreachable(rec, opts, decision.n_tested)
     extra = {k: rec[k] for k in (*PAIR_FLAGS, "target_active") if k in rec}
+    if "target_sd" in rec:
+        sd = np.asarray(rec["target_sd"], np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            extra["weight_sd"] = np.where(sd > 0, np.asarray(rec["mean"], np.float64) / sd, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         cv = np.sqrt(np.asarray(rec["var"], np.float64)) / np.abs(np.asarray(rec["mean"], np.float64))
     return EdgeRecords(**{k: rec[k] for k in (*PAIR_KEYS, "mean", "var", "n", "p_value")}, decision=decision,

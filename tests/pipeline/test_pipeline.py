@@ -8,7 +8,7 @@ from scipy.stats import binom
 
 import jfig
 from jfig.pipeline import build_graph
-from tests.support.planted_graph import (EXCITATORY, MOD_I, MOD_J, MOD_K, SRC, curvature_model, modulator_model,
+from tests.support.planted_graph import (EXCITATORY, MOD_I, MOD_J, MOD_K, SRC, TGT, curvature_model, modulator_model,
                                         null_model, recovery_model, skewed_null_model, truth)
 
 FAST = dict(seq_len=8, top_k=24, min_alignment=0.0, progress=False)
@@ -206,3 +206,18 @@ def test_default_alignment_is_a_prior_not_a_filter():
     assert {(1, 5), (2, 7), (6, 1), (7, 3)} <= set(found)          # off-diagonal: alignment 0
     filtered = build_graph(model, saes, toks, seq_len=8, top_k=24, min_alignment=0.1, progress=False)
     assert filtered.manifest["statistics"]["n_tested"] <= 24      # the opt-in filter keeps the diagonal only
+
+
+def test_weights_in_target_standard_deviations():
+    """weight_sd = weight / the target's standard deviation over every token of the build, computed here
+    from a plain run of the model (the identity SAE's activation is the target site's value)."""
+    model, saes = recovery_model()
+    toks = np.random.default_rng(0).integers(0, 64, size=(64, 8))
+    g = build_graph(model, saes, toks, gating=False, inputs_per_source=32, **FAST)
+    t = np.asarray(model.run(toks, capture=(TGT,), stop_at=TGT).cache[TGT], np.float64).reshape(-1, 24)
+    sd = np.maximum(t, 0).std(0)
+    e = g.edges.to_pydict()
+    assert len(e["weight"]) >= 5
+    want = np.asarray(e["weight"]) / sd[np.asarray(e["target"])]
+    np.testing.assert_allclose(e["weight_sd"], want, rtol=1e-4)
+    assert not np.allclose(e["weight_sd"], e["weight"], rtol=0.05)         # a different unit, not a copy
