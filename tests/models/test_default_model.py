@@ -56,3 +56,18 @@ def test_predicts_paris(model):
     ids = model.tokenizer.encode("The capital of France is")
     logits = model.run(jnp.asarray([ids])).logits
     assert model.tokenizer.decode([int(logits[0, -1].argmax())]).strip() == "Paris"
+
+
+def test_position_sparse_effects_equal_the_full_suffix(model):
+    """On SmolLM2 (GQA, RoPE, 30 layers), the clamped token alone against the clean keys/values gives the
+    full suffix's effects for a few sources, two sites downstream."""
+    import jax
+    src, tgt = "blocks.6.hook_resid_post", "blocks.9.hook_resid_post"
+    saes = [jfig.SAE.init_random(jax.random.PRNGKey(i), 576, 512, s, "topk", k=16) for i, s in enumerate((src, tgt))]
+    toks = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(6, 24))
+    kw = dict(inputs_per_source=4, keep_per_input=True, progress=False, read="pre")
+    sparse = jfig.measure_effects(model, saes, {src: [0, 1, 2]}, toks, **kw)
+    full = jfig.measure_effects(model, saes, {src: [0, 1, 2]}, toks, sparse=False, **kw)
+    scale = float(np.nanmax(np.abs(full.per_input)))
+    assert scale > 1e-3
+    np.testing.assert_allclose(sparse.per_input, full.per_input, rtol=0, atol=1e-4 * scale)
