@@ -128,6 +128,9 @@ def main():
             h = output[0] if isinstance(output, tuple) else output
             f = topk_encode(h, We_s, be_s, bd_s, a.k)[..., state["feat"]]
             mask = (f > 0).float().unsqueeze(-1)
+            if state.get("single"):                              # only the source's strongest position
+                one = torch.nn.functional.one_hot(f.argmax(-1), f.shape[-1]).float()
+                mask = (one * (f > 0).any(-1, keepdim=True).float()).unsqueeze(-1)
             h = h + mask * (state["alpha"] - f).unsqueeze(-1) * Wd_s[state["feat"]]
             return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
 
@@ -149,6 +152,24 @@ def main():
             m = torch.from_numpy((vals_np[batch_idx, :, c] > 0).astype(np.float32))
             diff = (res[0] - res[1]) / (hi - lo)
             return ((m.unsqueeze(-1) * diff).sum(1) / m.sum(1, keepdim=True).clamp(min=1)).numpy()
+
+        def single_effect_for(c, m):                             # clamp at p, read at p (one input)
+            res = []
+            for alpha in (hi, lo):
+                state.update(feat=int(feats[c]), alpha=alpha, single=True)
+                hf(tok_t[[m]])
+                res.append(state["read"])
+            state["single"] = False
+            p = int(np.argmax(vals_np[m, :, c]))
+            return ((res[0] - res[1]) / (hi - lo))[:, p].numpy()
+
+        t = time.perf_counter()
+        loop_c = np.stack([np.concatenate([single_effect_for(c, m) for m in range(a.inputs)]) for c in range(C)])
+        t_c = time.perf_counter() - t
+        err_c = np.abs(loop_c - sparse1).max()
+        print(f"single-position clamps: PyTorch loop (one forward per source x input x level, stopped after "
+              f"layer 12) {t_c:.3f} s; jfig position-sparse {t_sparse1:.3f} s -> {t_c / t_sparse1:.1f}x; "
+              f"jfig full suffix -> {t_c / t_full1:.1f}x; max |jfig - torch| {err_c:.2e}")
 
         t = time.perf_counter()
         loop_a = np.stack([np.concatenate([effect_for(c, [m]) for m in range(a.inputs)]) for c in range(C)])

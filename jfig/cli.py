@@ -70,7 +70,7 @@ def cmd_demo(args) -> int:
     over = {k: v for k, v in dict(max_sequences=args.max_sequences, top_k=args.top_k,
                                   inputs_per_source=args.inputs).items() if v is not None}
     t0 = time.time()
-    graph = run_demo(args.out, model_name=args.model, progress=not args.quiet, **over)
+    graph = run_demo(args.out, model_name=args.model, dtype=args.dtype, progress=not args.quiet, **over)
     print(summarize(graph))
     print(f"\ngraph written to {Path(args.out) / 'graph'} (nodes.parquet, edges.parquet, manifest.json); "
           f"total {time.time() - t0:.0f} s")
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-sequences", type=int, default=None, help="corpus sequences (scale up on a GPU)")
     d.add_argument("--top-k", type=int, default=None, help="important features per site")
     d.add_argument("--inputs", type=int, default=None, help="inputs per source feature")
+    d.add_argument("--dtype", default="float32", help="model parameter dtype: float32 (default), bfloat16 (halves "
+                                                      "memory on an accelerator; statistics stay float32), float16")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=cmd_demo)
     b = sub.add_parser("build", help="build a graph from a TOML config (model, saes, corpus, out, [options])")

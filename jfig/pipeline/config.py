@@ -4,6 +4,7 @@
     saes = ["saes/l6", "saes/l10"]    # SAE folders / params.npz files, or "default"
     corpus = "texts/"                 # files, folders, JSONL or Parquet, or "default"
     out = "my-graph"
+    dtype = "bfloat16"                # model parameters (default "float32"); statistics stay float32
     [options]                         # flat option names (docs/options.md) ...
     top_k = 64
     [options.measure]                 # ... or one table per stage (atlas, candidates, measure,
@@ -22,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, JfigError, OptionError
-from ..models.registry import ALIASES
+from ..models.registry import ALIASES, DTYPES
 from .options import BuildOptions
 
-CONFIG_KEYS = {"model", "saes", "corpus", "out", "options", "default_saes"}
+CONFIG_KEYS = {"model", "saes", "corpus", "out", "options", "default_saes", "dtype"}
 _HEADER = re.compile(r"^\s*\[\[?\s*([^\[\]]+?)\s*\]\]?\s*(#.*)?$")
 _KEY = re.compile(r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
 
@@ -101,6 +102,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
             raise config_error(path, text, (key,), f"[{key}] must be a table, got {cfg[key]!r}")
     if not isinstance(cfg.get("out", ""), str):
         raise config_error(path, text, ("out",), f"out must be a folder path string, got {cfg['out']!r}")
+    if cfg.get("dtype", "float32") not in DTYPES:
+        raise config_error(path, text, ("dtype",), f"dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
     base = path.parent
     model = cfg["model"]
     if not isinstance(model, str):

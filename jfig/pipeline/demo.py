@@ -65,11 +65,12 @@ def summarize(graph: InteractionGraph, k: int = 8) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str = "jfig-demo", *, model_name: str = "smollm2-135m", progress: bool = True,
-             **overrides) -> InteractionGraph:
-    """The main job on the offline default model: default SAEs, default corpus, a graph in OUT/graph."""
+def run_demo(out: str = "jfig-demo", *, model_name: str = "smollm2-135m", dtype: str = "float32",
+             progress: bool = True, **overrides) -> InteractionGraph:
+    """The main job on the offline default model: default SAEs, default corpus, a graph in OUT/graph.
+    dtype: the model's parameter dtype ("bfloat16" on an accelerator halves its memory)."""
     t0 = time.time()
-    model = load_model(model_name)
+    model = load_model(model_name, dtype=dtype)
     log.info("%s (%d layers) loaded in %.0f s", model.config.name or model_name, model.config.n_layers,
              time.time() - t0)
     saes, manifest = default_saes(model, progress=progress)
@@ -84,7 +85,7 @@ def run_demo(out: str = "jfig-demo", *, model_name: str = "smollm2-135m", progre
 def run_build(config_path, *, progress: bool = True) -> InteractionGraph:
     """`jfig build CONFIG.toml`: the graph of the config's model, SAEs and corpus, saved to OUT/graph."""
     cfg = load_config(config_path)
-    model = load_model(cfg["model"])
+    model = load_model(cfg["model"], dtype=cfg.get("dtype", "float32"))
     if cfg["saes"] == "default":
         saes, _ = default_saes(model, progress=progress, **cfg.get("default_saes", {}))
     else:

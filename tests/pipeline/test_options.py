@@ -214,10 +214,17 @@ def test_toml_per_stage_tables_errors_and_lines(tmp_path):
 def test_toml_unknown_top_level_key(tmp_path):
     with pytest.raises(jfig.JfigError, match=r"build.toml:3: unknown key 'modle'; did you mean 'model'\?"):
         load_config(_toml(tmp_path, 'model = "m"\nout = "o"\nmodle = 3\n'))
-    with pytest.raises(jfig.JfigError, match=r"build.toml:2: unknown key 'zzz'; expected corpus, default_saes"):
+    with pytest.raises(jfig.JfigError, match=r"build.toml:2: unknown key 'zzz'; expected corpus, default_saes, dtype"):
         load_config(_toml(tmp_path, 'model = "m"\nzzz = 3\n'))
     with pytest.raises(jfig.JfigError, match=r"build.toml:2: saes must be a path string or a non-empty list"):
         load_config(_toml(tmp_path, 'model = "m"\nsaes = 3\n'))
+
+
+def test_toml_dtype(tmp_path):
+    assert load_config(_toml(tmp_path, 'model = "smollm2-135m"\ndtype = "bfloat16"\n'))["dtype"] == "bfloat16"
+    with pytest.raises(jfig.JfigError, match=r"build.toml:2: dtype must be one of float32, bfloat16, float16, float64, "
+                                             r"got 'bf16'"):
+        load_config(_toml(tmp_path, 'model = "smollm2-135m"\ndtype = "bf16"\n'))
 
 
 def test_toml_flat_and_stage_tables_give_identical_options(tmp_path):
