@@ -305,9 +305,14 @@ def estimate(plan: BuildPlan) -> Estimate:
                             for s in specs)
         else:
             imp_flops = imp_passes * tokens * (per_layer * cfg.n_layers + logits)
+        # one clamp read where it is clamped: only that token runs the suffix (after one clean run of
+        # the corpus through every layer); otherwise every position does
+        sparse = o.clamp_at == "single" and o.positions == "same"
+        run_tokens = 1 if sparse else tokens
+        clean = o.max_sequences * tokens * per_layer * cfg.n_layers if sparse else 0.0
         stage_flops = {"atlas": o.max_sequences * tokens * (per_layer * last + encode), "importance": imp_flops,
-                       "measurement": (runs + null_runs) * tokens * (per_layer * suffix + encode),
-                       "gating": gating_runs * tokens * (per_layer * suffix + encode)}
+                       "measurement": (runs + null_runs) * run_tokens * (per_layer * suffix + encode) + clean,
+                       "gating": gating_runs * run_tokens * (per_layer * suffix + encode)}
         flops = sum(stage_flops.values())
         weights = 4.0 * count_params(cfg)
     sae_bytes = sum(4.0 * (2 * s.d_in * s.d_sae + s.d_sae + s.d_in) for s in specs)
