@@ -106,3 +106,21 @@ def test_shared_clean_prefix_gives_the_same_effects(case):
           measure_gating(model, saes, pairs, toks, **kw).per_input)
     with pytest.raises(jfig.JfigError, match="clean prefix was run on tokens of shape"):
         jfig.measure_effects(model, saes, {SITES[0]: [0]}, toks[:12], clean=clean, progress=False)
+
+
+@pytest.mark.parametrize("variant", [dict(inputs="target_active", read="post"), dict(read="pre"),
+                                     dict(source_site="blocks.1.attn.hook_z")])
+def test_sparse_variants_equal_the_full_suffix(case, variant):
+    """Per-pair inputs where the target is active, pre-activation reads, and a source at attn.hook_z
+    ([batch, seq, heads, d_head] activations)."""
+    model, saes, toks = case
+    variant = dict(variant)
+    site = variant.pop("source_site", SITES[0])
+    if site not in SITES:
+        saes = saes + [jfig.SAE.init_random(jax.random.PRNGKey(9), 16, 32, site, reshape_hook_z=True,
+                                            hook_z_shape=(4, 4))]
+    kw = dict(inputs_per_source=8, progress=False, keep_per_input=True, targets={SITES[2]: list(range(16))}, **variant)
+    sparse = jfig.measure_effects(model, saes, {site: [0, 1, 2]}, toks, **kw)
+    full = jfig.measure_effects(model, saes, {site: [0, 1, 2]}, toks, sparse=False, **kw)
+    np.testing.assert_array_equal(sparse.n, full.n)
+    close(sparse.mean, full.mean)
