@@ -59,6 +59,18 @@ def recovery_model(vocab=64, seed=0):
     return _wrap(apply, params, vocab)
 
 
+def _additive_model(x, g, vocab, seed):
+    """t_j = 40 + Σ_i x_i g_ij(token) with source values x [vocab, D] and token-wise weights g [vocab, D, D]."""
+    params = {"X": jnp.asarray(x), "G": jnp.asarray(g), "U": jax.random.normal(jax.random.PRNGKey(seed), (D, vocab))}
+
+    def apply(p, tokens, hook):
+        x = hook(SRC, p["X"][tokens])
+        t = 40.0 + jnp.einsum("bsi,bsij->bsj", x, p["G"][tokens])     # > 0 always: ReLU never clips
+        return hook(TGT, t) @ p["U"]
+
+    return _wrap(apply, params, vocab)
+
+
 def null_model(vocab=512, seed=0):
     rng = np.random.default_rng(seed + 1)
     x = np.zeros((vocab, D), np.float32)
@@ -70,14 +82,7 @@ def null_model(vocab=512, seed=0):
         for j in range(D):                            # g_ij balanced over exactly those tokens
             g[:, i, j] = rng.choice([-1.0, 1.0], size=vocab)
             g[on, i, j] = rng.permutation(quarter)
-    params = {"X": jnp.asarray(x), "G": jnp.asarray(g), "U": jax.random.normal(jax.random.PRNGKey(seed), (D, vocab))}
-
-    def apply(p, tokens, hook):
-        x = hook(SRC, p["X"][tokens])
-        t = 40.0 + jnp.einsum("bsi,bsij->bsj", x, p["G"][tokens])     # > 0 always: ReLU never clips
-        return hook(TGT, t) @ p["U"]
-
-    return _wrap(apply, params, vocab)
+    return _additive_model(x, g, vocab, seed)
 
 
 def truth():
@@ -123,14 +128,7 @@ def skewed_null_model(vocab=512, seed=0):
         v = rng.exponential(1.0, (vocab, D)) * rng.choice([-1.0, 1.0], size=D)
         v[on] -= v[on].mean(0)
         g[:, i, :] = v
-    params = {"X": jnp.asarray(x), "G": jnp.asarray(g), "U": jax.random.normal(jax.random.PRNGKey(seed), (D, vocab))}
-
-    def apply(p, tokens, hook):
-        x = hook(SRC, p["X"][tokens])
-        t = 40.0 + jnp.einsum("bsi,bsij->bsj", x, p["G"][tokens])     # > 0 always: ReLU never clips
-        return hook(TGT, t) @ p["U"]
-
-    return _wrap(apply, params, vocab)
+    return _additive_model(x, g, vocab, seed)
 
 
 MOD_I, MOD_K, MOD_J = 0, 1, 2     # source, pure modulator, target of `modulator_model`
