@@ -2,13 +2,13 @@
 dry run and the demo (`jfig demo`, `jfig build CONFIG.toml [--dry-run]`)."""
 from .build import build_graph, sae_fingerprint
 from .config import CONFIG_KEYS, load_config
-from .demo import DEMO_OPTIONS, run_build, run_demo, summarize
+from .demo import ACCELERATOR_DEMO_OPTIONS, DEMO_OPTIONS, demo_options, run_build, run_demo, summarize
 from .dryrun import BuildPlan, Estimate, dry_run, estimate, plan_build
 from .options import (AtlasOptions, BuildOptions, CandidateOptions, GatingOptions, MeasureOptions, SignificanceOptions,
                       options_table)
 from .state import STATE_FILE, RunState
 
-__all__ = ["AtlasOptions", "BuildOptions", "BuildPlan", "CONFIG_KEYS", "CandidateOptions", "DEMO_OPTIONS", "Estimate",
-           "GatingOptions", "MeasureOptions", "RunState", "STATE_FILE", "SignificanceOptions", "build_graph", "dry_run",
-           "estimate", "load_config", "options_table", "plan_build", "run_build", "run_demo", "sae_fingerprint",
-           "summarize"]
+__all__ = ["ACCELERATOR_DEMO_OPTIONS", "AtlasOptions", "BuildOptions", "BuildPlan", "CONFIG_KEYS", "CandidateOptions",
+           "DEMO_OPTIONS", "Estimate", "GatingOptions", "MeasureOptions", "RunState", "STATE_FILE",
+           "SignificanceOptions", "build_graph", "demo_options", "dry_run", "estimate", "load_config", "options_table",
+           "plan_build", "run_build", "run_demo", "sae_fingerprint", "summarize"]

@@ -6,6 +6,8 @@ import logging
 import time
 from pathlib import Path
 
+import jax
+
 from ..data import Corpus, default_corpus
 from ..graph import InteractionGraph
 from ..models.registry import load_model
@@ -26,6 +28,17 @@ log = logging.getLogger(__name__)
 DEMO_OPTIONS = dict(seq_len=64, max_sequences=128, top_k=12, inputs_per_source=32, block_size=8, null_every=2,
                     read="pre", importance="attribution", importance_sequences=4, importance_pool=24,
                     gating_max_targets=12, gating_max_pairs=8, batch_size=16)
+# On a GPU or TPU the same job affords what a CPU cannot: exact ablation importance over more
+# features and sequences, a larger corpus, more candidates and inputs per source.
+ACCELERATOR_DEMO_OPTIONS = {**DEMO_OPTIONS, "max_sequences": 1024, "top_k": 48, "inputs_per_source": 100,
+                            "importance": "loss", "importance_sequences": 32, "importance_pool": 96,
+                            "gating_max_targets": 32, "batch_size": 64}
+
+
+def demo_options(backend: str | None = None) -> dict:
+    """The demo's build options for a JAX backend ("cpu", "gpu", "tpu"; default: the current one)."""
+    backend = backend or jax.default_backend()
+    return dict(DEMO_OPTIONS if backend == "cpu" else ACCELERATOR_DEMO_OPTIONS)
 
 
 def summarize(graph: InteractionGraph, k: int = 8) -> str:
@@ -75,7 +88,8 @@ def run_demo(out: str = "jfig-demo", *, model_name: str = "smollm2-135m", dtype:
              time.time() - t0)
     saes, manifest = default_saes(model, progress=progress)
     log.info("default SAEs:\n%s", metrics_table(manifest))
-    opts = {**DEMO_OPTIONS, **overrides}
+    opts = {**demo_options(), **overrides}
+    log.info("demo options for the %s backend: %s", jax.default_backend(), opts)
     graph = build_graph(model, saes, default_corpus(model), out_dir=Path(out) / "build", progress=progress, **opts)
     graph.save(Path(out) / "graph")
     log.info("demo finished in %.0f s", time.time() - t0)

@@ -249,3 +249,16 @@ def test_toml_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
     assert cfg["corpus"] == [str(base / "texts")] and cfg["out"] == str(base / "o")
     named = load_config(_toml(tmp_path, 'model = "smollm2-135m"\nsaes = "default"\ncorpus = "default"\n'))
     assert (named["model"], named["saes"], named["corpus"]) == ("smollm2-135m", "default", "default")
+
+
+def test_demo_options_by_backend():
+    """The demo's options are valid build options on every backend; an accelerator gets exact ablation
+    importance and a larger job, the CPU the attribution estimate and the small one."""
+    from jfig.pipeline import demo_options
+    cpu, gpu = demo_options("cpu"), demo_options("gpu")
+    assert demo_options("tpu") == gpu
+    for o in (cpu, gpu):
+        BuildOptions.from_dict(o)
+    assert cpu["importance"] == "attribution" and gpu["importance"] == "loss"
+    assert gpu["max_sequences"] > cpu["max_sequences"] and gpu["inputs_per_source"] > cpu["inputs_per_source"]
+    assert gpu["importance_pool"] >= 2 * gpu["top_k"]
