@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,11 +78,40 @@ def cmd_demo(args) -> int:
     return 0
 
 
+DISTRIBUTED_ENV = ("JFIG_COORDINATOR_ADDRESS", "JFIG_NUM_PROCESSES", "JFIG_PROCESS_ID")
+
+
+def init_distributed() -> None:
+    """Join JAX's distributed runtime: from JFIG_COORDINATOR_ADDRESS (host:port of process 0),
+    JFIG_NUM_PROCESSES and JFIG_PROCESS_ID when set, else as JAX detects the cluster (SLURM, TPU pods,
+    Open MPI, Kubernetes)."""
+    env = {k: os.environ.get(k) for k in DISTRIBUTED_ENV}
+    if any(env.values()):
+        missing = [k for k, v in env.items() if not v]
+        if missing:
+            raise JfigError(f"--distributed with {', '.join(k for k, v in env.items() if v)} set also needs "
+                            f"{', '.join(missing)}")
+        try:
+            n, i = int(env["JFIG_NUM_PROCESSES"]), int(env["JFIG_PROCESS_ID"])
+        except ValueError:
+            raise JfigError(f"JFIG_NUM_PROCESSES and JFIG_PROCESS_ID must be integers, got "
+                            f"{env['JFIG_NUM_PROCESSES']!r} and {env['JFIG_PROCESS_ID']!r}") from None
+        jax.distributed.initialize(coordinator_address=env["JFIG_COORDINATOR_ADDRESS"], num_processes=n, process_id=i)
+    else:
+        jax.distributed.initialize()
+
+
 def cmd_build(args) -> int:
     if args.dry_run:
         print(dry_run(args.config))
         return 0
+    if args.distributed:
+        init_distributed()
     graph = run_build(args.config, progress=not args.quiet)
+    if graph is None:
+        print(f"process {jax.process_index()} of {jax.process_count()}: its share is measured; process 0 writes "
+              f"the graph")
+        return 0
     print(summarize(graph))
     print(f"\ngraph written to {Path(load_config(args.config)['out']) / 'graph'}")
     return 0
@@ -128,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true",
                    help="check the model, SAEs, corpus and output folder, print the resolved options and an "
                         "estimate of the work and memory; compute and write nothing (exit 2 on a problem)")
+    b.add_argument("--distributed", action="store_true",
+                   help="one process per host on JAX's distributed runtime (SLURM, TPU pods, or "
+                        "JFIG_COORDINATOR_ADDRESS / JFIG_NUM_PROCESSES / JFIG_PROCESS_ID); out must be a shared folder")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_build)
     r = sub.add_parser("run", help="next-token prediction and most active SAE features for prompts")

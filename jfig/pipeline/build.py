@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
+import jax
 import numpy as np
 
 from ..data import looks_like_tokens, tokens_from
 from ..data.files import fingerprint
+from ..errors import JfigError
 from ..graph import InteractionGraph, NodeInfo, assemble_graph
 from ..measure import AUTO_INPUTS
 from ..models.validation import check_saes
 from .options import BuildOptions, format_bytes
 from .stages import (GATING_FLAG_CV, PAIR_KEYS, atlas_stage, candidates_stage, first_order_edges, gating_edges,
                      gating_stage, measure_blocks, shared_prefix, smallest_pvalue, target_scales)
-from .state import RunState
+from .state import RunState, process_folder, wait_for_peers
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def sae_fingerprint(sae) -> str:
 
 
 def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None = None, progress: bool = True,
-                on_block=None, **options) -> InteractionGraph:
+                on_block=None, process: tuple[int, int] | None = None, **options) -> InteractionGraph | None:
     """Build the Feature Interaction Graph end to end; returns an InteractionGraph.
 
     model: a jfig Model; saes: SAEs at several sites; tokens_or_corpus: int tokens [n, seq] (used as
@@ -55,10 +58,23 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     `out_dir`, results are written as they complete and a rerun resumes (see module docstring);
     the graph is saved to `out_dir/graph`. `on_block(i)` is called after each measured block
     (tests use it to interrupt a build).
+
+    Several processes (one per host; `process` = (index, count), by default JAX's
+    `jax.process_index()` and `jax.process_count()` after `jax.distributed.initialize()`): every
+    process gets the same inputs and options and a shared `out_dir`; each builds the atlas and the
+    candidate list (deterministic, so identical) in `out_dir/process_<index>`, measures every
+    count-th block of sources, and records that it is done; process 0 waits for the others' blocks,
+    runs significance and gating, and returns the graph (saved to `out_dir/graph`), the same graph
+    one process builds. The other processes return None.
     """
     if seed is not None:
         options["seed"] = seed
     opts = BuildOptions.from_dict(options)
+    index, count = process if process is not None else (jax.process_index(), jax.process_count())
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise JfigError(f"process must be (index, count) with 0 <= index < count, got {process!r}")
+    if count > 1 and out_dir is None:
+        raise JfigError(f"a build over {count} processes needs out_dir: a folder every process can read and write")
     saes = check_saes(model, saes, at_least=1)
     t0 = stage_t = time.time()
     if looks_like_tokens(tokens_or_corpus):      # a token array is used as given: its rows and its length
@@ -73,7 +89,7 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     fp = {"options": opts.to_dict(), "tokens": fingerprint(tokens.tobytes()),
           "saes": {s: sae_fingerprint(x) for s, x in sorted(saes.items())},
           "model": repr(model.config) if model.config is not None else str(model.sites)}
-    state = RunState(out_dir, fp)
+    state = RunState(out_dir if count == 1 else process_folder(out_dir, index), fp)
     sae_list = list(saes.values())
 
     def stage(name: str) -> None:
@@ -91,7 +107,14 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
             shared["prefix"] = shared_prefix(model, saes, tokens, opts)
         return shared["prefix"]
 
-    rec = measure_blocks(model, saes, tokens, atlas, pairs, opts, state, progress, on_block, clean)
+    def peers():                     # the other processes' blocks (process 0 of several)
+        return wait_for_peers(out_dir, fp, count, lambda done: [f"blocks/block_{b:05d}.npz" for b in done["blocks"]])
+
+    rec = measure_blocks(model, saes, tokens, atlas, pairs, opts, state, progress, on_block, clean, (index, count),
+                         peers)
+    if rec is None:
+        log.info("process %d of %d: its blocks are measured; process 0 builds the graph", index, count)
+        return None
     if len(rec["target"]):
         rec["target_sd"] = target_scales(model, saes, tokens, rec, opts, clean())
     stage("measurement")
@@ -121,7 +144,7 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     graph = assemble_graph(first, gating, node_info=NodeInfo(atlas, decode), sites=model.sites,
                            positions=opts.positions, manifest=manifest)
     stage("significance, gating and graph")
-    gpath = state.path("graph")
+    gpath = state.path("graph") if count == 1 else Path(out_dir) / "graph"
     if gpath is not None:
         graph.save(gpath)
     log.info("graph built in %.0f s", time.time() - t0)

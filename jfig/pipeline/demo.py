@@ -96,8 +96,10 @@ def run_demo(out: str = "jfig-demo", *, model_name: str = "smollm2-135m", dtype:
     return graph
 
 
-def run_build(config_path, *, progress: bool = True) -> InteractionGraph:
-    """`jfig build CONFIG.toml`: the graph of the config's model, SAEs and corpus, saved to OUT/graph."""
+def run_build(config_path, *, progress: bool = True) -> InteractionGraph | None:
+    """`jfig build CONFIG.toml`: the graph of the config's model, SAEs and corpus, saved to OUT/graph.
+    In a run over several processes (after `jax.distributed.initialize()`) every process measures its
+    share and process 0 returns and saves the graph; the others return None."""
     cfg = load_config(config_path)
     model = load_model(cfg["model"], dtype=cfg.get("dtype", "float32"))
     if cfg["saes"] == "default":
@@ -107,5 +109,6 @@ def run_build(config_path, *, progress: bool = True) -> InteractionGraph:
     corpus = default_corpus(model) if cfg["corpus"] == "default" else Corpus.from_spec(cfg["corpus"])
     out = Path(cfg["out"])
     graph = build_graph(model, saes, corpus, out_dir=out / "build", progress=progress, **cfg.get("options", {}))
-    graph.save(out / "graph")
+    if graph is not None:
+        graph.save(out / "graph")
     return graph

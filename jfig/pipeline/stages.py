@@ -20,6 +20,7 @@ import numpy as np
 from ..atlas import Atlas, build_atlas
 from ..candidates import Report, select_candidates
 from ..data.progress import progress_bar
+from ..errors import JfigError
 from ..graph import EdgeRecords
 from ..measure import (CleanPrefix, activation_sd, clean_prefix, clean_prefix_bytes, feature_importance, measure_effects,
                        measure_gating)
@@ -174,27 +175,44 @@ def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: 
 
 
 def measure_blocks(model, saes, tokens, atlas, pairs: dict, opts: BuildOptions, state: RunState, progress: bool,
-                   on_block=None, clean=lambda: None) -> dict[str, np.ndarray]:
+                   on_block=None, clean=lambda: None, shard: tuple[int, int] = (0, 1),
+                   peers=None) -> dict[str, np.ndarray] | None:
     """Measure every candidate source in blocks (resumable); returns the concatenated block records.
-    `clean()` gives the shared clean prefix (called only when a block has to be measured)."""
+    `clean()` gives the shared clean prefix (called only when a block has to be measured).
+
+    With shard = (i, P), P > 1 processes: this one measures blocks b with b % P == i and records
+    `done.json`; process 0 then reads the others' blocks (`peers()` -> {file name: records}) and
+    returns all records in block order, as one process would; the others return None."""
     plan = plan_sources(pairs, opts.max_sources)
     blocks = [plan[i: i + opts.block_size] for i in range(0, len(plan), opts.block_size)]
-    out = []
-    with progress_bar(len(blocks), desc="measure blocks", unit="block", enabled=progress) as bar:
-        for i, block in enumerate(blocks):
-            name = f"blocks/block_{i:05d}.npz"
-            rec = state.load_npz(name)
+    index, count = shard
+    mine = [b for b in range(len(blocks)) if b % count == index]
+    name = "blocks/block_{:05d}.npz".format
+    got: dict[int, dict] = {}
+    with progress_bar(len(mine), desc="measure blocks", unit="block", enabled=progress) as bar:
+        for i in mine:
+            rec = state.load_npz(name(i))
             if rec is None or not all(k in rec for k in BLOCK_KEYS):
-                rec = measure_block(model, saes, tokens, atlas, block, opts, i, clean())
-                state.save_npz(name, rec)
-            out.append({k: rec[k] for k in BLOCK_KEYS})
+                rec = measure_block(model, saes, tokens, atlas, blocks[i], opts, i, clean())
+                state.save_npz(name(i), rec)
+            got[i] = {k: rec[k] for k in BLOCK_KEYS}
             bar.update(1)
             if on_block is not None:
                 on_block(i)
-    if not out:
+    if count > 1:
+        state.save_json("done.json", {"blocks": mine, "n_blocks": len(blocks)})
+        if index != 0:
+            return None
+        others = peers()
+        missing = [name(b) for b in range(len(blocks)) if b % count != 0 and name(b) not in others]
+        if missing:
+            raise JfigError(f"the other processes did not measure {missing[:3]} (of {len(missing)} blocks); "
+                            f"were they given the same inputs and options?")
+        got.update({b: {k: others[name(b)][k] for k in BLOCK_KEYS} for b in range(len(blocks)) if b % count != 0})
+    if not got:
         rec = {k: np.zeros(0) for k in BLOCK_KEYS}
     else:
-        rec = {k: np.concatenate([r[k] for r in out]) for k in BLOCK_KEYS}
+        rec = {k: np.concatenate([got[b][k] for b in sorted(got)]) for k in BLOCK_KEYS}
     return {**rec, **pair_flags(pairs, rec)}
 
 

@@ -125,3 +125,65 @@ class RunState:
         if self.dir is not None:
             atlas.save(self.path(name))
             self._record(f"{name}/manifest.json", self.path(name) / "manifest.json")
+
+
+def process_folder(out_dir: str | Path, index: int) -> Path:
+    """The build folder of process `index` of a build spread over several processes."""
+    return Path(out_dir) / f"process_{index:03d}"
+
+
+class PeerState:
+    """A read-only view of another process's build folder: its fingerprint must be this build's, and a
+    file is read only once its checksum is recorded and matches (nothing is ever deleted here, since
+    the other process may still be writing)."""
+
+    def __init__(self, folder: str | Path, fingerprint: dict):
+        self.dir = Path(folder)
+        self.fingerprint = fingerprint
+
+    def files(self) -> dict[str, str]:
+        """The recorded checksums ({} until the process has written its state file)."""
+        state = self.dir / STATE_FILE
+        try:
+            old = json.loads(state.read_text())
+        except (OSError, ValueError):
+            return {}
+        if old.get("fingerprint") != self.fingerprint:
+            raise JfigError(f"{self.dir} holds a build with different inputs or options than this process's; "
+                            f"every process of a build must get the same model, SAEs, tokens and options")
+        return dict(old.get("files", {}))
+
+    def load_npz(self, name: str) -> dict[str, np.ndarray] | None:
+        file, expected = self.dir / name, self.files().get(name)
+        if expected is None or not file.exists() or file_checksum(file) != expected:
+            return None
+        with np.load(file, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def load_json(self, name: str) -> Any | None:
+        file, expected = self.dir / name, self.files().get(name)
+        if expected is None or not file.exists() or file_checksum(file) != expected:
+            return None
+        return json.loads(file.read_text())
+
+
+def wait_for_peers(out_dir: str | Path, fingerprint: dict, count: int, names_of, poll: float = 0.5,
+                   log_every: float = 60.0) -> dict[str, dict[str, np.ndarray]]:
+    """Wait until every process 1..count-1 has recorded `done.json`, then read the .npz files it lists
+    (`names_of(done)` -> names). Returns {name: arrays} over all peers."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    t0 = last = time.time()
+    for j in range(1, count):
+        peer = PeerState(process_folder(out_dir, j), fingerprint)
+        while (done := peer.load_json("done.json")) is None:
+            if time.time() - last > log_every:
+                log.info("waiting for process %d of %d (%.0f s so far)", j, count, time.time() - t0)
+                last = time.time()
+            time.sleep(poll)
+        for name in names_of(done):
+            arrays = peer.load_npz(name)
+            if arrays is None:
+                raise JfigError(f"process {j} reported {name} done, but {peer.dir / name} is missing or does not "
+                                f"match its checksum")
+            out[name] = arrays
+    return out

@@ -57,3 +57,49 @@ def test_config_errors(project, capsys):
     assert main(["build", str(wrong), "--quiet"]) == 2
     assert "do not belong to this model" in capsys.readouterr().err
     assert not (root / "bad" / "graph").exists()
+
+
+def test_distributed_build_from_the_command_line(project):
+    """`jfig build CONFIG --distributed` in two processes (JFIG_* variables, localhost) writes the graph a
+    one-process `jfig build` writes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    root, _ = project
+    body = '''
+model = "model"
+saes = ["saes/l0", "saes/l2"]
+corpus = ["texts"]
+out = "{out}"
+[options]
+seq_len = 16
+max_sequences = 32
+top_k = 6
+inputs_per_source = 8
+block_size = 2
+gating = false
+'''
+    one, two = _write(root, body.format(out="one")), root / "two.toml"
+    two.write_text(body.format(out="two"))
+    assert main(["build", str(one), "--quiet"]) == 0
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    repo = str(Path(__file__).resolve().parents[2])
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "JFIG_COORDINATOR_ADDRESS": f"localhost:{port}", "JFIG_NUM_PROCESSES": "2",
+               "JFIG_PROCESS_ID": str(i), "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        procs.append(subprocess.Popen([sys.executable, "-m", "jfig", "build", str(two), "--distributed", "--quiet"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert "process 1 of 2" in outs[1][0]
+    g1, g2 = jfig.load_graph(root / "one" / "graph"), jfig.load_graph(root / "two" / "graph")
+    assert g1.manifest["statistics"]["n_tested"] == g2.manifest["statistics"]["n_tested"] > 20
+    assert g1.manifest["statistics"]["tau"] == g2.manifest["statistics"]["tau"]
+    a, b = g1.edges.to_pydict(), g2.edges.to_pydict()
+    for k in ("source_site", "source", "target_site", "target", "kind", "n", "weight", "p_value"):
+        assert a[k] == b[k], k
