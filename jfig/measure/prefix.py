@@ -99,7 +99,10 @@ def activation_sd(model, sae, features, tokens, *, read: str = "post", batch_siz
     activation (read="post") or its encoder pre-activation ("pre"), the quantity a measurement reads.
     Effects divided by it are in units of the feature's natural spread."""
     cols = jnp.asarray(features, jnp.int32)
-    acts = prefix_pass(model, sae, cols, tokens, batch_size, model.apply_fn is None, clean=clean)[0]
+    if clean is not None and sae.site in clean.prefixes:       # read, not run again (and not encoded twice)
+        acts = clean.prefixes[sae.site].acts
+    else:
+        acts = prefix_pass(model, sae, cols, tokens, batch_size, model.apply_fn is None)[0]
     n, s1, s2 = 0, 0.0, 0.0
     for b in range(0, acts.shape[0], batch_size):
         pre = sae.pre_activations(acts[b: b + batch_size])

@@ -104,6 +104,9 @@ def test_shared_clean_prefix_gives_the_same_effects(case):
     kw = dict(method="factorial", inputs_per_pair=8, keep_per_input=True, targets={SITES[2]: list(range(10))})
     close(measure_gating(model, saes, pairs, toks, clean=clean, **kw).per_input,
           measure_gating(model, saes, pairs, toks, **kw).per_input)
+    for read in ("post", "pre"):                  # target spreads read from the shared run equal their own run
+        np.testing.assert_allclose(jfig.measure.activation_sd(model, saes[2], [0, 3, 7], toks, read=read, clean=clean),
+                                   jfig.measure.activation_sd(model, saes[2], [0, 3, 7], toks, read=read), rtol=1e-5)
     with pytest.raises(jfig.JfigError, match="clean prefix was run on tokens of shape"):
         jfig.measure_effects(model, saes, {SITES[0]: [0]}, toks[:12], clean=clean, progress=False)
 
