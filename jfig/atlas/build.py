@@ -51,6 +51,33 @@ def _firing_counts(model, saes, tokens, valid, *, sites):
     return [((sae.encode(out.cache[s]) > 0) & valid[..., None]).sum((0, 1)) for sae, s in zip(saes, sites)]
 
 
+def _most_frequent(model, saes, batches, features, max_tracked: int, skip_positions: int) -> dict:
+    """Site -> the max_tracked most frequent features in `batches`, for SAEs wider than max_tracked
+    whose tracked features are not given."""
+    sites = tuple(s.site for s in saes)
+    counts = [np.zeros(s.d_sae, np.int64) for s in saes]
+    for toks, rows in batches:
+        valid = np.zeros(toks.shape, bool)
+        valid[:rows, skip_positions:] = True
+        fired = _firing_counts(model, tuple(saes), jnp.asarray(toks), jnp.asarray(valid), sites=sites)
+        for c, x in zip(counts, fired):
+            c += np.asarray(x)
+    return {s.site: np.sort(np.argsort(-c, kind="stable")[:max_tracked]) for s, c in zip(saes, counts)
+            if s.d_sae > max_tracked and s.site not in features}
+
+
+def tracked_features(model, saes, tokens_or_batches, *, batch_size: int = 8, max_tracked: int = MAX_TRACKED,
+                     selection_batches: int = 16, skip_positions: int = 0) -> dict[str, np.ndarray]:
+    """The features `build_atlas` would track at each SAE wider than max_tracked (the most frequent in
+    the first `selection_batches` batches). Atlases of parts of a corpus merge only when they track
+    the same features: pass this, from the whole corpus, as `features=` to each part's build."""
+    saes = list(check_saes(model, saes).values())
+    head = list(itertools.islice(token_batches(tokens_or_batches, batch_size, model.vocab_size), selection_batches))
+    if not any(s.d_sae > max_tracked for s in saes):
+        return {}
+    return _most_frequent(model, saes, head, {}, max_tracked, skip_positions)
+
+
 def build_atlas(model, saes, tokens_or_batches, *, window: int = 5, position_window: int = 0, features=None,
                 top_contexts: int = 8, batch_size: int = 8, progress: bool = True, corpus_hash: str | None = None,
                 max_tracked: int = MAX_TRACKED, selection_batches: int = 16, max_active=None,
@@ -73,16 +100,7 @@ def build_atlas(model, saes, tokens_or_batches, *, window: int = 5, position_win
     features = dict(features or {})
     if any(s.d_sae > max_tracked and s.site not in features for s in saes):
         head = list(itertools.islice(batches, selection_batches))
-        counts = [np.zeros(s.d_sae, np.int64) for s in saes]
-        for toks, rows in head:
-            valid = np.zeros(toks.shape, bool)
-            valid[:rows, skip_positions:] = True
-            fired = _firing_counts(model, tuple(saes), jnp.asarray(toks), jnp.asarray(valid), sites=sites)
-            for c, x in zip(counts, fired):
-                c += np.asarray(x)
-        for s, c in zip(saes, counts):
-            if s.d_sae > max_tracked and s.site not in features:
-                features[s.site] = np.sort(np.argsort(-c, kind="stable")[:max_tracked])
+        features.update(_most_frequent(model, saes, head, features, max_tracked, skip_positions))
         batches = itertools.chain(head, batches)
     if max_active is None:
         max_active = {s.site: s.k for s in saes if s.architecture == "topk"}

@@ -62,3 +62,32 @@ class Candidates:
     @property
     def target(self) -> np.ndarray:
         return self._col("target")
+
+
+@dataclass
+class SourceCandidates:
+    """The dense selection (`targets="all"`): each source feature is measured against every feature of
+    every later site in the layer window. Stored as sources and target sites, never as a pair list.
+
+    sources: site -> source feature ids, most important first; target_sites: source site -> the sites
+    whose every feature is a target; d_sae: site -> SAE width."""
+
+    sources: dict[str, np.ndarray]
+    target_sites: dict[str, tuple[str, ...]]
+    d_sae: dict[str, int]
+    features: pa.Table
+    report: Report
+    settings: dict
+
+    @property
+    def n_sources(self) -> int:
+        return sum(len(v) for v in self.sources.values())
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(len(f) * sum(self.d_sae[t] for t in self.target_sites[s]) for s, f in self.sources.items())
+
+    def to_json(self) -> dict:
+        """A compact, JSON-ready form (what a build saves as candidates.json)."""
+        return {"sources": {s: [int(f) for f in v] for s, v in self.sources.items()},
+                "target_sites": {s: list(v) for s, v in self.target_sites.items()}, "d_sae": dict(self.d_sae)}

@@ -32,7 +32,7 @@ from ..errors import JfigError, ShapeError
 from ..models.validation import saes_by_site
 from ..saes.geometry import alignment_applies, decoder_alignment
 from ..sites import parse_site
-from .report import Candidates, Report
+from .report import Candidates, Report, SourceCandidates
 
 
 def select_candidates(atlas, saes, *, effects: Mapping[str, np.ndarray] | None = None, importance: str = "rate",
@@ -53,40 +53,8 @@ def select_candidates(atlas, saes, *, effects: Mapping[str, np.ndarray] | None =
       alignment_window: apply a threshold only where the layer distance is at most this (None:
       everywhere alignment applies).
     """
-    saes = saes_by_site(saes)
-    for site in atlas.sites:
-        if site not in saes:
-            raise JfigError(f"no SAE given for atlas site {site}; got SAEs at {sorted(saes)}")
-        if saes[site].d_sae != atlas.d_sae[site]:
-            raise ShapeError(f"SAE at {site} has d_sae {saes[site].d_sae}; the atlas was built with "
-                             f"{atlas.d_sae[site]}")
-    if window > atlas.settings["window"]:
-        raise JfigError(f"window {window} exceeds the atlas's layer window {atlas.settings['window']}")
-    effects = dict(effects or {})
-    note = ""
-    if not effects:
-        if importance != "rate":
-            note = "firing rate only (no measured effects given)"
-        importance = "rate"
-    for site, e in effects.items():
-        if site not in atlas.features or np.shape(e) != atlas.features[site].shape:
-            raise ShapeError(f"effects for {site} must have one value per tracked feature "
-                             f"({len(atlas.features.get(site, ()))}), got shape {np.shape(e)}")
-
-    feat_rows, chosen = [], {}
-    for site in atlas.sites:
-        rate = atlas.firing_rate(site)[atlas.features[site]]
-        effect = np.asarray(effects[site], np.float64) if site in effects else np.full(rate.shape, np.nan)
-        imp = rate * effect if site in effects else rate.copy()
-        score = np.where(np.isnan(imp), -np.inf, imp)
-        order = np.argsort(-score, kind="stable")
-        chosen[site] = np.sort(order[np.isfinite(score[order])][:top_k])      # tracked positions
-        rank = np.empty(len(order), np.int64)
-        rank[order] = np.arange(len(order))
-        sel = np.zeros(len(order), bool)
-        sel[chosen[site]] = True
-        feat_rows.append(pa.table(dict(site=[site] * len(rate), feature=atlas.features[site], firing_rate=rate,
-                                       effect=effect, importance=imp, rank=rank, selected=sel)))
+    saes, effects, importance, note = check_inputs(atlas, saes, effects, importance, window)
+    feat_rows, chosen = rank_features(atlas, effects, top_k)
 
     layer = {s: parse_site(s).layer for s in atlas.sites}
     order_of = {s: i for i, s in enumerate(atlas.sites)}
@@ -157,6 +125,91 @@ def select_candidates(atlas, saes, *, effects: Mapping[str, np.ndarray] | None =
                     low_coact_p=low_coact_p, min_alignment=min_alignment, alignment_window=alignment_window,
                     window=window, importance=importance)
     return Candidates(pairs=pairs, features=pa.concat_tables(feat_rows), report=report, settings=settings)
+
+
+def select_sources(atlas, saes, *, effects: Mapping[str, np.ndarray] | None = None, importance: str = "rate",
+                   top_k: int = 200, window: int = 5) -> SourceCandidates:
+    """The dense selection: per site the top_k features by importance (as `select_candidates` ranks
+    them), each to be measured against every feature of every later site within `window` layers.
+    Sources at a site with no later site in the window are not selected. Runs no model."""
+    saes, effects, importance, note = check_inputs(atlas, saes, effects, importance, window)
+    feat_rows, chosen = rank_features(atlas, effects, top_k)
+    order_of = {s: i for i, s in enumerate(atlas.sites)}
+    all_pairs = sum(atlas.d_sae[a] * atlas.d_sae[b] for a in atlas.sites for b in atlas.sites
+                    if order_of[a] < order_of[b])
+    target_sites = window_targets(atlas.sites, window)
+    n_window = sum(atlas.d_sae[a] * atlas.d_sae[b] for a, ts in target_sites.items() for b in ts)
+    sources = {}
+    for table, site in zip(feat_rows, atlas.sites):
+        if site in target_sites:
+            rank = table.column("rank").to_numpy()[chosen[site]]
+            sources[site] = atlas.features[site][chosen[site]][np.argsort(rank, kind="stable")]
+    d_sae = {s: int(atlas.d_sae[s]) for s in atlas.sites}
+    cands = SourceCandidates(sources=sources, target_sites=target_sites, d_sae=d_sae,
+                             features=pa.concat_tables(feat_rows), report=Report(),
+                             settings=dict(top_k=top_k, window=window, importance=importance, targets="all"))
+    rep = cands.report
+    rep.add("all pairs (source site before target site)", all_pairs, all_pairs, f"{len(atlas.sites)} sites")
+    rep.add(f"layer window (0 <= dlayer <= {window})", all_pairs, n_window,
+            f"{sum(map(len, target_sites.values()))} site pairs")
+    rep.add(f"importance (top {top_k} sources per site, {importance}; every target)", n_window, cands.n_pairs,
+            f"{cands.n_sources} sources" + (f"; {note}" if note else ""))
+    return cands
+
+
+
+def window_targets(sites, window: int) -> dict[str, tuple[str, ...]]:
+    """Source site -> the later sites (in the given forward order) at most `window` layers after it;
+    sites with none are left out (their features have no targets)."""
+    sites = list(sites)
+    layer = {s: parse_site(s).layer for s in sites}
+    out = {a: tuple(b for b in sites[i + 1:] if layer[b] - layer[a] <= window) for i, a in enumerate(sites)}
+    return {a: t for a, t in out.items() if t}
+
+def check_inputs(atlas, saes, effects, importance: str, window: int):
+    """(saes by site, effects, importance, note) after checking that the SAEs, effects and window fit
+    the atlas; importance falls back to "rate" without effects."""
+    saes = saes_by_site(saes)
+    for site in atlas.sites:
+        if site not in saes:
+            raise JfigError(f"no SAE given for atlas site {site}; got SAEs at {sorted(saes)}")
+        if saes[site].d_sae != atlas.d_sae[site]:
+            raise ShapeError(f"SAE at {site} has d_sae {saes[site].d_sae}; the atlas was built with "
+                             f"{atlas.d_sae[site]}")
+    if window > atlas.settings["window"]:
+        raise JfigError(f"window {window} exceeds the atlas's layer window {atlas.settings['window']}")
+    effects = dict(effects or {})
+    note = ""
+    if not effects:
+        if importance != "rate":
+            note = "firing rate only (no measured effects given)"
+        importance = "rate"
+    for site, e in effects.items():
+        if site not in atlas.features or np.shape(e) != atlas.features[site].shape:
+            raise ShapeError(f"effects for {site} must have one value per tracked feature "
+                             f"({len(atlas.features.get(site, ()))}), got shape {np.shape(e)}")
+
+    return saes, effects, importance, note
+
+
+def rank_features(atlas, effects: dict, top_k: int) -> tuple[list[pa.Table], dict[str, np.ndarray]]:
+    """Per site: the feature table (firing rate, effect, importance, rank, selected) and the tracked
+    positions of the top_k features by importance (firing rate x effect; firing rate without effects)."""
+    feat_rows, chosen = [], {}
+    for site in atlas.sites:
+        rate = atlas.firing_rate(site)[atlas.features[site]]
+        effect = np.asarray(effects[site], np.float64) if site in effects else np.full(rate.shape, np.nan)
+        imp = rate * effect if site in effects else rate.copy()
+        score = np.where(np.isnan(imp), -np.inf, imp)
+        order = np.argsort(-score, kind="stable")
+        chosen[site] = np.sort(order[np.isfinite(score[order])][:top_k])      # tracked positions
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        sel = np.zeros(len(order), bool)
+        sel[chosen[site]] = True
+        feat_rows.append(pa.table(dict(site=[site] * len(rate), feature=atlas.features[site], firing_rate=rate,
+                                       effect=effect, importance=imp, rank=rank, selected=sel)))
+    return feat_rows, chosen
 
 
 PAIR_SCHEMA = pa.schema([("source_site", pa.string()), ("source", pa.int64()), ("target_site", pa.string()),

@@ -84,9 +84,12 @@ class NodeInfo:
 
 
 def assemble_graph(first_order: EdgeRecords, gating: EdgeRecords | None, *, node_info: NodeInfo,
-                   sites: tuple[str, ...], positions: str, manifest: dict) -> InteractionGraph:
+                   sites: tuple[str, ...], positions: str, manifest: dict,
+                   sources: list[tuple[str, int]] | None = None) -> InteractionGraph:
     """The typed graph: an edge per kept row (excitatory/inhibitory by the sign of the mean; gating
-    rows as hyperedges), a node per measured source and edge endpoint."""
+    rows as hyperedges), a node per measured source and edge endpoint. sources: the measured
+    (site, feature) sources when `first_order` holds only some of the tested rows (a dense build
+    passes its edges only); default: the sources of `first_order`'s rows."""
     extra_names = sorted(set(first_order.extra) | set(gating.extra if gating is not None else ()))
     edges: dict[str, list] = {k: [] for k in (*EDGE_COLUMNS, *extra_names)}
 
@@ -113,7 +116,8 @@ def assemble_graph(first_order: EdgeRecords, gating: EdgeRecords | None, *, node
     if gating is not None:
         for i in np.flatnonzero(gating.decision.keep):
             add(gating, i, "gating")
-    keys = {(str(s), int(f)) for s, f in zip(first_order.source_site, first_order.source)}
+    keys = {(str(s), int(f)) for s, f in (sources if sources is not None else
+                                          zip(first_order.source_site, first_order.source))}
     keys |= {(s, f) for s, f in zip(edges["target_site"], edges["target"])}
     keys |= {(s, f) for s, f in zip(edges["modulator_site"], edges["modulator"]) if f is not None}
     keys = sorted(keys, key=lambda k: (site_layer(k[0], sites), k[0], k[1]))

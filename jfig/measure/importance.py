@@ -166,6 +166,90 @@ def attribution_effects(model, sae, tokens, features, *, batch_size: int = 8, ch
                     memory_budget=memory_budget, progress=progress)
 
 
+@partial(jax.jit, static_argnames=("sites",))
+def _reverse_attribution_chunk(model, saes, tokens, rowmask, feats, t_index, *, sites):
+    """Σ over valid rows and the predictions t in `t_index [C]` of |∂nll_t/∂h · Δh_i| for every feature
+    of every site (feats: one [n_s] array per site), from one vjp: C backward passes serve all sites
+    and features. Returns one [n_s] array per site."""
+    acts0 = model.run(tokens, capture=sites, stop_at=sites[-1]).cache          # clean activations per site
+
+    def nll(deltas):                                                            # {site: delta} -> [b, s-1]
+        edits = tuple(_Shift(site, deltas[site]) for site in sites)
+        return _next_token_nll(model.run(tokens, edits=edits, logits=True).logits, tokens)
+
+    zeros = {site: jnp.zeros_like(acts0[site]) for site in sites}
+    out_nll, pullback = jax.vjp(nll, zeros)
+    cot = jax.nn.one_hot(t_index, tokens.shape[1] - 1, dtype=out_nll.dtype)    # [C, s-1]
+    cot = jnp.broadcast_to(cot[:, None, :], (len(t_index), tokens.shape[0], tokens.shape[1] - 1))
+    grads = jax.vmap(lambda c: pullback(c)[0])(cot)                             # {site: [C, b, s, ...]}
+    out = []
+    for site, sae, fs in zip(sites, saes, feats):
+        acts = acts0[site]
+        f_src, stats = sae.encode_with_stats(acts)
+        g = grads[site].reshape(*grads[site].shape[:3], -1)                     # [C, b, s, d_in]
+
+        def one(f):
+            mask = (f_src[..., f] > 0) & rowmask[:, None]
+            d = sae.decode_direction(f, stats)
+            if d.shape[-1] != sae.d_in:
+                d = d.reshape(*d.shape[:-2], sae.d_in)
+            tangent = jnp.where(mask[..., None], -f_src[..., f, None] * d, 0)   # [b, s, d_in]
+            j = jnp.einsum("cbsd,bsd->cb", g, tangent)                          # first-order Δnll_t per row
+            return jnp.sum(jnp.abs(j) * rowmask[None, :])
+        out.append(jax.vmap(one)(fs))
+    return out
+
+
+def attribution_by_site(model, saes, tokens, features: dict, *, batch_size: int = 8, t_chunk: int = 8,
+                        progress: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`attribution_effects` of many features at several sites at once, by reverse mode: per batch of
+    sequences, one vjp pulled back from each next-token prediction t (seq - 1 backward passes, t_chunk
+    at a time) gives ∂nll_t/∂h at every site, and each feature's J_t = ∂nll_t/∂h · Δh_i is a dot
+    product. Cheaper than one jvp per feature whenever there are more features than predictions.
+    features: {site: feature ids}; returns {site: (effect [n], n_active [n])}, the same numbers."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or tokens.shape[1] < 2:
+        raise ShapeError(f"tokens must be an int array [n_seq, seq >= 2], got {tokens.dtype} {tokens.shape}")
+    by_site = {sae.site: sae for sae in saes}
+    missing = [s for s in features if s not in by_site]
+    if missing:
+        raise JfigError(f"no SAE given for site(s) {missing}; SAEs are at {sorted(by_site)}")
+    sites = tuple(s for s in model.sites if s in features and len(features[s]))
+    feats = [jnp.asarray(np.asarray(features[s], np.int32).reshape(-1)) for s in sites]
+    sae_t = tuple(by_site[s] for s in sites)
+    totals = [np.zeros(len(f)) for f in feats]
+    counts = [np.zeros(len(f), np.int64) for f in feats]
+    n_pred = tokens.shape[1] - 1
+    t_chunk = max(1, min(t_chunk, n_pred))
+    b = min(batch_size, len(tokens))
+    steps = -(-len(tokens) // b) * -(-n_pred // t_chunk)
+    with progress_bar(steps, desc="attribution (reverse)", unit="step", enabled=progress and bool(sites)) as bar:
+        for r in range(0, len(tokens) if sites else 0, b):
+            tb = tokens[r:r + b]
+            rows = len(tb)
+            tb = jnp.asarray(np.concatenate([tb, np.zeros((b - rows, tb.shape[1]), tb.dtype)]), jnp.int32)
+            rowmask = jnp.arange(b) < rows
+            acts = model.run(tb, capture=sites, stop_at=sites[-1]).cache
+            for k, (site, sae, f) in enumerate(zip(sites, sae_t, feats)):
+                active = (sae.encode(acts[site])[..., f] > 0) & rowmask[:, None, None]
+                counts[k] += np.asarray(active.sum((0, 1)))
+            for t0 in range(0, n_pred, t_chunk):
+                t = np.arange(t0, t0 + t_chunk)
+                t_index = jnp.asarray(np.where(t < n_pred, t, -1))      # -1 pads the last chunk: a zero cotangent
+                sums = _reverse_attribution_chunk(model, sae_t, tb, rowmask, tuple(feats), t_index, sites=sites)
+                for k, v in enumerate(sums):
+                    totals[k] += np.asarray(v)
+                bar.update(1)
+    out = {}
+    for site, tot, n in zip(sites, totals, counts):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[site] = (np.where(n > 0, tot / n, np.nan), n)
+    for site in features:
+        if site not in out:
+            out[site] = (np.zeros(0), np.zeros(0, np.int64))
+    return out
+
+
 def feature_importance(atlas, sae, model, tokens, *, kind: str = "loss", pool: int, batch_size: int = 8,
                        chunk: int | None = None, progress: bool = False) -> np.ndarray:
     """Downstream effect of each feature the atlas tracks at `sae.site`, [n_tracked] in the order of
@@ -188,3 +272,29 @@ def feature_importance(atlas, sae, model, tokens, *, kind: str = "loss", pool: i
         effect[measured], _ = ablation_effects(model, sae, tokens, atlas.features[site][measured], kind=kind,
                                                batch_size=batch_size, chunk=chunk, progress=progress)
     return effect
+
+
+def feature_importance_by_site(atlas, saes, model, tokens, *, kind: str = "loss", pool: int, batch_size: int = 8,
+                               progress: bool = False) -> dict[str, np.ndarray]:
+    """`feature_importance` at every SAE's site: {site: effect [n_tracked]}. Attribution of more features
+    than a sequence has next-token predictions runs in reverse mode over all sites at once
+    (`attribution_by_site`), otherwise one jvp per feature; the numbers are the same."""
+    saes = list(saes)
+    if kind != "attribution":
+        return {sae.site: feature_importance(atlas, sae, model, tokens, kind=kind, pool=pool, batch_size=batch_size,
+                                             progress=progress) for sae in saes}
+    measured, out = {}, {}
+    for sae in saes:
+        rate = atlas.firing_rate(sae.site)[atlas.features[sae.site]]
+        order = np.argsort(-rate, kind="stable")
+        measured[sae.site] = order[rate[order] > 0][:pool]
+        out[sae.site] = np.full(rate.shape, np.nan)
+    n_features = sum(len(m) for m in measured.values())
+    if n_features <= np.shape(tokens)[1] - 1:
+        return {sae.site: feature_importance(atlas, sae, model, tokens, kind=kind, pool=pool, batch_size=batch_size,
+                                             progress=progress) for sae in saes}
+    feats = {s: atlas.features[s][m] for s, m in measured.items() if len(m)}
+    got = attribution_by_site(model, saes, tokens, feats, batch_size=batch_size, progress=progress)
+    for site, (eff, _) in got.items():
+        out[site][measured[site]] = eff
+    return out

@@ -22,10 +22,13 @@ from ..errors import JfigError
 from ..graph import InteractionGraph, NodeInfo, assemble_graph
 from ..measure import AUTO_INPUTS
 from ..models.validation import check_saes
+from ..stats import min_attainable_pvalue
 from .options import BuildOptions, format_bytes
-from .stages import (GATING_FLAG_CV, PAIR_KEYS, atlas_stage, candidates_stage, first_order_edges, gating_edges,
-                     gating_stage, measure_blocks, shared_prefix, smallest_pvalue, target_scales)
-from .state import RunState, process_folder, wait_for_peers
+from .dense import build_sites, dense_significance
+from .stages import (GATING_FLAG_CV, PAIR_KEYS, atlas_stage, candidates_stage, edge_records, first_order_edges,
+                     gating_edges, gating_stage, measure_blocks, shared_prefix, smallest_pvalue, target_scales,
+                     warn_unreachable)
+from .state import RunState, process_folder, wait_for_peer, wait_for_peers
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,9 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
 
     Several processes (one per host; `process` = (index, count), by default JAX's
     `jax.process_index()` and `jax.process_count()` after `jax.distributed.initialize()`): every
-    process gets the same inputs and options and a shared `out_dir`; each builds the atlas and the
-    candidate list (deterministic, so identical) in `out_dir/process_<index>`, measures every
+    process gets the same inputs and options and a shared `out_dir`; working in `out_dir/process_<index>`,
+    each counts the atlas over its contiguous share of the rows and merges all processes' parts (the
+    atlas of all rows), builds the candidate list (deterministic, so identical), measures every
     count-th block of sources, and records that it is done; process 0 waits for the others' blocks,
     runs significance and gating, and returns the graph (saved to `out_dir/graph`), the same graph
     one process builds. The other processes return None.
@@ -97,9 +101,17 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
         log.info("%s in %.0f s", name, time.time() - stage_t)
         stage_t = time.time()
 
-    atlas = atlas_stage(model, sae_list, tokens, opts, state, progress, fp["tokens"])
+    def peer_atlas(j):               # process j's atlas of its share of the rows
+        peer, _ = wait_for_peer(out_dir, fp, j, count, "atlas_done.json")
+        part = peer.load_atlas("atlas_part")
+        if part is None:
+            raise JfigError(f"process {j} reported its atlas done, but {peer.dir / 'atlas_part'} is missing or "
+                            f"does not match its checksum")
+        return part
+
+    atlas = atlas_stage(model, sae_list, tokens, opts, state, progress, fp["tokens"], (index, count), peer_atlas)
     pairs, report = candidates_stage(model, sae_list, atlas, tokens, opts, state, progress)
-    stage(f"atlas and {len(pairs['source'])} candidate pairs")
+    stage(f"atlas and {report.rows[-1]['after'] if report.rows else 0} candidate pairs")
     shared: dict = {}
 
     def clean():                     # the clean prefix, run once and only if something is measured
@@ -115,10 +127,22 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     if rec is None:
         log.info("process %d of %d: its blocks are measured; process 0 builds the graph", index, count)
         return None
+    dense = dense_significance(rec, build_sites(saes), opts) if callable(rec) else None
+    if dense is not None:            # significance streamed over the block files; only the edges are kept
+        rec = dense.kept
+        log.info("dense significance: %d of %d pairs are edges", len(rec["mean"]), dense.n_tested)
+        warn_unreachable(dense.n_max, opts, dense.n_tested)
     if len(rec["target"]):
         rec["target_sd"] = target_scales(model, saes, tokens, rec, opts, clean())
     stage("measurement")
-    first, taus, n_null = first_order_edges(rec, opts)
+    if dense is not None:
+        first = edge_records(rec, dense.decision, opts)
+        stats = dict(taus=dense.taus, n_null=dense.n_null, n_tested=dense.n_tested,
+                     n_cannot_inhibit=dense.n_cannot_inhibit, min_p=min_attainable_pvalue(dense.n_max))
+    else:
+        first, taus, n_null = first_order_edges(rec, opts)
+        stats = dict(taus=taus, n_null=n_null, n_tested=first.decision.n_tested,
+                     n_cannot_inhibit=cannot_inhibit(rec, opts), min_p=smallest_pvalue(rec))
     gating, tau_gate, n_gating_null = None, 0.0, 0
     if opts.gating.enabled:
         sig = {k: rec[k][first.decision.keep] for k in PAIR_KEYS}
@@ -132,9 +156,9 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
                   "fingerprint": fp["saes"][s]} for s, x in sorted(saes.items())],
         "corpus_hash": fp["tokens"],
         "options": opts.to_dict(),
-        "statistics": {"tau": taus, "n_tested": first.decision.n_tested, "n_null": n_null,
-                       "n_cannot_inhibit": cannot_inhibit(rec, opts),
-                       "min_attainable_p": smallest_pvalue(rec),
+        "statistics": {"tau": stats["taus"], "n_tested": stats["n_tested"], "n_null": stats["n_null"],
+                       "n_cannot_inhibit": stats["n_cannot_inhibit"],
+                       "min_attainable_p": stats["min_p"],
                        "n_gating_tested": 0 if gating is None else len(gating),
                        "tau_gate": tau_gate, "n_gating_null": n_gating_null, "gating_flag_cv": GATING_FLAG_CV,
                        "n_sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])},
@@ -142,7 +166,8 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     }
     decode = model.tokenizer.decode if model.tokenizer is not None else None
     graph = assemble_graph(first, gating, node_info=NodeInfo(atlas, decode), sites=model.sites,
-                           positions=opts.positions, manifest=manifest)
+                           positions=opts.positions, manifest=manifest,
+                           sources=dense.sources if dense is not None else None)
     stage("significance, gating and graph")
     gpath = state.path("graph") if count == 1 else Path(out_dir) / "graph"
     if gpath is not None:

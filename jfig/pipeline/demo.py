@@ -25,13 +25,13 @@ log = logging.getLogger(__name__)
 # ablation effect on a few sequences: exact ablation of every candidate costs minutes on a CPU. Gating
 # is searched over up to 96 (source, modulator, target) triples: the random-modulator null sets the bar,
 # and fewer triples found none on SmolLM2.
-DEMO_OPTIONS = dict(seq_len=64, max_sequences=128, top_k=12, inputs_per_source=32, block_size=8, null_every=2,
-                    read="pre", importance="attribution", importance_sequences=4, importance_pool=24,
+DEMO_OPTIONS = dict(seq_len=64, max_sequences=128, top_k=86, targets="all", inputs_per_source=32, block_size=8,
+                    null_every=2, read="pre", importance="attribution", importance_sequences=4,
                     gating_max_targets=12, gating_max_pairs=8, batch_size=16)
 # On a GPU or TPU the same job affords what a CPU cannot: exact ablation importance over more
 # features and sequences, a larger corpus, more candidates and inputs per source.
-ACCELERATOR_DEMO_OPTIONS = {**DEMO_OPTIONS, "max_sequences": 1024, "top_k": 48, "inputs_per_source": 100,
-                            "importance": "loss", "importance_sequences": 32, "importance_pool": 96,
+ACCELERATOR_DEMO_OPTIONS = {**DEMO_OPTIONS, "max_sequences": 1024, "top_k": 256, "inputs_per_source": 100,
+                            "importance": "loss", "importance_sequences": 32, "importance_pool": 512,
                             "gating_max_targets": 32, "batch_size": 64}
 
 

@@ -276,7 +276,8 @@ def estimate(plan: BuildPlan) -> Estimate:
     within = [(a, b) for i, a in enumerate(specs) for b in specs[i:]
               if 0 <= layer[b.site] - layer[a.site] <= o.window]
     cross = [(a, b) for a, b in within if a.site != b.site]
-    n_pairs = sum(k[a.site] * k[b.site] for a, b in cross)
+    dense = o.targets == "all"                   # every feature of each later site in the window is a target
+    n_pairs = sum(k[a.site] * (b.d_sae if dense else k[b.site]) for a, b in cross)
     sources = sum(k[a.site] for a in specs if any(x is a for x, _ in cross))
     sources = min(sources, o.max_sources) if o.max_sources else sources
     blocks = math.ceil(sources / o.block_size)
@@ -367,7 +368,8 @@ def report(plan: BuildPlan, est: Estimate) -> str:
     levels = LEVELS.get(o.method, 2)
     lines += ["", "estimate (upper bounds, before importance / co-activation / alignment pruning):",
               f"  candidate pairs     ≤ {est.candidate_pairs:,}  ({est.site_pairs} site pair(s) within window {o.window} "
-              f"× top_k² = {o.top_k}², fewer where d_sae < top_k)",
+              + (f"× top_k sources × every target feature; tested block by block, memory flat)" if o.targets == "all"
+                 else f"× top_k² = {o.top_k}², fewer where d_sae < top_k)"),
               f"  sources measured    ≤ {est.sources:,} in {est.blocks} block(s) of {o.block_size}; "
               f"{est.null_blocks} with the random-direction control",
               f"  edited runs         ≤ {est.interventions:,} = sources × {o.inputs_per_source} inputs × {levels} "

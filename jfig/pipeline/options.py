@@ -25,6 +25,7 @@ from ..stats import CORRECTIONS
 
 PVALUE_METHODS = ("robust", "saddlepoint", "normal", "permutation")
 GATING_ESTIMATORS = ("mixed", "factorial")
+TARGET_MODES = ("candidates", "all")     # candidate pairs only, or every feature in the window (dense)
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 BYTES_FORMS = "a number of bytes > 0, or a string such as '2GB', '512MiB' or '1.5e9' (units B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
@@ -175,7 +176,11 @@ class CandidateOptions(StageOptions):
                                          "drop pairs at most one layer apart whose |cosine| between the source's "
                                          "decoder row and the target's encoder row is below this (opt-in)")
     max_sources: int | None = option(None, Check("int", lo=1, none="no cap"),
-                                     "cap on measured source features (those with most candidate pairs first)")
+                                     "cap on measured source features (those with most candidate pairs first; "
+                                     "with targets = 'all', the most important)")
+    targets: str = option("candidates", Check("choice", choices=TARGET_MODES),
+                          "targets of each source: its co-activation 'candidates', or 'all': every feature of every "
+                          "later site in the window (a dense graph, its significance streamed block by block)")
 
 
 @dataclass(frozen=True)
@@ -298,6 +303,7 @@ class BuildOptions(StageOptions):
     keep_low_coact = StageField("candidates", "keep_low_coact")
     min_alignment = StageField("candidates", "min_alignment")
     max_sources = StageField("candidates", "max_sources")
+    targets = StageField("candidates", "targets")
     method = StageField("measure", "method")
     positions = StageField("measure", "positions")
     clamp_at = StageField("measure", "clamp_at")

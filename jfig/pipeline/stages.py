@@ -17,17 +17,18 @@ import logging
 
 import numpy as np
 
-from ..atlas import Atlas, build_atlas
-from ..candidates import Report, select_candidates
+from ..atlas import Atlas, build_atlas, tracked_features
+from ..candidates import Report, select_candidates, select_sources, window_targets
 from ..data.progress import progress_bar
 from ..errors import JfigError
 from ..graph import EdgeRecords
-from ..measure import (CleanPrefix, activation_sd, clean_prefix, clean_prefix_bytes, feature_importance, measure_effects,
-                       measure_gating)
+from ..measure import (CleanPrefix, activation_sd, clean_prefix, clean_prefix_bytes, feature_importance_by_site,
+                       measure_effects, measure_gating)
 from ..sites import site_key
-from ..stats import (decide, label_permutation_pvalue, min_attainable_pvalue, min_inputs_for_pvalue, null_threshold,
+from ..stats import (Decision, decide, label_permutation_pvalue, min_attainable_pvalue, min_inputs_for_pvalue, null_threshold,
                      robust_pvalues, sign_flip_normal_pvalues, sign_flip_pvalues, sign_flip_saddlepoint_pvalues,
                      site_thresholds)
+from .dense import DENSE_KEYS, measure_dense_block, plan_dense
 from .options import BuildOptions
 from .state import RunState
 
@@ -42,29 +43,59 @@ log = logging.getLogger(__name__)
 
 
 def atlas_stage(model, sae_list, tokens, opts: BuildOptions, state: RunState, progress: bool,
-                corpus_hash: str) -> Atlas:
+                corpus_hash: str, shard: tuple[int, int] = (0, 1), peer_atlas=None) -> Atlas:
+    """The co-activation atlas of the build's tokens (resumable). With shard = (i, P), P > 1 processes:
+    this one counts its contiguous share of the rows (`atlas_part`, tracking the features the whole
+    corpus selects), then merges every process's part in row order (`peer_atlas(j)` -> process j's
+    part, waiting for it): exactly the counts, histograms and contexts of one atlas over all rows."""
     atlas = state.load_atlas()
     if atlas is not None:
         log.info("atlas loaded from %s", state.path("atlas"))
         return atlas
-    atlas = build_atlas(model, sae_list, tokens, window=opts.window, position_window=opts.position_window,
-                        batch_size=opts.batch_size, progress=progress, corpus_hash=corpus_hash)
+    index, count = shard
+    kw = dict(window=opts.window, position_window=opts.position_window, batch_size=opts.batch_size, progress=progress)
+    if count == 1:
+        atlas = build_atlas(model, sae_list, tokens, corpus_hash=corpus_hash, **kw)
+    else:
+        part = state.load_atlas("atlas_part")
+        if part is None:
+            bounds = np.linspace(0, len(tokens), count + 1).astype(int)
+            features = tracked_features(model, sae_list, tokens, batch_size=opts.batch_size)
+            part = build_atlas(model, sae_list, tokens[bounds[index]: bounds[index + 1]], features=features, **kw)
+            state.save_atlas(part, "atlas_part")
+        state.save_json("atlas_done.json", {"process": index})
+        parts = [part if j == index else peer_atlas(j) for j in range(count)]
+        atlas = parts[0]
+        for other in parts[1:]:
+            atlas = Atlas.merge(atlas, other)
+        atlas.corpus_hash = corpus_hash
+        log.info("atlas merged from %d processes' parts", count)
     state.save_atlas(atlas)
     return atlas
 
 
 def candidates_stage(model, sae_list, atlas: Atlas, tokens, opts: BuildOptions, state: RunState,
                      progress: bool) -> tuple[dict, Report]:
-    """Candidate pairs {source_site, source, target_site, target: lists} and the pruning report."""
+    """Candidate pairs {source_site, source, target_site, target: lists} and the pruning report; with
+    targets = "all", {"dense": the sources and their target sites} (SourceCandidates.to_json)."""
     saved = state.load_json("candidates.json")
     if saved is not None:
         return saved["pairs"], Report(rows=[dict(r) for r in saved["report"]])
     imp_tokens = tokens[: opts.importance_sequences] if opts.importance_sequences else tokens
     pool = 4 * opts.top_k if opts.importance_pool is None else opts.importance_pool
     effects = None
+    ranked = sae_list      # a dense build ranks only features that are sources (targets are every feature)
+    if opts.targets == "all":
+        ranked = [s for s in sae_list if s.site in window_targets(atlas.sites, opts.window)]
     if opts.importance != "rate":
-        effects = {sae.site: feature_importance(atlas, sae, model, imp_tokens, kind=opts.importance, pool=pool,
-                                                batch_size=opts.batch_size, progress=progress) for sae in sae_list}
+        effects = feature_importance_by_site(atlas, ranked, model, imp_tokens, kind=opts.importance, pool=pool,
+                                             batch_size=opts.batch_size, progress=progress)
+    if opts.targets == "all":
+        dense = select_sources(atlas, sae_list, effects=effects, importance=opts.importance, top_k=opts.top_k,
+                               window=opts.window)
+        pairs, report = {"dense": dense.to_json()}, dense.report
+        state.save_json("candidates.json", {"pairs": pairs, "report": report.rows})
+        return pairs, report
     cands = select_candidates(atlas, sae_list, effects=effects, importance=opts.importance, top_k=opts.top_k,
                               min_coact=opts.min_coact, keep_low_coact=opts.keep_low_coact,
                               min_alignment=opts.min_alignment, window=opts.window)
@@ -109,18 +140,17 @@ def smallest_pvalue(rec: dict) -> float:
     return min_attainable_pvalue(n.max() if n.size else 0)
 
 
-def warn_unreachable(rec: dict, opts: BuildOptions, n_tested: int) -> None:
-    """Log a warning when no pair can pass Bonferroni: alpha / m is below the smallest p-value the
-    inputs allow (the normal approximation and the Monte-Carlo test have higher floors still)."""
+def warn_unreachable(n_max: int, opts: BuildOptions, n_tested: int) -> None:
+    """Log a warning when no pair can pass Bonferroni: alpha / m is below the smallest p-value that
+    n_max inputs (the most any pair had) allow (the normal approximation and the Monte-Carlo test
+    have higher floors still)."""
     if opts.correction != "bonferroni" or n_tested == 0:
         return
-    n = np.asarray(rec["n"], np.float64)
-    n = int(n[np.isfinite(n)].max(initial=0))
-    floor, need = smallest_pvalue(rec), opts.alpha / n_tested
+    floor, need = min_attainable_pvalue(n_max), opts.alpha / n_tested
     if floor >= need:
         log.warning("Bonferroni over m = %d tests at alpha = %g needs p < %.3g, but with n = %d inputs the "
                     "smallest attainable p-value is %.3g; raise inputs_per_source to at least %d or use "
-                    "correction = 'bh'", n_tested, opts.alpha, need, n, floor, min_inputs_for_pvalue(need))
+                    "correction = 'bh'", n_tested, opts.alpha, need, n_max, floor, min_inputs_for_pvalue(need))
 
 
 def shared_prefix(model, saes: dict, tokens, opts: BuildOptions) -> CleanPrefix | None:
@@ -175,15 +205,18 @@ def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: 
 
 
 def measure_blocks(model, saes, tokens, atlas, pairs: dict, opts: BuildOptions, state: RunState, progress: bool,
-                   on_block=None, clean=lambda: None, shard: tuple[int, int] = (0, 1),
-                   peers=None) -> dict[str, np.ndarray] | None:
-    """Measure every candidate source in blocks (resumable); returns the concatenated block records.
-    `clean()` gives the shared clean prefix (called only when a block has to be measured).
+                   on_block=None, clean=lambda: None, shard: tuple[int, int] = (0, 1), peers=None):
+    """Measure every candidate source in blocks (resumable); returns the concatenated block records, or
+    for a dense build (pairs {"dense": ...}) `blocks()`, which yields each block's records from disk in
+    block order (never all in memory, given a build folder). `clean()` gives the shared clean prefix (called only
+    when a block has to be measured).
 
     With shard = (i, P), P > 1 processes: this one measures blocks b with b % P == i and records
-    `done.json`; process 0 then reads the others' blocks (`peers()` -> {file name: records}) and
-    returns all records in block order, as one process would; the others return None."""
-    plan = plan_sources(pairs, opts.max_sources)
+    `done.json`; process 0 then reads the others' blocks (`peers()` -> {file name: PeerState holding
+    it}) and returns all records in block order, as one process would; the others return None."""
+    dense = "dense" in pairs
+    plan = plan_dense(pairs["dense"], opts.max_sources) if dense else plan_sources(pairs, opts.max_sources)
+    keys = DENSE_KEYS if dense else BLOCK_KEYS
     blocks = [plan[i: i + opts.block_size] for i in range(0, len(plan), opts.block_size)]
     index, count = shard
     mine = [b for b in range(len(blocks)) if b % count == index]
@@ -192,23 +225,37 @@ def measure_blocks(model, saes, tokens, atlas, pairs: dict, opts: BuildOptions, 
     with progress_bar(len(mine), desc="measure blocks", unit="block", enabled=progress) as bar:
         for i in mine:
             rec = state.load_npz(name(i))
-            if rec is None or not all(k in rec for k in BLOCK_KEYS):
-                rec = measure_block(model, saes, tokens, atlas, blocks[i], opts, i, clean())
+            if rec is None or not all(k in rec for k in keys):
+                rec = measure_dense_block(model, saes, tokens, atlas, blocks[i], opts, i, clean(), pvalues) if dense \
+                    else measure_block(model, saes, tokens, atlas, blocks[i], opts, i, clean())
                 state.save_npz(name(i), rec)
-            got[i] = {k: rec[k] for k in BLOCK_KEYS}
+            if not dense or state.dir is None:       # a dense build without a folder holds its blocks
+                got[i] = {k: rec[k] for k in keys}
             bar.update(1)
             if on_block is not None:
                 on_block(i)
+    holders = {}
     if count > 1:
         state.save_json("done.json", {"blocks": mine, "n_blocks": len(blocks)})
         if index != 0:
             return None
-        others = peers()
-        missing = [name(b) for b in range(len(blocks)) if b % count != 0 and name(b) not in others]
+        holders = peers()
+        missing = [name(b) for b in range(len(blocks)) if b % count != 0 and name(b) not in holders]
         if missing:
             raise JfigError(f"the other processes did not measure {missing[:3]} (of {len(missing)} blocks); "
                             f"were they given the same inputs and options?")
-        got.update({b: {k: others[name(b)][k] for k in BLOCK_KEYS} for b in range(len(blocks)) if b % count != 0})
+
+    def load(b: int) -> dict:
+        if b in got:
+            return got[b]
+        rec = state.load_npz(name(b)) if b % count == 0 else holders[name(b)].load_npz(name(b))
+        if rec is None:
+            raise JfigError(f"block file {name(b)} changed or vanished after it was measured")
+        return {k: rec[k] for k in keys}
+
+    if dense:
+        return lambda: (load(b) for b in range(len(blocks)))
+    got.update({b: load(b) for b in range(len(blocks)) if b not in got})
     if not got:
         rec = {k: np.zeros(0) for k in BLOCK_KEYS}
     else:
@@ -244,14 +291,20 @@ def target_scales(model, saes: dict, tokens, rec: dict, opts: BuildOptions, clea
 
 def first_order_edges(rec: dict, opts: BuildOptions) -> tuple[EdgeRecords, dict[str, float], int]:
     """Every measured pair with its decision: corrected p < alpha and |mean| > tau, tau per target site
-    from the random-direction null. Also returns tau by site and the number of null effects. Each pair
-    also gets cv = std/|mean| of its per-input slopes and the variance-based gating flag
-    cv > GATING_FLAG_CV (the effect changes a lot from input to input: possibly gated)."""
+    from the random-direction null. Also returns tau by site and the number of null effects."""
     ok = np.isfinite(rec["null_mean"])
     taus = site_thresholds(rec["null_mean"][ok], rec["target_site"][ok], opts.tau_quantile)
     tau = np.asarray([taus.get(str(s), 0.0) for s in rec["target_site"]], np.float64)
     decision = decide(rec["mean"], rec["p_value"], alpha=opts.alpha, correction=opts.correction, tau=tau)
-    warn_unreachable(rec, opts, decision.n_tested)
+    n = np.asarray(rec["n"], np.float64)
+    warn_unreachable(int(n[np.isfinite(n)].max(initial=0)), opts, decision.n_tested)
+    return edge_records(rec, decision, opts), taus, int(ok.sum())
+
+
+def edge_records(rec: dict, decision: Decision, opts: BuildOptions) -> EdgeRecords:
+    """EdgeRecords of measured pairs and their decision. Each pair also gets cv = std/|mean| of its
+    per-input slopes and the variance-based gating flag cv > GATING_FLAG_CV (the effect changes a lot
+    from input to input: possibly gated), and weight_sd = mean / target_sd where target_sd is given."""
     extra = {k: rec[k] for k in (*PAIR_FLAGS, "target_active") if k in rec}
     if "target_sd" in rec:
         sd = np.asarray(rec["target_sd"], np.float64)
@@ -261,7 +314,7 @@ def first_order_edges(rec: dict, opts: BuildOptions) -> tuple[EdgeRecords, dict[
         cv = np.sqrt(np.asarray(rec["var"], np.float64)) / np.abs(np.asarray(rec["mean"], np.float64))
     return EdgeRecords(**{k: rec[k] for k in (*PAIR_KEYS, "mean", "var", "n", "p_value")}, decision=decision,
                        estimator=opts.method, positions=opts.positions, cv=cv,
-                       gating_flag=np.isfinite(cv) & (cv > GATING_FLAG_CV), extra=extra), taus, int(ok.sum())
+                       gating_flag=np.isfinite(cv) & (cv > GATING_FLAG_CV), extra=extra)
 
 
 def _source_modulator(a: tuple[str, int], b: tuple[str, int], order: dict) -> tuple:

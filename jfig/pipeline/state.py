@@ -166,24 +166,42 @@ class PeerState:
             return None
         return json.loads(file.read_text())
 
+    def load_atlas(self, name: str) -> Atlas | None:
+        """The atlas folder `name` once its manifest's checksum is recorded and matches (the manifest
+        checks the other files), or None."""
+        manifest = f"{name}/manifest.json"
+        file, expected = self.dir / manifest, self.files().get(manifest)
+        if expected is None or not file.exists() or file_checksum(file) != expected:
+            return None
+        return Atlas.load(self.dir / name)
+
+
+def wait_for_peer(out_dir: str | Path, fingerprint: dict, j: int, count: int, done_file: str, poll: float = 0.5,
+                  log_every: float = 60.0) -> tuple[PeerState, Any]:
+    """(process j's folder, the contents of its `done_file`) once it has recorded that file."""
+    peer = PeerState(process_folder(out_dir, j), fingerprint)
+    t0 = last = time.time()
+    while (done := peer.load_json(done_file)) is None:
+        if time.time() - last > log_every:
+            log.info("waiting for process %d of %d (%.0f s so far)", j, count, time.time() - t0)
+            last = time.time()
+        time.sleep(poll)
+    return peer, done
+
 
 def wait_for_peers(out_dir: str | Path, fingerprint: dict, count: int, names_of, poll: float = 0.5,
-                   log_every: float = 60.0) -> dict[str, dict[str, np.ndarray]]:
-    """Wait until every process 1..count-1 has recorded `done.json`, then read the .npz files it lists
-    (`names_of(done)` -> names). Returns {name: arrays} over all peers."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    t0 = last = time.time()
+                   log_every: float = 60.0, done_file: str = "done.json") -> dict[str, PeerState]:
+    """Wait until every process 1..count-1 has recorded `done_file`, then check the files it lists
+    (`names_of(done)` -> names) against their recorded checksums. Returns {name: the PeerState holding
+    it} over all peers; read each with `load_npz(name)` when needed (nothing is loaded here)."""
+    out: dict[str, PeerState] = {}
     for j in range(1, count):
-        peer = PeerState(process_folder(out_dir, j), fingerprint)
-        while (done := peer.load_json("done.json")) is None:
-            if time.time() - last > log_every:
-                log.info("waiting for process %d of %d (%.0f s so far)", j, count, time.time() - t0)
-                last = time.time()
-            time.sleep(poll)
+        peer, done = wait_for_peer(out_dir, fingerprint, j, count, done_file, poll, log_every)
+        files = peer.files()
         for name in names_of(done):
-            arrays = peer.load_npz(name)
-            if arrays is None:
-                raise JfigError(f"process {j} reported {name} done, but {peer.dir / name} is missing or does not "
+            file = peer.dir / name
+            if name not in files or not file.exists() or file_checksum(file) != files[name]:
+                raise JfigError(f"process {j} reported {name} done, but {file} is missing or does not "
                                 f"match its checksum")
-            out[name] = arrays
+            out[name] = peer
     return out

@@ -23,7 +23,7 @@ index, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=index)
 model, saes = recovery_model()
 toks = np.random.default_rng(0).integers(0, 64, size=(128, 8))
-g = build_graph(model, saes, toks, out_dir=out, **%r)
+g = build_graph(model, saes, toks, out_dir=out, targets=sys.argv[4], **%r)
 print("graph" if g is not None else "no graph", jax.process_index(), jax.process_count())
 jax.distributed.shutdown()
 """ % OPTIONS
@@ -35,10 +35,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_build_the_one_process_graph(tmp_path):
+@pytest.mark.parametrize("targets", ["candidates", "all"])
+def test_two_processes_build_the_one_process_graph(tmp_path, targets):
+    """Each process counts the atlas over half the rows and merges both halves (the one-process atlas),
+    measures its blocks, and process 0 assembles the graph; a dense build streams the other
+    process's blocks from its folder."""
     port, out = free_port(), tmp_path / "shared"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), str(port), str(out)], cwd=ROOT, env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), str(port), str(out), targets], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     results = [p.communicate(timeout=600) for p in procs]
     for p, (so, se) in zip(procs, results):
@@ -50,8 +54,18 @@ def test_two_processes_build_the_one_process_graph(tmp_path):
     assert own[0] and own[1] and not set(own[0]) & set(own[1])
     model, saes = recovery_model()
     toks = np.random.default_rng(0).integers(0, 64, size=(128, 8))
-    one = build_graph(model, saes, toks, **OPTIONS)
+    one = build_graph(model, saes, toks, targets=targets, out_dir=tmp_path / "one", **OPTIONS)
     two = jfig.load_graph(out / "graph")
+    whole = jfig.Atlas.load(tmp_path / "one" / "atlas")
+    halves = [jfig.Atlas.load(out / f"process_{i:03d}" / "atlas_part") for i in (0, 1)]
+    assert [h.n_sequences for h in halves] == [64, 64]
+    for i in (0, 1):
+        merged = jfig.Atlas.load(out / f"process_{i:03d}" / "atlas")
+        assert merged.n_tokens == whole.n_tokens and merged.n_sequences == 128
+        for site in whole.sites:
+            np.testing.assert_array_equal(merged.firing_count(site), whole.firing_count(site))
+            np.testing.assert_allclose(merged.quantiles(site), whole.quantiles(site), rtol=1e-6)
+        np.testing.assert_array_equal(merged.coactivation(*whole.sites), whole.coactivation(*whole.sites))
     a, b = one.edges.to_pydict(), two.edges.to_pydict()
     assert len(a["source"]) >= 10
     for k in ("source_site", "source", "target_site", "target", "kind", "n", "modulator"):
