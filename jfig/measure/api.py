@@ -136,7 +136,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         tcols_idx = [tgt.at(s) for s in tsites]
         tcols = tuple(jnp.asarray(tgt.features[c], jnp.int32) for c in tcols_idx)
         tgt_saes = tuple(saes[s] for s in tsites)
-        plan = Plan(site, tsites, method, positions, clamp_at, builtin, direction, seed, read, inputs, sparse)
+        plan = Plan(site, tsites, method, positions, clamp_at, builtin, direction, read, inputs, sparse)
         feats = src.features[rows]
         n_t = sum(len(c) for c in tcols_idx)
         use_reverse = method.startswith("jacobian") and direction == "decoder" and inputs == "source" and (
@@ -174,7 +174,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
             args = _mesh_put([jnp.asarray(idx[pad]), jnp.asarray(wpad), jnp.asarray(pad, jnp.int32),
                               jnp.asarray(feats[pad], jnp.int32), jnp.asarray(lo[pad]), jnp.asarray(hi[pad])], n_dev)
             n, mu, m2, e, w2, frac = chunk_effects(model, plan, saes[site], tgt_saes, tcols, acts, resid, toks_all,
-                                                   vals, *args, keep_per_input, kv)
+                                                   vals, *args, keep_per_input, kv, jnp.asarray(seed, jnp.int32))
             n, mu, m2 = np.asarray(n)[: len(sl)], np.asarray(mu)[: len(sl)], np.asarray(m2)[: len(sl)]
             r = rows[sl]
             store_stats(mean, var, count, r, order, n, mu, m2)

@@ -47,7 +47,6 @@ class Plan:
     clamp_at: str = "single"          # "single": the source's strongest position; "all_active": every active one
     builtin: bool = True              # prefix caching available
     direction: str = "decoder"        # "decoder": d_i; "random": a random direction with d_i's norm (null control)
-    direction_seed: int = 0
     read: str = "post"
     inputs: str = "source"
     sparse: bool = True               # run only the clamped position where that gives the same numbers
@@ -148,12 +147,13 @@ def input_cache(kv_all, i):
 
 
 def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tokens, fi, feature, alpha_lo, alpha_hi,
-                   kv=None):
+                   kv=None, seed=0):
     """Per-input effects of one source on all targets: (slopes [M, n_t], valid [M], active [M, n_t]).
 
     acts [M, S, d] source-site activations, fi [M, S] the source's activation. `active` says where
     each target was active in the clean run (NaN when the method makes no clean run). With
-    plan.position_sparse and kv (the inputs' clean KVCache) only the clamped token is run.
+    plan.position_sparse and kv (the inputs' clean KVCache) only the clamped token is run. seed (an int
+    or a traced int32, so a new seed does not recompile): the random direction's seed.
     """
     positions = None
     if plan.position_sparse:
@@ -168,7 +168,7 @@ def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tok
         direction = direction.reshape(*direction.shape[:-1], *acts.shape[-2:])
     direction = jnp.broadcast_to(direction, acts.shape)
     if plan.direction == "random":
-        direction = random_direction(direction, feature, plan.direction_seed)
+        direction = random_direction(direction, feature, seed)
     valid = (rm.sum(-1) > 0).astype(jnp.float32)
     cmx, fix = cm.reshape(cm.shape + extra), fi.reshape(fi.shape + extra)
     unknown = jnp.full((acts.shape[0], sum(len(c) for c in tcols)), jnp.nan)
@@ -216,14 +216,15 @@ def pair_weights(plan: Plan, w, active):
 
 @eqx.filter_jit
 def chunk_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts_all, resid_all, tokens_all, fvals_all,
-                  idx, weight, cols, feats, alpha_lo, alpha_hi, keep_per_input: bool, kv_all=None):
+                  idx, weight, cols, feats, alpha_lo, alpha_hi, keep_per_input: bool, kv_all=None, seed=None):
     """A chunk of C sources: (n [C, T], mean [C, T], m2 [C, T], per_input [C, M, T] or None,
     pair weights [C, M, T] or None, target-active fraction [C, T]).
 
     idx/weight [C, M] pick each source's inputs from the cached prefix (acts_all [N, S, d]);
     cols [C] index the source's column in fvals_all [N, S, n_src]. Statistics are accumulated
     with weights so padded inputs and inputs with nothing to read count for nothing. kv_all: the
-    clean KVCache of every input ([L, N, S, g, e]) for a position-sparse plan, else None.
+    clean KVCache of every input ([L, N, S, g, e]) for a position-sparse plan, else None. seed: an int32
+    array, the random direction's seed (traced: blocks with different seeds share one compilation).
     """
 
     def one(i, w, col, feat, lo, hi):
@@ -232,7 +233,7 @@ def chunk_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts_all, resid_a
         toks = None if tokens_all is None else tokens_all[i]
         fi = fvals_all[i, :, col]
         e, valid, active = source_effects(model, plan, src_sae, tgt_saes, tcols, acts, resid, toks, fi, feat, lo, hi,
-                                          input_cache(kv_all, i))
+                                          input_cache(kv_all, i), 0 if seed is None else seed)
         wv = w * valid                                              # [M]
         w2 = pair_weights(plan, wv, active)                         # [M, T]
         frac = (wv[:, None] * active).sum(0) / jnp.maximum(wv.sum(), 1.0)
