@@ -16,7 +16,7 @@ from tests.support.planted_graph import recovery_model
 
 # The flat names of the options before they were split per stage: manifests and build folders use them.
 FLAT_NAMES = ["seq_len", "max_sequences", "window", "position_window", "top_k", "importance", "importance_pool",
-              "importance_sequences", "min_coact", "keep_low_coact", "min_alignment", "max_sources", "method",
+              "importance_sequences", "min_coact", "keep_low_coact", "min_alignment", "max_sources", "targets", "method",
               "positions", "clamp_at", "read", "inputs", "inputs_per_source", "block_size", "null_every", "alpha", "correction", "tau_quantile",
               "pvalue", "n_perm", "gating", "gating_max_targets", "gating_max_pairs", "gating_method", "batch_size",
               "memory_budget", "seed"]
