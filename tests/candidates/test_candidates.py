@@ -8,7 +8,7 @@ import pytest
 import jfig
 from jfig.atlas import Atlas, build_atlas
 from jfig.atlas import AtlasAccumulator
-from jfig.candidates import select_candidates
+from jfig.candidates import select_candidates, select_sources, window_targets
 from jfig.measure import ablation_effects, alignment_applies, decoder_alignment, feature_importance
 from jfig.edits import Ablate
 from jfig.models.config import llama_config
@@ -148,3 +148,22 @@ def test_low_coactivation_pairs_are_kept_as_inhibition_candidates():
     assert "low co-activation" in str(kept.report)
     with pytest.raises(jfig.JfigError, match="window"):
         select_candidates(atlas, saes, window=3, importance="rate")
+
+
+def test_dense_selection_ranks_sources_like_the_candidates_and_targets_every_feature(setup, cands):
+    """select_sources keeps the same top_k features per source site as select_candidates (most
+    important first), targets every feature of the later sites in the window, and reports real counts."""
+    model, saes, tokens, atlas = setup
+    effects = {sae.site: feature_importance(atlas, sae, model, tokens[:6], kind="loss", pool=48, batch_size=4)
+               for sae in saes}
+    dense = select_sources(atlas, saes, effects=effects, importance="loss", top_k=12)
+    f = cands.features.to_pydict()
+    chosen = {x for site, x, sel in zip(f["site"], f["feature"], f["selected"]) if site == S0 and sel}
+    assert set(dense.sources) == {S0} and set(dense.sources[S0].tolist()) == chosen
+    rank = {x: r for site, x, r in zip(f["site"], f["feature"], f["rank"]) if site == S0}
+    assert [rank[x] for x in dense.sources[S0]] == sorted(rank[x] for x in chosen)
+    assert dense.target_sites == {S0: (S1,)} and dense.n_pairs == 12 * 24
+    assert [r["after"] for r in dense.report.rows] == [32 * 24, 32 * 24, 12 * 24]
+    assert dense.to_json()["sources"][S0] == [int(x) for x in dense.sources[S0]]
+    assert window_targets(("blocks.0.hook_resid_post", "blocks.2.hook_resid_post", "blocks.9.hook_resid_post"),
+                          5) == {"blocks.0.hook_resid_post": ("blocks.2.hook_resid_post",)}

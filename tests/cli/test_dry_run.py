@@ -66,6 +66,8 @@ def test_estimate_bounds(project):
     assert wide.candidate_pairs == 16 * 16                      # bounded by d_sae
     narrow = estimate(plan_build(_write(root, "dry3.toml", CONFIG + "[options.atlas]\nwindow = 1\n")))
     assert narrow.candidate_pairs == 0                          # layers 0 and 2 are outside a window of 1
+    dense = estimate(plan_build(_write(root, "dry4.toml", CONFIG.replace("top_k = 6", "top_k = 6\ntargets = \"all\""))))
+    assert (dense.candidate_pairs, dense.sources) == (6 * 16, 6)   # 6 sources x every feature of the later SAE
 
 
 def test_dry_run_missing_sae_fails_with_exit_2(project, capsys):
