@@ -69,7 +69,7 @@ def cmd_sites(args) -> int:
 def cmd_demo(args) -> int:
     """The main job on the offline default model: default SAEs, default corpus, a graph."""
     over = {k: v for k, v in dict(max_sequences=args.max_sequences, top_k=args.top_k,
-                                  inputs_per_source=args.inputs).items() if v is not None}
+                                  inputs_per_source=args.inputs, targets=args.targets).items() if v is not None}
     t0 = time.time()
     graph = run_demo(args.out, model_name=args.model, dtype=args.dtype, progress=not args.quiet, **over)
     print(summarize(graph))
@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="jfig-demo", help="output folder (graph in OUT/graph, resumable state in OUT/build)")
     d.add_argument("--max-sequences", type=int, default=None, help="corpus sequences (scale up on a GPU)")
     d.add_argument("--top-k", type=int, default=None, help="important features per site")
+    d.add_argument("--targets", choices=("all", "candidates"), default=None,
+                   help="targets of each source: every feature of the next sites in the window (all, the default) "
+                        "or its co-activation candidates")
     d.add_argument("--inputs", type=int, default=None, help="inputs per source feature")
     d.add_argument("--dtype", default="float32", help="model parameter dtype: float32 (default), bfloat16 (halves "
                                                       "memory on an accelerator; statistics stay float32), float16")

@@ -18,18 +18,21 @@ from .config import load_config
 
 log = logging.getLogger(__name__)
 
-# Sized to finish in well under 15 minutes on a 2-core CPU (SAE training included on a first run).
+# Sized to finish in well under 15 minutes on a 2-core CPU (SAE training included on a first run):
+# the 86 most important features at each of the three earlier sites (258 sources) against every
+# feature of the next site in the window (targets="all": 528,384 pairs, tested block by block).
 # Targets are read before their activation function (read="pre"), so a source can be seen to push an
 # inactive target further down: inhibition is observable, and TopK competition inside the target SAE
 # does not masquerade as an interaction. Importance uses the first-order (attribution) estimate of the
-# ablation effect on a few sequences: exact ablation of every candidate costs minutes on a CPU. Gating
+# ablation effect on a few sequences (reverse mode, all sites at once): exact ablation of every
+# candidate costs minutes on a CPU. Gating
 # is searched over up to 96 (source, modulator, target) triples: the random-modulator null sets the bar,
 # and fewer triples found none on SmolLM2.
 DEMO_OPTIONS = dict(seq_len=64, max_sequences=128, top_k=86, targets="all", inputs_per_source=32, block_size=8,
                     null_every=2, read="pre", importance="attribution", importance_sequences=4,
                     gating_max_targets=12, gating_max_pairs=8, batch_size=16)
 # On a GPU or TPU the same job affords what a CPU cannot: exact ablation importance over more
-# features and sequences, a larger corpus, more candidates and inputs per source.
+# features and sequences, a larger corpus, three times the sources and more inputs per source.
 ACCELERATOR_DEMO_OPTIONS = {**DEMO_OPTIONS, "max_sequences": 1024, "top_k": 256, "inputs_per_source": 100,
                             "importance": "loss", "importance_sequences": 32, "importance_pool": 512,
                             "gating_max_targets": 32, "batch_size": 64}
