@@ -27,7 +27,7 @@ from .options import BuildOptions, format_bytes
 from .dense import build_sites, dense_significance
 from .stages import (GATING_FLAG_CV, PAIR_KEYS, atlas_stage, candidates_stage, edge_records, first_order_edges,
                      gating_edges, gating_stage, measure_blocks, shared_prefix, smallest_pvalue, target_scales,
-                     warn_unreachable)
+                     tau_summary, warn_unreachable)
 from .state import RunState, process_folder, wait_for_peer, wait_for_peers
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,8 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
                   "fingerprint": fp["saes"][s]} for s, x in sorted(saes.items())],
         "corpus_hash": fp["tokens"],
         "options": opts.to_dict(),
-        "statistics": {"tau": stats["taus"], "n_tested": stats["n_tested"], "n_null": stats["n_null"],
+        "statistics": {"tau": tau_summary(stats["taus"])[0], "tau_by_site_pair": tau_summary(stats["taus"])[1],
+                       "n_tested": stats["n_tested"], "n_null": stats["n_null"],
                        "n_cannot_inhibit": stats["n_cannot_inhibit"],
                        "min_attainable_p": stats["min_p"],
                        "n_gating_tested": 0 if gating is None else len(gating),

@@ -71,9 +71,10 @@ def summarize(graph: InteractionGraph, k: int = 8) -> str:
             lines.append(f"  {r['step']:62s} {r['before']:>12,d} -> {r['after']:>10,d} ({kept})")
     st = graph.manifest.get("statistics", {})
     if st:
-        taus = st.get("tau", {}) if isinstance(st.get("tau"), dict) else {"all sites": st.get("tau", 0.0)}
+        taus = st.get("tau_by_site_pair") or (st.get("tau", {}) if isinstance(st.get("tau"), dict)
+                                               else {"all sites": st.get("tau", 0.0)})
         tau_text = ", ".join(f"{s.replace('.hook_resid_post', '')} {t:.3g}" for s, t in taus.items()) or "none"
-        lines.append(f"\n{st.get('n_tested', 0)} pairs tested; null threshold tau per target site: {tau_text} "
+        lines.append(f"\n{st.get('n_tested', 0):,} pairs tested; null threshold tau per site pair: {tau_text} "
                      f"(99th percentile of random-direction effects); {st.get('n_gating_tested', 0)} gating triples tested")
         if st.get("n_cannot_inhibit"):
             lines.append(f"{st['n_cannot_inhibit']} tested pairs could not show inhibition (target inactive on every "

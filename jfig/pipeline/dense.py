@@ -4,13 +4,14 @@ its layer window, measured block by block and tested without ever holding all pa
     measure       blocks/block_{i:05d}.npz: every (source, target) row of the block, compact (site codes
                   into the build's sorted SAE sites, float32 statistics, float64 p-values)
     significance  pass 1 reads each block for the family size, every p-value <= alpha (the only ones a
-                  correction can keep) and a fixed-size sample of its random-direction null per target
-                  site (tau); pass 2 reads each block again and keeps only the edges
+                  correction can keep) and a fixed-size sample of its random-direction null per site
+                  pair (tau); pass 2 reads each block again and keeps only the edges
 
 Memory holds one block, the small p-values, the null sample and the edges: flat in the number of
 tested pairs. The decision is exactly `decide` over the whole family (`jfig.stats.StreamedFamily`);
-tau is the `tau_quantile` of a sample of at most NULL_SAMPLE null effects per target site and null
-block (evenly spaced over the block's rows), where the candidate build uses every null effect.
+tau is the `tau_quantile` of a sample of at most NULL_SAMPLE null effects per (source site, target
+site) and null block (evenly spaced over the block's rows), where the candidate build uses every
+null effect.
 """
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ def plan_dense(dense: dict, max_sources: int | None) -> list[tuple[str, int, dic
 
 
 def measure_dense_block(model, saes: dict, tokens, atlas, block, opts: BuildOptions, index: int,
-                        clean: CleanPrefix | None, pvalues: Callable) -> dict[str, np.ndarray]:
+                        clean: CleanPrefix | None, pvalues: Callable, with_null: bool) -> dict[str, np.ndarray]:
     """One block of sources measured on every feature of their target sites (+ the random-direction
-    null on every `null_every`-th block): a compact record per (source, target) pair.
+    null when `with_null`): a compact record per (source, target) pair.
     pvalues(per_input, weights, opts, seed) -> p [rows, n_targets] is the build's p-value function."""
     sites = build_sites(saes)
     code = {s: i for i, s in enumerate(sites)}
@@ -61,9 +62,7 @@ def measure_dense_block(model, saes: dict, tokens, atlas, block, opts: BuildOpti
               memory_budget=opts.memory_budget, seed=opts.seed + index, clean=clean, progress=False)
     eff = measure_effects(model, saes, sources, tokens, keep_per_input=True, **kw)
     p = pvalues(eff.per_input, eff.weights, opts, opts.seed + index)
-    null = None
-    if opts.null_every and index % opts.null_every == 0:
-        null = measure_effects(model, saes, sources, tokens, direction="random", **kw).mean
+    null = measure_effects(model, saes, sources, tokens, direction="random", **kw).mean if with_null else None
     parts: dict[str, list] = {k: [] for k in DENSE_KEYS}
     for r, (ss, s, tg) in enumerate(block):
         for ts in tg:
@@ -82,16 +81,15 @@ def measure_dense_block(model, saes: dict, tokens, atlas, block, opts: BuildOpti
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
 
 
-def null_sample(rec: dict, size: int = NULL_SAMPLE) -> dict[int, np.ndarray]:
-    """Site code -> at most `size` finite null effects of a block's rows at that target site, evenly
-    spaced (deterministic)."""
+def null_sample(rec: dict, size: int = NULL_SAMPLE) -> dict[tuple[int, int], np.ndarray]:
+    """(source site code, target site code) -> at most `size` finite null effects of a block's rows of
+    that site pair, evenly spaced (deterministic)."""
     out = {}
     null = np.asarray(rec["null_mean"], np.float64)
-    codes = np.asarray(rec["target_site"])
-    for c in np.unique(codes):
-        v = null[(codes == c) & np.isfinite(null)]
-        if v.size:
-            out[int(c)] = v[np.linspace(0, v.size - 1, min(size, v.size)).astype(np.int64)]
+    pair = np.asarray(rec["source_site"], np.int64) * 65536 + np.asarray(rec["target_site"], np.int64)
+    for c in np.unique(pair[np.isfinite(null)]):
+        v = null[(pair == c) & np.isfinite(null)]
+        out[(int(c) // 65536, int(c) % 65536)] = v[np.linspace(0, v.size - 1, min(size, v.size)).astype(np.int64)]
     return out
 
 
@@ -101,7 +99,7 @@ class DenseResult:
 
     kept: dict[str, np.ndarray]     # the kept rows, sites as names (PAIR_KEYS, mean, var, n, p_value, ...)
     decision: Decision              # of the kept rows (all kept), with the family's size
-    taus: dict[str, float]
+    taus: dict[tuple[str, str], float]    # tau per (source site, target site)
     n_null: int
     n_tested: int
     n_max: int                      # the most inputs any pair had
@@ -130,12 +128,13 @@ def dense_significance(blocks: Callable[[], Iterable[dict]], sites: tuple[str, .
     family = StreamedFamily.from_smallest(np.concatenate(small) if small else np.zeros(0), n_tested,
                                           alpha=opts.alpha, correction=opts.correction)
     tau_code = {c: null_threshold(np.concatenate(v), opts.tau_quantile) for c, v in samples.items()}
-    tau_of = np.asarray([tau_code.get(c, 0.0) for c in range(len(sites))], np.float64)
+    tau_of = np.zeros((len(sites), len(sites)))            # [source code, target code]; 0 without a null
+    for (a, b), t in tau_code.items():
+        tau_of[a, b] = t
     kept: dict[str, list] = {k: [] for k in DENSE_KEYS}
     extra = {"p_bonferroni": [], "q_value": [], "tau": []}
     for rec in blocks():
-        codes = np.asarray(rec["target_site"], np.int64)
-        tau = tau_of[codes] if len(codes) else np.zeros(0)
+        tau = tau_of[np.asarray(rec["source_site"], np.int64), np.asarray(rec["target_site"], np.int64)]
         d = family.decide_block(rec["mean"], rec["p_value"], tau)
         for k in DENSE_KEYS:
             kept[k].append(np.asarray(rec[k])[d.keep])
@@ -153,5 +152,5 @@ def dense_significance(blocks: Callable[[], Iterable[dict]], sites: tuple[str, .
     decision = Decision(keep=np.ones(len(rows["mean"]), bool), p_bonferroni=cat["p_bonferroni"],
                         q_value=cat["q_value"], tau=cat["tau"], n_tested=n_tested)
     return DenseResult(kept=rows, decision=decision, n_null=sum(int(sum(map(len, v))) for v in samples.values()),
-                       taus={sites[c]: t for c, t in tau_code.items()}, n_tested=n_tested, n_max=n_max,
+                       taus={(sites[a], sites[b]): t for (a, b), t in tau_code.items()}, n_tested=n_tested, n_max=n_max,
                        n_cannot_inhibit=n_cannot, sources=[(sites[c], int(f)) for c, f in sorted(sources)])

@@ -3,9 +3,10 @@
     atlas_stage       co-activation atlas over the build's tokens            -> atlas/
     candidates_stage  importance (a measurement), then the pruning filters   -> candidates.json
     measure_blocks    blocks of source features on their candidate targets   -> blocks/block_{i:05d}.npz
-                      (every `null_every`-th block also with random directions: the null for tau)
+                      (every `null_every`-th block and each source site's first block also with
+                      random directions: the null for tau)
     first_order_edges significance of every measured pair (one path: jfig.stats.decide), tau per
-                      target site; warns when Bonferroni's alpha / m is below the smallest p-value
+                      (source site, target site); warns when Bonferroni's alpha / m is below the smallest p-value
                       the inputs allow
     gating_stage      second-order tests (source, modulator -> target) for targets with a significant
                       input, with the random-modulator null on every triple  -> gating.npz
@@ -25,9 +26,9 @@ from ..graph import EdgeRecords
 from ..measure import (CleanPrefix, activation_sd, clean_prefix, clean_prefix_bytes, feature_importance_by_site,
                        measure_effects, measure_gating)
 from ..sites import site_key
-from ..stats import (Decision, decide, label_permutation_pvalue, min_attainable_pvalue, min_inputs_for_pvalue, null_threshold,
-                     robust_pvalues, sign_flip_normal_pvalues, sign_flip_pvalues, sign_flip_saddlepoint_pvalues,
-                     site_thresholds)
+from ..stats import (Decision, decide, label_permutation_pvalue, min_attainable_pvalue, min_inputs_for_pvalue,
+                     null_threshold, pair_thresholds, robust_pvalues, sign_flip_normal_pvalues, sign_flip_pvalues,
+                     sign_flip_saddlepoint_pvalues)
 from .dense import DENSE_KEYS, measure_dense_block, plan_dense
 from .options import BuildOptions
 from .state import RunState
@@ -167,9 +168,9 @@ def shared_prefix(model, saes: dict, tokens, opts: BuildOptions) -> CleanPrefix 
 
 
 def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: int,
-                  clean: CleanPrefix | None = None) -> dict[str, np.ndarray]:
-    """One block of sources measured on their candidate targets (+ the random-direction null on every
-    `null_every`-th block): a record per (source, target) pair. `clean`: the shared clean prefix."""
+                  clean: CleanPrefix | None = None, with_null: bool = False) -> dict[str, np.ndarray]:
+    """One block of sources measured on their candidate targets (+ the random-direction null when
+    `with_null`): a record per (source, target) pair. `clean`: the shared clean prefix."""
     sources = [(ss, s) for ss, s, _ in block]
     tsets: dict[str, set] = {}
     for _, _, tg in block:
@@ -182,9 +183,7 @@ def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: 
               clean=clean, progress=False)
     eff = measure_effects(model, saes, sources, tokens, keep_per_input=True, **kw)
     p = pvalues(eff.per_input, eff.weights, opts, opts.seed + index)
-    null = None
-    if opts.null_every and index % opts.null_every == 0:
-        null = measure_effects(model, saes, sources, tokens, direction="random", **kw).mean
+    null = measure_effects(model, saes, sources, tokens, direction="random", **kw).mean if with_null else None
     col = {(ts, t): c for c, (ts, t) in enumerate(eff.targets)}
     rows = {k: [] for k in BLOCK_KEYS}
     for r, (ss, s, tg) in enumerate(block):
@@ -218,6 +217,7 @@ def measure_blocks(model, saes, tokens, atlas, pairs: dict, opts: BuildOptions, 
     plan = plan_dense(pairs["dense"], opts.max_sources) if dense else plan_sources(pairs, opts.max_sources)
     keys = DENSE_KEYS if dense else BLOCK_KEYS
     blocks = [plan[i: i + opts.block_size] for i in range(0, len(plan), opts.block_size)]
+    nulls = null_blocks(blocks, opts.null_every)
     index, count = shard
     mine = [b for b in range(len(blocks)) if b % count == index]
     name = "blocks/block_{:05d}.npz".format
@@ -226,8 +226,9 @@ def measure_blocks(model, saes, tokens, atlas, pairs: dict, opts: BuildOptions, 
         for i in mine:
             rec = state.load_npz(name(i))
             if rec is None or not all(k in rec for k in keys):
-                rec = measure_dense_block(model, saes, tokens, atlas, blocks[i], opts, i, clean(), pvalues) if dense \
-                    else measure_block(model, saes, tokens, atlas, blocks[i], opts, i, clean())
+                rec = measure_dense_block(model, saes, tokens, atlas, blocks[i], opts, i, clean(), pvalues,
+                                          i in nulls) if dense \
+                    else measure_block(model, saes, tokens, atlas, blocks[i], opts, i, clean(), i in nulls)
                 state.save_npz(name(i), rec)
             if not dense or state.dir is None:       # a dense build without a folder holds its blocks
                 got[i] = {k: rec[k] for k in keys}
@@ -289,16 +290,41 @@ def target_scales(model, saes: dict, tokens, rec: dict, opts: BuildOptions, clea
     return out
 
 
-def first_order_edges(rec: dict, opts: BuildOptions) -> tuple[EdgeRecords, dict[str, float], int]:
-    """Every measured pair with its decision: corrected p < alpha and |mean| > tau, tau per target site
-    from the random-direction null. Also returns tau by site and the number of null effects."""
+def first_order_edges(rec: dict, opts: BuildOptions) -> tuple[EdgeRecords, dict[tuple[str, str], float], int]:
+    """Every measured pair with its decision: corrected p < alpha and |mean| > tau, tau per (source
+    site, target site) from the random-direction null. Also returns tau by site pair and the number
+    of null effects."""
     ok = np.isfinite(rec["null_mean"])
-    taus = site_thresholds(rec["null_mean"][ok], rec["target_site"][ok], opts.tau_quantile)
-    tau = np.asarray([taus.get(str(s), 0.0) for s in rec["target_site"]], np.float64)
+    taus = pair_thresholds(rec["null_mean"][ok], rec["source_site"][ok], rec["target_site"][ok], opts.tau_quantile)
+    tau = np.asarray([taus.get((str(a), str(b)), 0.0) for a, b in zip(rec["source_site"], rec["target_site"])],
+                     np.float64)
     decision = decide(rec["mean"], rec["p_value"], alpha=opts.alpha, correction=opts.correction, tau=tau)
     n = np.asarray(rec["n"], np.float64)
     warn_unreachable(int(n[np.isfinite(n)].max(initial=0)), opts, decision.n_tested)
     return edge_records(rec, decision, opts), taus, int(ok.sum())
+
+
+def tau_summary(taus: dict[tuple[str, str], float]) -> tuple[dict[str, float], dict[str, float]]:
+    """For the manifest: tau per target site (the smallest over its source sites: the least any edge
+    into the site had to exceed) and tau per "source -> target" site pair (what each edge exceeded)."""
+    by_target: dict[str, float] = {}
+    for (a, b), t in taus.items():
+        by_target[b] = min(by_target.get(b, t), t)
+    return by_target, {f"{a} -> {b}": t for (a, b), t in sorted(taus.items())}
+
+
+def null_blocks(blocks: list, null_every: int) -> set[int]:
+    """Blocks also measured with random directions: every `null_every`-th, and the first block of each
+    source site (so every site pair has a null for its tau); none when null_every is 0."""
+    if not null_every:
+        return set()
+    out, seen = set(range(0, len(blocks), null_every)), set()
+    for i, block in enumerate(blocks):
+        sites = {ss for ss, _, _ in block}
+        if sites - seen:
+            out.add(i)
+        seen |= sites
+    return out
 
 
 def edge_records(rec: dict, decision: Decision, opts: BuildOptions) -> EdgeRecords:

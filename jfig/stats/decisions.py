@@ -21,6 +21,16 @@ def site_thresholds(null_effects, sites, q: float = 0.99) -> dict[str, float]:
     return {str(s): null_threshold(null_effects[sites == s], q) for s in np.unique(sites)}
 
 
+def pair_thresholds(null_effects, source_sites, target_sites, q: float = 0.99) -> dict[tuple[str, str], float]:
+    """τ per (source site, target site): the q-quantile of |null effects| of that site pair. Effects
+    are per unit of source activation, and sources at different sites differ in scale (their SAEs'
+    decoder norms, the residual's growth), so the null of one source site does not bound another's."""
+    null_effects = np.asarray(null_effects, np.float64)
+    src, tgt = np.asarray(source_sites).astype(str), np.asarray(target_sites).astype(str)
+    pairs = sorted(set(zip(src.tolist(), tgt.tolist())))
+    return {(a, b): null_threshold(null_effects[(src == a) & (tgt == b)], q) for a, b in pairs}
+
+
 def null_threshold(null_effects, q: float = 0.99) -> float:
     """τ: the q-quantile of |null effects| (finite entries); 0 without any."""
     a = np.abs(np.asarray(null_effects, np.float64))

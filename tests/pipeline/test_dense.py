@@ -10,8 +10,8 @@ import jfig
 from jfig.pipeline import build_graph
 from jfig.pipeline.dense import DENSE_KEYS, dense_significance, null_sample
 from jfig.pipeline.options import BuildOptions
-from jfig.stats import decide, site_thresholds
-from tests.support.planted_graph import EXCITATORY, INHIBITORY, SRC, TGT, recovery_model
+from jfig.stats import decide, pair_thresholds
+from tests.support.planted_graph import EXCITATORY, FAR, INHIBITORY, MID, SRC, TGT, recovery_model, two_scale_model
 from tests.support.tiny_models import tiny_model
 
 OPTIONS = dict(seq_len=8, top_k=24, progress=False, inputs_per_source=32, block_size=4)
@@ -104,11 +104,12 @@ def test_streamed_significance_is_decide_over_the_whole_family(correction):
     assert len(reads) == 2
     cat = {k: np.concatenate([b[k] for b in blocks]) for k in DENSE_KEYS}
     tsite = np.asarray(sites)[cat["target_site"]]
+    ssite = np.asarray(sites)[cat["source_site"]]
     ok = np.isfinite(cat["null_mean"])
-    taus = site_thresholds(cat["null_mean"][ok], tsite[ok], opts.tau_quantile)
-    assert res.taus == pytest.approx(taus)
+    taus = pair_thresholds(cat["null_mean"][ok], ssite[ok], tsite[ok], opts.tau_quantile)
+    assert set(taus) == {("s0", "s1"), ("s0", "s2")} and res.taus == pytest.approx(taus)
     d = decide(cat["mean"], cat["p_value"], alpha=0.05, correction=correction,
-               tau=np.asarray([taus.get(s, 0.0) for s in tsite]))
+               tau=np.asarray([taus[(a, b)] for a, b in zip(ssite, tsite)]))
     assert d.keep.sum() >= 10
     np.testing.assert_array_equal(res.kept["p_value"], cat["p_value"][d.keep])
     np.testing.assert_array_equal(res.kept["target_site"], tsite[d.keep])
@@ -119,12 +120,13 @@ def test_streamed_significance_is_decide_over_the_whole_family(correction):
 
 
 def test_null_sample_is_bounded_and_evenly_spaced():
-    rec = dict(null_mean=np.arange(100, dtype=np.float32), target_site=np.repeat([1, 2], 50).astype(np.int16))
+    rec = dict(null_mean=np.arange(100, dtype=np.float32), target_site=np.repeat([1, 2], 50).astype(np.int16),
+               source_site=np.zeros(100, np.int16))
     rec["null_mean"][3] = np.nan
     got = null_sample(rec, size=5)
-    assert set(got) == {1, 2} and all(len(v) == 5 for v in got.values())
-    assert got[2].tolist() == [50, 62, 74, 86, 99] and not np.isnan(got[1]).any()
-    assert len(null_sample(rec, size=1000)[1]) == 49
+    assert set(got) == {(0, 1), (0, 2)} and all(len(v) == 5 for v in got.values())
+    assert got[(0, 2)].tolist() == [50, 62, 74, 86, 99] and not np.isnan(got[(0, 1)]).any()
+    assert len(null_sample(rec, size=1000)[(0, 1)]) == 49
 
 
 @pytest.mark.parametrize("method", ["clamp", "jacobian"])
@@ -146,3 +148,21 @@ def test_dense_build_on_a_transformer(method):
     for k in ("source_site", "source", "target_site", "target", "kind", "weight", "p_value"):
         assert a[k] == b[k], k
     np.testing.assert_allclose(a["q_value"], b["q_value"], rtol=1e-12)     # BH by scipy vs streamed: round-off
+
+
+@pytest.mark.parametrize("targets", ["all", "candidates"])
+def test_tau_is_per_source_site_and_target_site(targets):
+    """Sources at two sites differ in scale: blocks.0 moves every target through a dense map, blocks.1
+    only through its planted ±2 weights. Each site pair gets its own tau, so blocks.1's planted edges
+    (|effect| 2) pass although blocks.0's null sits far above 2 (a tau pooled per target site would
+    drop them all)."""
+    model, saes = two_scale_model()
+    g = build_graph(model, saes, planted_tokens(), targets=targets, min_coact=0.0, read="pre", window=2,
+                    gating=False, **OPTIONS)
+    st = g.manifest["statistics"]
+    pair = st["tau_by_site_pair"]
+    assert pair[f"{SRC} -> {FAR}"] > 4.0 > 2.0 > pair[f"{MID} -> {FAR}"] > 0
+    assert st["tau"][FAR] == pair[f"{MID} -> {FAR}"]            # the smallest bar into the site
+    e = g.edges.to_pydict()
+    mid = {(s, t) for ss, s, t in zip(e["source_site"], e["source"], e["target"]) if ss == MID}
+    assert mid == set(EXCITATORY) | set(INHIBITORY)

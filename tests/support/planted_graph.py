@@ -151,3 +151,33 @@ def modulator_model(vocab=64, seed=0):
         return hook(TGT, t) @ p["U"]
 
     return _wrap(apply, params, vocab)
+
+
+MID = "blocks.1.hook_resid_post"
+FAR = "blocks.2.hook_resid_post"
+
+
+def two_scale_model(vocab=64, seed=0):
+    """Two source sites of different scale feeding one target site: SRC (blocks.0) reaches the targets
+    (blocks.2) through a dense random map with entries of standard deviation 10, so any direction there,
+    random or not, moves every target a lot; MID (blocks.1) reaches them only through the planted
+    ±2 weights of `recovery_model` (EXCITATORY, INHIBITORY). Sources at both sites fire independently.
+    A null pooled over both source sites is dominated by SRC's and hides MID's planted edges."""
+    W = np.zeros((D, D), np.float32)
+    for i, j in EXCITATORY:
+        W[i, j] = 2.0
+    for i, j in INHIBITORY:
+        W[i, j] = -2.0
+    rng = np.random.default_rng(seed + 5)
+    params = {"X": _sources(vocab, seed), "Y": _sources(vocab, seed + 1), "W": jnp.asarray(W),
+              "M": jnp.asarray(10.0 * rng.normal(size=(D, D)), jnp.float32),
+              "U": jax.random.normal(jax.random.PRNGKey(seed), (D, vocab))}
+
+    def apply(p, tokens, hook):
+        x = hook(SRC, p["X"][tokens])
+        y = hook(MID, p["Y"][tokens])
+        return hook(FAR, 3.0 + x @ p["M"] + y @ p["W"]) @ p["U"]
+
+    model = jfig.Model.from_function(apply, params, sites=(SRC, MID, FAR), vocab_size=vocab,
+                                     site_widths={SRC: D, MID: D, FAR: D})
+    return model, [_identity_sae(SRC), _identity_sae(MID), _identity_sae(FAR)]
