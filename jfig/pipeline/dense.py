@@ -27,7 +27,7 @@ from .options import BuildOptions
 
 DENSE_KEYS = ("source_site", "source", "target_site", "target", "mean", "var", "n", "p_value", "null_mean",
               "target_active")
-NULL_SAMPLE = 8192        # random-direction effects kept per target site and null block for tau
+NULL_SAMPLE = 8192        # random-direction effects kept per site pair and null block for tau
 
 
 def build_sites(saes: dict) -> tuple[str, ...]:
