@@ -198,7 +198,11 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def main(argv=None) -> int:
+    """The `jfig` command. The "jfig" logger is configured for the command and restored afterwards, so
+    calling main() in a process (tests, notebooks) leaves its logging as it found it."""
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("jfig")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
     configure_logging(args.verbose, args.quiet_log or getattr(args, "quiet", False))
     try:
         return args.fn(args)
@@ -208,6 +212,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("jfig: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
 
 
 if __name__ == "__main__":
