@@ -275,10 +275,11 @@ def feature_importance(atlas, sae, model, tokens, *, kind: str = "loss", pool: i
 
 
 def feature_importance_by_site(atlas, saes, model, tokens, *, kind: str = "loss", pool: int, batch_size: int = 8,
-                               progress: bool = False) -> dict[str, np.ndarray]:
+                               memory_budget: float = 2e9, progress: bool = False) -> dict[str, np.ndarray]:
     """`feature_importance` at every SAE's site: {site: effect [n_tracked]}. Attribution of more features
     than a sequence has next-token predictions runs in reverse mode over all sites at once
-    (`attribution_by_site`), otherwise one jvp per feature; the numbers are the same."""
+    (`attribution_by_site`, as many predictions per backward batch as `memory_budget` allows for their
+    logit cotangents), otherwise one jvp per feature; the numbers are the same."""
     saes = list(saes)
     if kind != "attribution":
         return {sae.site: feature_importance(atlas, sae, model, tokens, kind=kind, pool=pool, batch_size=batch_size,
@@ -294,7 +295,10 @@ def feature_importance_by_site(atlas, saes, model, tokens, *, kind: str = "loss"
         return {sae.site: feature_importance(atlas, sae, model, tokens, kind=kind, pool=pool, batch_size=batch_size,
                                              progress=progress) for sae in saes}
     feats = {s: atlas.features[s][m] for s, m in measured.items() if len(m)}
-    got = attribution_by_site(model, saes, tokens, feats, batch_size=batch_size, progress=progress)
+    b, seq = min(batch_size, len(tokens)), np.shape(tokens)[1]
+    per_prediction = 4 * b * seq * (model.vocab_size or 1) * 4      # logits cotangent and its softmax terms
+    t_chunk = int(max(1, min(8, memory_budget // per_prediction)))
+    got = attribution_by_site(model, saes, tokens, feats, batch_size=batch_size, t_chunk=t_chunk, progress=progress)
     for site, (eff, _) in got.items():
         out[site][measured[site]] = eff
     return out

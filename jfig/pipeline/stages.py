@@ -90,7 +90,8 @@ def candidates_stage(model, sae_list, atlas: Atlas, tokens, opts: BuildOptions, 
         ranked = [s for s in sae_list if s.site in window_targets(atlas.sites, opts.window)]
     if opts.importance != "rate":
         effects = feature_importance_by_site(atlas, ranked, model, imp_tokens, kind=opts.importance, pool=pool,
-                                             batch_size=opts.batch_size, progress=progress)
+                                             batch_size=opts.batch_size, memory_budget=opts.memory_budget,
+                                             progress=progress)
     if opts.targets == "all":
         dense = select_sources(atlas, sae_list, effects=effects, importance=opts.importance, top_k=opts.top_k,
                                window=opts.window)
