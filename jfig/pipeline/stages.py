@@ -367,10 +367,25 @@ def gating_pairs(sig: dict, atlas: Atlas, opts: BuildOptions, sites: tuple[str, 
     for ss, s, ts, t in zip(sig["source_site"], sig["source"], sig["target_site"], sig["target"]):
         inputs.setdefault((str(ts), int(t)), set()).add((str(ss), int(s)))
     targets = sorted(inputs, key=lambda j: (-len(inputs[j]), order[j[0]], j[1]))[: opts.gating_max_targets]
+    cond, pmis = {}, {}                       # atlas matrices, computed once per site pair
+
+    def p_cond(a: str, b: str) -> np.ndarray:
+        if (a, b) not in cond:
+            cond[(a, b)] = atlas.conditional_probability(a, b)
+        return cond[(a, b)]
+
+    def pmi_of(a: str, b: str) -> np.ndarray:
+        if (a, b) not in pmis:
+            pmis[(a, b)] = np.nan_to_num(atlas.pmi(a, b), nan=-np.inf)
+        return pmis[(a, b)]
+
     out = []
     for j in targets:
         srcs = sorted(inputs[j], key=lambda f: (order[f[0]], f[1]))
         pairs = [_source_modulator(a, b, order) for n, a in enumerate(srcs) for b in srcs[n + 1:]]
+        if len(pairs) >= opts.gating_max_pairs:          # (a) fills the quota: no modulator search
+            out.append((j, pairs[: opts.gating_max_pairs]))
+            continue
         found = []
         for i in srcs:
             for sk in sites:
@@ -380,9 +395,9 @@ def gating_pairs(sig: dict, atlas: Atlas, opts: BuildOptions, sites: tuple[str, 
                 tj, ti = atlas.tracked_index(j[0], [j[1]])[0], atlas.tracked_index(i[0], [i[1]])[0]
                 if tj < 0 or ti < 0:
                     continue
-                pj = atlas.conditional_probability(sk, j[0])[:, tj]
-                pi = atlas.conditional_probability(sk, i[0])[:, ti]
-                pmi = np.nan_to_num(atlas.pmi(sk, j[0])[:, tj], nan=-np.inf)
+                pj = p_cond(sk, j[0])[:, tj]
+                pi = p_cond(sk, i[0])[:, ti]
+                pmi = pmi_of(sk, j[0])[:, tj]
                 for r in np.flatnonzero((np.nan_to_num(pj) >= opts.min_coact) & (np.nan_to_num(pi) >= opts.min_coact)):
                     k = (sk, int(atlas.features[sk][r]))
                     if k != i and k not in inputs[j]:
