@@ -7,8 +7,8 @@ its layer window, measured block by block and tested without ever holding all pa
                   correction can keep) and a fixed-size sample of its random-direction null per site
                   pair (tau); pass 2 reads each block again and keeps only the edges
 
-Memory holds one block, the small p-values, the null sample and the edges: flat in the number of
-tested pairs. The decision is exactly `decide` over the whole family (`jfig.stats.StreamedFamily`);
+Memory holds one block, the p-values <= alpha (8 bytes each), the null sample and the edges; the
+records (about 40 bytes a pair) stay on disk. The decision is exactly `decide` over the whole family (`jfig.stats.StreamedFamily`);
 tau is the `tau_quantile` of a sample of at most NULL_SAMPLE null effects per (source site, target
 site) and null block (evenly spaced over the block's rows), where the candidate build uses every
 null effect.
