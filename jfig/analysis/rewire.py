@@ -1,0 +1,109 @@
+"""The null model for statistics of a graph: rewiring that keeps every node's degrees, every edge's
+sign and the layer order.
+
+    edges = signed_edges(graph)                      # first-order edges as integer arrays
+    src, tgt = rewire(edges, seed=0)                 # one rewired copy: same degrees, signs, layer order
+
+A double-edge swap takes two edges of the same sign, a -> b and c -> d, and makes them a -> d and
+c -> b. Every node keeps its out-degree and in-degree of each sign. A swap is refused when it would
+create a self-loop, an edge that already exists (either sign), or an edge against the layer order
+(target before source; same-layer edges are allowed only if the graph has some). With
+preserve="layer_pairs" only edges between the same pair of layers are swapped, which also keeps the
+number of edges per (source layer, target layer, sign). Statistics of the graph are then compared
+with their distribution over rewired copies (z-scores).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import JfigError, ShapeError
+
+PRESERVE = ("layer_order", "layer_pairs")
+
+
+@dataclass(frozen=True)
+class SignedEdges:
+    """A signed directed graph on integer nodes. source, target, sign: [n_edges] (sign +1 or -1);
+    layer: [n_nodes], the layer of each node; names: [n_nodes] (site, feature) of each node, or None."""
+
+    source: np.ndarray
+    target: np.ndarray
+    sign: np.ndarray
+    layer: np.ndarray
+    names: list | None = None
+
+    def __post_init__(self):
+        n = len(self.layer)
+        for k in ("source", "target", "sign"):
+            if np.shape(getattr(self, k)) != np.shape(self.source):
+                raise ShapeError(f"{k} must have one entry per edge ({len(self.source)}), got {np.shape(getattr(self, k))}")
+        if len(self.source) and (min(self.source.min(), self.target.min()) < 0 or
+                                 max(self.source.max(), self.target.max()) >= n):
+            raise ShapeError(f"edge endpoints must be node ids in [0, {n}), got {self.source.min()}..{self.source.max()}"
+                             f" -> {self.target.min()}..{self.target.max()}")
+        if not np.isin(self.sign, (-1, 1)).all():
+            raise JfigError(f"sign must be +1 or -1, got values {np.unique(self.sign).tolist()}")
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def signed_edges(graph) -> SignedEdges:
+    """The first-order edges of an InteractionGraph (gating hyperedges left out) on integer nodes:
+    excitatory +1, inhibitory -1; a node's layer is its `layer` column."""
+    nodes = graph.nodes.to_pydict()
+    index = {(s, int(f)): i for i, (s, f) in enumerate(zip(nodes["site"], nodes["feature"]))}
+    e = graph.edges.to_pydict()
+    keep = [i for i, k in enumerate(e["kind"]) if k in ("excitatory", "inhibitory")]
+    src = np.asarray([index[(e["source_site"][i], int(e["source"][i]))] for i in keep], np.int64)
+    tgt = np.asarray([index[(e["target_site"][i], int(e["target"][i]))] for i in keep], np.int64)
+    sign = np.asarray([1 if e["kind"][i] == "excitatory" else -1 for i in keep], np.int64)
+    return SignedEdges(src, tgt, sign, np.asarray(nodes["layer"], np.int64),
+                       list(zip(nodes["site"], nodes["feature"])))
+
+
+def rewire(edges: SignedEdges, *, swaps_per_edge: float = 10.0, seed: int = 0,
+           preserve: str = "layer_order") -> tuple[np.ndarray, np.ndarray]:
+    """One rewired copy: (source, target) [n_edges], edge i keeping its sign. About swaps_per_edge x
+    n_edges swaps are attempted (refused ones included), enough to forget the original wiring."""
+    if preserve not in PRESERVE:
+        raise JfigError(f"unknown preserve {preserve!r}; expected one of {list(PRESERVE)}")
+    if swaps_per_edge < 0:
+        raise JfigError(f"swaps_per_edge must be >= 0, got {swaps_per_edge}")
+    src, tgt, layer = edges.source.copy(), edges.target.copy(), edges.layer
+    n = len(src)
+    if n < 2:
+        return src, tgt
+    strict = bool((layer[src] < layer[tgt]).all())
+    if preserve == "layer_pairs":
+        cls = (edges.sign + 1) // 2 + 2 * (layer[src] * (layer.max() + 1) + layer[tgt])
+    else:
+        cls = (edges.sign + 1) // 2
+    members = [np.flatnonzero(cls == c) for c in np.unique(cls)]
+    members = [m for m in members if len(m) >= 2]
+    if not members:
+        return src, tgt
+    sizes = np.asarray([len(m) for m in members], np.float64)
+    present = set(zip(src.tolist(), tgt.tolist()))
+    rng = np.random.default_rng(seed)
+    attempts = int(round(swaps_per_edge * n))
+    groups = rng.choice(len(members), size=attempts, p=sizes / sizes.sum())
+    u, v = rng.random(attempts), rng.random(attempts)
+    for g, x, y in zip(groups.tolist(), u.tolist(), v.tolist()):
+        m = members[g]
+        a, b = m[int(x * len(m))], m[int(y * len(m))]
+        sa, ta, sb, tb = src[a], tgt[a], src[b], tgt[b]
+        if sa == sb or ta == tb or sa == tb or sb == ta:
+            continue
+        if strict and (layer[sa] >= layer[tb] or layer[sb] >= layer[ta]):
+            continue
+        if not strict and (layer[sa] > layer[tb] or layer[sb] > layer[ta]):
+            continue
+        if (sa, tb) in present or (sb, ta) in present:
+            continue
+        present.difference_update(((sa, ta), (sb, tb)))
+        present.update(((sa, tb), (sb, ta)))
+        tgt[a], tgt[b] = tb, ta
+    return src, tgt
