@@ -88,9 +88,10 @@ def motif_census(edges: SignedEdges, *, null_samples: int = 50, seed: int = 0, p
     if null_samples < 1:
         raise ValueError(f"null_samples must be >= 1, got {null_samples}")
     real = motif_counts(edges)
-    null = np.asarray([[motif_counts(edges, rewire(edges, seed=seed + k, preserve=preserve,
-                                                   swaps_per_edge=swaps_per_edge)[1])[m] for m in MOTIFS]
-                       for k in range(null_samples)], np.float64)
+    null = np.empty((null_samples, len(MOTIFS)))
+    for k in range(null_samples):
+        copy = motif_counts(edges, rewire(edges, seed=seed + k, preserve=preserve, swaps_per_edge=swaps_per_edge)[1])
+        null[k] = [copy[m] for m in MOTIFS]
     count = np.asarray([real[m] for m in MOTIFS], np.float64)
     mean, sd = null.mean(0), null.std(0, ddof=1) if null_samples > 1 else np.zeros(len(MOTIFS))
     with np.errstate(invalid="ignore", divide="ignore"):
