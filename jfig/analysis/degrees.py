@@ -1,0 +1,69 @@
+"""Degree distributions of an interaction graph: is there a heavy tail, and of which kind?
+
+    fits = degree_fits(signed_edges(graph))
+    fits.to_pylist()     # one row per (direction, sign): alpha, xmin, and likelihood-ratio comparisons
+
+Each distribution (out- or in-degree of the features with at least one such edge; excitatory,
+inhibitory or both) is fitted by the `powerlaw` package (Alstott, Bullmore & Plenz; discrete fits,
+xmin chosen by the Kolmogorov–Smirnov distance as Clauset, Shalizi & Newman propose) and the power
+law is compared with a log-normal and an exponential tail above xmin by the normalised
+log-likelihood ratio R (R > 0 favours the power law) and its p-value (small p: the sign of R is
+significant). `preferred` names the better fit where p < 0.1 and "undecided" otherwise.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import powerlaw
+import pyarrow as pa
+
+from .rewire import SignedEdges
+
+MIN_NODES = 10            # fewer nodes with an edge: no fit
+DECIDED_P = 0.1
+
+
+def degree_sequence(edges: SignedEdges, direction: str, sign: int | None) -> np.ndarray:
+    """Degrees (> 0) of the nodes in one direction ("out" or "in"), counting edges of one sign (None: both)."""
+    keep = np.ones(len(edges), bool) if sign is None else edges.sign == sign
+    ends = edges.source if direction == "out" else edges.target
+    deg = np.bincount(ends[keep], minlength=len(edges.layer))
+    return deg[deg > 0]
+
+
+def _compare(fit, other: str) -> tuple[float, float]:
+    r, p = fit.distribution_compare("power_law", other, normalized_ratio=True)
+    return float(r), float(p)
+
+
+def degree_fits(edges: SignedEdges) -> pa.Table:
+    """A row per (direction, sign): n_nodes, max_degree, alpha, xmin, n_tail (nodes at or above xmin),
+    R and p against the log-normal and the exponential, and the preferred tail of each comparison.
+    Distributions over fewer than MIN_NODES nodes get NaN fits."""
+    rows = []
+    for direction in ("out", "in"):
+        for name, sign in (("all", None), ("excitatory", 1), ("inhibitory", -1)):
+            deg = degree_sequence(edges, direction, sign)
+            row = dict(direction=direction, sign=name, n_nodes=len(deg), max_degree=int(deg.max(initial=0)),
+                       alpha=np.nan, xmin=np.nan, n_tail=0, r_lognormal=np.nan, p_lognormal=np.nan,
+                       r_exponential=np.nan, p_exponential=np.nan, vs_lognormal="no fit", vs_exponential="no fit")
+            if len(deg) >= MIN_NODES and len(np.unique(deg)) > 1:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with np.errstate(all="ignore"):
+                        fit = powerlaw.Fit(deg, discrete=True, verbose=False)
+                        (r_ln, p_ln), (r_ex, p_ex) = _compare(fit, "lognormal"), _compare(fit, "exponential")
+                row.update(alpha=float(fit.power_law.alpha), xmin=float(fit.power_law.xmin),
+                           n_tail=int((deg >= fit.power_law.xmin).sum()), r_lognormal=r_ln, p_lognormal=p_ln,
+                           r_exponential=r_ex, p_exponential=p_ex,
+                           vs_lognormal=_verdict(r_ln, p_ln, "lognormal"), vs_exponential=_verdict(r_ex, p_ex,
+                                                                                                  "exponential"))
+            rows.append(row)
+    return pa.Table.from_pylist(rows)
+
+
+def _verdict(r: float, p: float, other: str) -> str:
+    if not (np.isfinite(r) and np.isfinite(p)) or p >= DECIDED_P:
+        return "undecided"
+    return "power law" if r > 0 else other

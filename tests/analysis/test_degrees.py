@@ -1,0 +1,40 @@
+"""Degree-distribution fits: a planted power law is preferred to an exponential tail, a planted
+geometric (exponential) one is not, per direction and sign."""
+import numpy as np
+
+from jfig.analysis.degrees import degree_fits, degree_sequence
+from jfig.analysis.rewire import SignedEdges
+
+
+def graph_with_out_degrees(deg, rng, sign=1):
+    """Sources 0..n-1 with the given out-degrees onto a pool of targets in the next layer."""
+    n_src, n_tgt = len(deg), int(deg.max()) + 10
+    src = np.repeat(np.arange(n_src), deg)
+    tgt = np.concatenate([n_src + rng.choice(n_tgt, d, replace=False) for d in deg])
+    layer = np.concatenate([np.zeros(n_src, int), np.ones(n_tgt, int)])
+    return SignedEdges(src, tgt, np.full(len(src), sign), layer)
+
+
+def row(table, direction, sign):
+    rows = [r for r in table.to_pylist() if r["direction"] == direction and r["sign"] == sign]
+    assert len(rows) == 1
+    return rows[0]
+
+
+def test_power_law_out_degrees_are_recognised():
+    rng = np.random.default_rng(0)
+    deg = np.minimum(rng.zipf(2.3, 2000), 1500)
+    g = graph_with_out_degrees(deg, rng)
+    assert sorted(degree_sequence(g, "out", None)) == sorted(deg)
+    fits = degree_fits(g)
+    r = row(fits, "out", "all")
+    assert r["n_nodes"] == 2000 and 1.9 < r["alpha"] < 2.7
+    assert r["vs_exponential"] == "power law" and r["r_exponential"] > 0
+    assert row(fits, "out", "inhibitory")["vs_exponential"] == "no fit"      # no inhibitory edges
+
+
+def test_exponential_out_degrees_are_not_called_a_power_law():
+    rng = np.random.default_rng(1)
+    deg = rng.geometric(0.08, 2000)
+    r = row(degree_fits(graph_with_out_degrees(deg, rng, sign=-1)), "out", "inhibitory")
+    assert r["vs_exponential"] == "exponential" and r["r_exponential"] < 0
