@@ -1,10 +1,31 @@
 """The command line: `jfig build CONFIG.toml` end to end on a tiny model folder, and config errors."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import pytest
 
 import jfig
 from jfig.cli import main
 from jfig.pipeline import load_config
+
+
+# a build of the tiny model folder: two SAEs, a text corpus, few sequences and candidates
+CONFIG = '''
+model = "model"
+saes = ["saes/l0", "saes/l2"]
+corpus = ["texts"]
+out = "{out}"
+[options]
+seq_len = 16
+max_sequences = 32
+top_k = 6
+inputs_per_source = 8
+{extra}gating = false
+'''
 
 
 def _write(root, text):
@@ -15,18 +36,7 @@ def _write(root, text):
 
 def test_build_from_config(project, capsys):
     root, model = project
-    cfg = _write(root, '''
-model = "model"
-saes = ["saes/l0", "saes/l2"]
-corpus = ["texts"]
-out = "out"
-[options]
-seq_len = 16
-max_sequences = 32
-top_k = 6
-inputs_per_source = 8
-gating = false
-''')
+    cfg = _write(root, CONFIG.format(out="out", extra=""))
     assert main(["build", str(cfg), "--quiet"]) == 0
     graph = jfig.load_graph(root / "out" / "graph")
     assert graph.manifest["options"]["top_k"] == 6
@@ -62,27 +72,9 @@ def test_config_errors(project, capsys):
 def test_distributed_build_from_the_command_line(project):
     """`jfig build CONFIG --distributed` in two processes (JFIG_* variables, localhost) writes the graph a
     one-process `jfig build` writes."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
     root, _ = project
-    body = '''
-model = "model"
-saes = ["saes/l0", "saes/l2"]
-corpus = ["texts"]
-out = "{out}"
-[options]
-seq_len = 16
-max_sequences = 32
-top_k = 6
-inputs_per_source = 8
-block_size = 2
-gating = false
-'''
-    one, two = _write(root, body.format(out="one")), root / "two.toml"
-    two.write_text(body.format(out="two"))
+    one, two = _write(root, CONFIG.format(out="one", extra="block_size = 2\n")), root / "two.toml"
+    two.write_text(CONFIG.format(out="two", extra="block_size = 2\n"))
     assert main(["build", str(one), "--quiet"]) == 0
     with socket.socket() as s:
         s.bind(("localhost", 0))
