@@ -148,6 +148,7 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
         sig = {k: rec[k][first.decision.keep] for k in PAIR_KEYS}
         gate = gating_stage(model, saes, tokens, atlas, sig, opts, state, clean)
         gating, tau_gate, n_gating_null = gating_edges(gate, opts)
+    tau_by_target, tau_by_pair = tau_summary(stats["taus"])
     manifest = {
         "model": {"name": getattr(model.config, "name", "") if model.config is not None else "function",
                   "family": getattr(model.config, "family", None), "n_layers": getattr(model.config, "n_layers", None),
@@ -156,7 +157,7 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
                   "fingerprint": fp["saes"][s]} for s, x in sorted(saes.items())],
         "corpus_hash": fp["tokens"],
         "options": opts.to_dict(),
-        "statistics": {"tau": tau_summary(stats["taus"])[0], "tau_by_site_pair": tau_summary(stats["taus"])[1],
+        "statistics": {"tau": tau_by_target, "tau_by_site_pair": tau_by_pair,
                        "n_tested": stats["n_tested"], "n_null": stats["n_null"],
                        "n_cannot_inhibit": stats["n_cannot_inhibit"],
                        "min_attainable_p": stats["min_p"],

@@ -46,6 +46,19 @@ def plan_dense(dense: dict, max_sources: int | None) -> list[tuple[str, int, dic
     return [(ss, f, {ts: None for ts in tsites[ss]}) for _, _, ss, f in keep]
 
 
+def sweep_block(model, saes: dict, sources, tokens, targets, atlas, opts: BuildOptions, index: int,
+                clean: CleanPrefix | None, pvalues: Callable, with_null: bool):
+    """One block's sweep with the build's measurement options and seed (seed + block index): (Effects
+    with per-input values, p-values [sources, targets], the random-direction null's means or None)."""
+    kw = dict(method=opts.method, positions=opts.positions, clamp_at=opts.clamp_at, read=opts.read, inputs=opts.inputs,
+              targets=targets, inputs_per_source=opts.inputs_per_source, atlas=atlas, batch_size=opts.batch_size,
+              memory_budget=opts.memory_budget, seed=opts.seed + index, clean=clean, progress=False)
+    eff = measure_effects(model, saes, sources, tokens, keep_per_input=True, **kw)
+    p = pvalues(eff.per_input, eff.weights, opts, opts.seed + index)
+    null = measure_effects(model, saes, sources, tokens, direction="random", **kw).mean if with_null else None
+    return eff, p, null
+
+
 def measure_dense_block(model, saes: dict, tokens, atlas, block, opts: BuildOptions, index: int,
                         clean: CleanPrefix | None, pvalues: Callable, with_null: bool) -> dict[str, np.ndarray]:
     """One block of sources measured on every feature of their target sites (+ the random-direction
@@ -57,12 +70,7 @@ def measure_dense_block(model, saes: dict, tokens, atlas, block, opts: BuildOpti
     tsites = sorted({ts for _, _, tg in block for ts in tg}, key=lambda s: code[s])
     targets = {ts: np.arange(saes[ts].d_sae) for ts in tsites}
     start = dict(zip(tsites, np.cumsum([0] + [saes[ts].d_sae for ts in tsites])[:-1].tolist()))
-    kw = dict(method=opts.method, positions=opts.positions, clamp_at=opts.clamp_at, read=opts.read, inputs=opts.inputs,
-              targets=targets, inputs_per_source=opts.inputs_per_source, atlas=atlas, batch_size=opts.batch_size,
-              memory_budget=opts.memory_budget, seed=opts.seed + index, clean=clean, progress=False)
-    eff = measure_effects(model, saes, sources, tokens, keep_per_input=True, **kw)
-    p = pvalues(eff.per_input, eff.weights, opts, opts.seed + index)
-    null = measure_effects(model, saes, sources, tokens, direction="random", **kw).mean if with_null else None
+    eff, p, null = sweep_block(model, saes, sources, tokens, targets, atlas, opts, index, clean, pvalues, with_null)
     parts: dict[str, list] = {k: [] for k in DENSE_KEYS}
     for r, (ss, s, tg) in enumerate(block):
         for ts in tg:

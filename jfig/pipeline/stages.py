@@ -24,12 +24,12 @@ from ..data.progress import progress_bar
 from ..errors import JfigError
 from ..graph import EdgeRecords
 from ..measure import (CleanPrefix, activation_sd, clean_prefix, clean_prefix_bytes, feature_importance_by_site,
-                       measure_effects, measure_gating)
+                       measure_gating)
 from ..sites import site_key
 from ..stats import (Decision, decide, label_permutation_pvalue, min_attainable_pvalue, min_inputs_for_pvalue,
                      null_threshold, pair_thresholds, robust_pvalues, sign_flip_normal_pvalues, sign_flip_pvalues,
                      sign_flip_saddlepoint_pvalues)
-from .dense import DENSE_KEYS, measure_dense_block, plan_dense
+from .dense import DENSE_KEYS, measure_dense_block, plan_dense, sweep_block
 from .options import BuildOptions
 from .state import RunState
 
@@ -178,13 +178,7 @@ def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: 
         for ts, t in tg.items():
             tsets.setdefault(ts, set()).update(t)
     targets = {ts: sorted(v) for ts, v in sorted(tsets.items(), key=lambda kv: (*site_key(kv[0]), kv[0]))}
-    kw = dict(method=opts.method, positions=opts.positions, clamp_at=opts.clamp_at, read=opts.read, inputs=opts.inputs,
-              targets=targets, inputs_per_source=opts.inputs_per_source,
-              atlas=atlas, batch_size=opts.batch_size, memory_budget=opts.memory_budget, seed=opts.seed + index,
-              clean=clean, progress=False)
-    eff = measure_effects(model, saes, sources, tokens, keep_per_input=True, **kw)
-    p = pvalues(eff.per_input, eff.weights, opts, opts.seed + index)
-    null = measure_effects(model, saes, sources, tokens, direction="random", **kw).mean if with_null else None
+    eff, p, null = sweep_block(model, saes, sources, tokens, targets, atlas, opts, index, clean, pvalues, with_null)
     col = {(ts, t): c for c, (ts, t) in enumerate(eff.targets)}
     rows = {k: [] for k in BLOCK_KEYS}
     for r, (ss, s, tg) in enumerate(block):
