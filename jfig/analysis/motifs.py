@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 from scipy import sparse
 
+from ..errors import JfigError
 from .rewire import SignedEdges, rewire
 
 SIGNS = {"+": 1, "-": -1}
@@ -86,7 +87,7 @@ def motif_census(edges: SignedEdges, *, null_samples: int = 50, seed: int = 0, p
                  swaps_per_edge: float = 10.0) -> MotifCensus:
     """Every motif's count in the graph and in `null_samples` rewired copies (seeds seed, seed+1, ...)."""
     if null_samples < 1:
-        raise ValueError(f"null_samples must be >= 1, got {null_samples}")
+        raise JfigError(f"null_samples must be >= 1, got {null_samples}")
     real = motif_counts(edges)
     null = np.empty((null_samples, len(MOTIFS)))
     for k in range(null_samples):

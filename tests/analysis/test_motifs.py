@@ -8,6 +8,7 @@ from hypothesis import given, settings
 
 from jfig.analysis.motifs import CHAINS, FIXED_BY_DEGREES, MOTIFS, motif_census, motif_counts
 from jfig.analysis.rewire import SignedEdges, rewire
+from jfig.errors import JfigError
 from tests.analysis.test_rewire import layered_graphs
 
 SYM = {1: "+", -1: "-"}
@@ -69,3 +70,9 @@ def test_planted_feed_forward_loops_stand_out_and_null_graphs_do_not():
     fixed = census.table.filter(census.table.column("fixed_by_degrees")).to_pydict()
     assert set(fixed["motif"]) == set(FIXED_BY_DEGREES) | set(CHAINS)       # every edge goes forward in layer
     assert all(sd == 0 for sd in fixed["null_sd"]) and all(np.isnan(z) for z in fixed["z"])
+
+
+def test_census_needs_a_null_sample():
+    g = SignedEdges(np.array([0, 1]), np.array([1, 2]), np.array([1, -1]), np.array([0, 1, 2]))
+    with pytest.raises(JfigError, match="null_samples must be >= 1"):
+        motif_census(g, null_samples=0)
