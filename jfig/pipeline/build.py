@@ -27,7 +27,7 @@ from .options import BuildOptions, format_bytes
 from .dense import build_sites, dense_significance
 from .stages import (GATING_FLAG_CV, PAIR_KEYS, atlas_stage, candidates_stage, edge_records, first_order_edges,
                      gating_edges, gating_stage, measure_blocks, shared_prefix, smallest_pvalue, target_scales,
-                     tau_summary, warn_unreachable)
+                     tau_summary, tested_by_site_pair, warn_unreachable)
 from .state import RunState, process_folder, wait_for_peer, wait_for_peers
 
 log = logging.getLogger(__name__)
@@ -137,11 +137,11 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
     stage("measurement")
     if dense is not None:
         first = edge_records(rec, dense.decision, opts)
-        stats = dict(taus=dense.taus, n_null=dense.n_null, n_tested=dense.n_tested,
+        stats = dict(taus=dense.taus, n_null=dense.n_null, n_tested=dense.n_tested, by_pair=dense.n_tested_by_pair,
                      n_cannot_inhibit=dense.n_cannot_inhibit, min_p=min_attainable_pvalue(dense.n_max))
     else:
         first, taus, n_null = first_order_edges(rec, opts)
-        stats = dict(taus=taus, n_null=n_null, n_tested=first.decision.n_tested,
+        stats = dict(taus=taus, n_null=n_null, n_tested=first.decision.n_tested, by_pair=tested_by_site_pair(rec),
                      n_cannot_inhibit=cannot_inhibit(rec, opts), min_p=smallest_pvalue(rec))
     gating, tau_gate, n_gating_null = None, 0.0, 0
     if opts.gating.enabled:
@@ -159,6 +159,7 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
         "options": opts.to_dict(),
         "statistics": {"tau": tau_by_target, "tau_by_site_pair": tau_by_pair,
                        "n_tested": stats["n_tested"], "n_null": stats["n_null"],
+                       "n_tested_by_site_pair": {f"{a} -> {b}": n for (a, b), n in sorted(stats["by_pair"].items())},
                        "n_cannot_inhibit": stats["n_cannot_inhibit"],
                        "min_attainable_p": stats["min_p"],
                        "n_gating_tested": 0 if gating is None else len(gating),

@@ -110,6 +110,7 @@ class DenseResult:
     taus: dict[tuple[str, str], float]    # tau per (source site, target site)
     n_null: int
     n_tested: int
+    n_tested_by_pair: dict[tuple[str, str], int]   # finite p-values per (source site, target site)
     n_max: int                      # the most inputs any pair had
     n_cannot_inhibit: int
     sources: list[tuple[str, int]]  # every measured source (a node of the graph, edge or not)
@@ -121,10 +122,12 @@ def dense_significance(blocks: Callable[[], Iterable[dict]], sites: tuple[str, .
     and tau, then the edges. Memory: one block, the p-values <= alpha, the null sample, the edges."""
     small, samples, sources = [], {}, set()
     n_tested = n_max = n_cannot = 0
+    by_pair = np.zeros((len(sites), len(sites)), np.int64)       # [source code, target code]
     for rec in blocks():
         p = np.asarray(rec["p_value"], np.float64)
         ok = np.isfinite(p)
         n_tested += int(ok.sum())
+        np.add.at(by_pair, (np.asarray(rec["source_site"], np.int64)[ok], np.asarray(rec["target_site"], np.int64)[ok]), 1)
         small.append(p[ok & (p <= opts.alpha)])
         n = np.asarray(rec["n"], np.float64)
         n_max = max(n_max, int(n[np.isfinite(n)].max(initial=0)))
@@ -161,4 +164,5 @@ def dense_significance(blocks: Callable[[], Iterable[dict]], sites: tuple[str, .
                         q_value=cat["q_value"], tau=cat["tau"], n_tested=n_tested)
     return DenseResult(kept=rows, decision=decision, n_null=sum(int(sum(map(len, v))) for v in samples.values()),
                        taus={(sites[a], sites[b]): t for (a, b), t in tau_code.items()}, n_tested=n_tested, n_max=n_max,
+                       n_tested_by_pair={(sites[a], sites[b]): int(by_pair[a, b]) for a, b in zip(*np.nonzero(by_pair))},
                        n_cannot_inhibit=n_cannot, sources=[(sites[c], int(f)) for c, f in sorted(sources)])

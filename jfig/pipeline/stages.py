@@ -299,6 +299,16 @@ def first_order_edges(rec: dict, opts: BuildOptions) -> tuple[EdgeRecords, dict[
     return edge_records(rec, decision, opts), taus, int(ok.sum())
 
 
+def tested_by_site_pair(rec: dict) -> dict[tuple[str, str], int]:
+    """(source site, target site) -> how many of its pairs were tested (have a finite p-value)."""
+    ok = np.isfinite(np.asarray(rec["p_value"], np.float64))
+    pairs = zip(np.asarray(rec["source_site"])[ok].tolist(), np.asarray(rec["target_site"])[ok].tolist())
+    out: dict[tuple[str, str], int] = {}
+    for pair in pairs:
+        out[pair] = out.get(pair, 0) + 1
+    return out
+
+
 def tau_summary(taus: dict[tuple[str, str], float]) -> tuple[dict[str, float], dict[str, float]]:
     """For the manifest: tau per target site (the smallest over its source sites: the least any edge
     into the site had to exceed) and tau per "source -> target" site pair (what each edge exceeded)."""

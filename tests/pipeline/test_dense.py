@@ -143,6 +143,8 @@ def test_dense_build_on_a_transformer(method):
     cand = build_graph(model, saes, toks, min_coact=0.0, keep_low_coact=False, **opts)
     st = dense.manifest["statistics"]
     assert st["n_tested"] == cand.manifest["statistics"]["n_tested"] == 2 * 32 * 32   # window 1: 0->1, 1->2
+    assert st["n_tested_by_site_pair"] == cand.manifest["statistics"]["n_tested_by_site_pair"] == {
+        f"{sites[0]} -> {sites[1]}": 32 * 32, f"{sites[1]} -> {sites[2]}": 32 * 32}
     a, b = dense.edges.to_pydict(), cand.edges.to_pydict()
     assert len(a["source"]) >= 3
     for k in ("source_site", "source", "target_site", "target", "kind", "weight", "p_value"):
@@ -166,3 +168,26 @@ def test_tau_is_per_source_site_and_target_site(targets):
     e = g.edges.to_pydict()
     mid = {(s, t) for ss, s, t in zip(e["source_site"], e["source"], e["target"]) if ss == MID}
     assert mid == set(EXCITATORY) | set(INHIBITORY)
+
+
+def test_within_layer_site_pairs():
+    """Sites inside one layer (hook_resid_mid -> hook_resid_post: the MLP alone) are a site pair like any
+    other: measured, counted, equal in dense and candidate builds, and their edges have source_layer ==
+    target_layer."""
+    model = tiny_model("llama", n_layers=2, d_model=16, vocab_size=50)
+    sites = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
+    saes = [jfig.SAE.init_random(jax.random.PRNGKey(i), 16, 32, s) for i, s in enumerate(sites)]
+    toks = np.random.default_rng(2).integers(0, 50, size=(48, 12))
+    opts = dict(seq_len=12, top_k=32, importance="rate", progress=False, seed=1, inputs_per_source=16,
+                correction="bh", alpha=0.05, window=1, gating=False)
+    dense = build_graph(model, saes, toks, targets="all", **opts)
+    cand = build_graph(model, saes, toks, min_coact=0.0, keep_low_coact=False, **opts)
+    by_pair = dense.manifest["statistics"]["n_tested_by_site_pair"]
+    assert by_pair == cand.manifest["statistics"]["n_tested_by_site_pair"]
+    assert by_pair[f"{sites[1]} -> {sites[2]}"] == 32 * 32 and len(by_pair) == 3
+    e = dense.edges.to_pydict()
+    within = [i for i, (a, b) in enumerate(zip(e["source_site"], e["target_site"])) if (a, b) == (sites[1], sites[2])]
+    assert within and all(e["source_layer"][i] == e["target_layer"][i] == 1 for i in within)
+    c = cand.edges.to_pydict()
+    for k in ("source_site", "source", "target_site", "target", "kind", "weight"):
+        assert e[k] == c[k], k
