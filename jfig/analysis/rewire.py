@@ -67,43 +67,46 @@ def signed_edges(graph) -> SignedEdges:
 def rewire(edges: SignedEdges, *, swaps_per_edge: float = 10.0, seed: int = 0,
            preserve: str = "layer_order") -> tuple[np.ndarray, np.ndarray]:
     """One rewired copy: (source, target) [n_edges], edge i keeping its sign. About swaps_per_edge x
-    n_edges swaps are attempted (refused ones included), enough to forget the original wiring."""
+    n_edges swaps are attempted (refused ones included), enough to forget the original wiring.
+
+    Swaps are proposed in rounds: each round pairs every edge with a random partner of its class
+    (disjoint pairs), checks all proposals at once (arrays, no loop over edges) and applies those
+    that are valid and create no edge another proposal of the round also creates."""
     if preserve not in PRESERVE:
         raise JfigError(f"unknown preserve {preserve!r}; expected one of {list(PRESERVE)}")
     if swaps_per_edge < 0:
         raise JfigError(f"swaps_per_edge must be >= 0, got {swaps_per_edge}")
     src, tgt, layer = edges.source.copy(), edges.target.copy(), edges.layer
-    n = len(src)
+    n, n_nodes = len(src), len(layer)
     if n < 2:
         return src, tgt
     strict = bool((layer[src] < layer[tgt]).all())
+    cls = (edges.sign + 1) // 2
     if preserve == "layer_pairs":
-        cls = (edges.sign + 1) // 2 + 2 * (layer[src] * (layer.max() + 1) + layer[tgt])
-    else:
-        cls = (edges.sign + 1) // 2
-    members = [np.flatnonzero(cls == c) for c in np.unique(cls)]
-    members = [m for m in members if len(m) >= 2]
-    if not members:
-        return src, tgt
-    sizes = np.asarray([len(m) for m in members], np.float64)
-    present = set(zip(src.tolist(), tgt.tolist()))
+        cls = cls + 2 * (layer[src] * (layer.max() + 1) + layer[tgt])
     rng = np.random.default_rng(seed)
-    attempts = int(round(swaps_per_edge * n))
-    groups = rng.choice(len(members), size=attempts, p=sizes / sizes.sum())
-    u, v = rng.random(attempts), rng.random(attempts)
-    for g, x, y in zip(groups.tolist(), u.tolist(), v.tolist()):
-        m = members[g]
-        a, b = m[int(x * len(m))], m[int(y * len(m))]
+    for _ in range(int(np.ceil(2 * swaps_per_edge))):
+        order = np.lexsort((rng.random(n), cls))
+        a, b = order[0:n - 1:2], order[1::2]
+        same = cls[a] == cls[b]
+        a, b = a[same], b[same]
         sa, ta, sb, tb = src[a], tgt[a], src[b], tgt[b]
-        if sa == sb or ta == tb or sa == tb or sb == ta:
-            continue
-        if strict and (layer[sa] >= layer[tb] or layer[sb] >= layer[ta]):
-            continue
-        if not strict and (layer[sa] > layer[tb] or layer[sb] > layer[ta]):
-            continue
-        if (sa, tb) in present or (sb, ta) in present:
-            continue
-        present.difference_update(((sa, ta), (sb, tb)))
-        present.update(((sa, tb), (sb, ta)))
-        tgt[a], tgt[b] = tb, ta
+        ok = (sa != sb) & (ta != tb) & (sa != tb) & (sb != ta)
+        ok &= (layer[sa] < layer[tb]) & (layer[sb] < layer[ta]) if strict else \
+            (layer[sa] <= layer[tb]) & (layer[sb] <= layer[ta])
+        present = np.sort(src * n_nodes + tgt)
+        new1, new2 = sa * n_nodes + tb, sb * n_nodes + ta
+        ok &= ~_contains(present, new1) & ~_contains(present, new2)
+        keys = np.concatenate([new1[ok], new2[ok]])
+        uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        clash = counts[inverse] > 1
+        k = int(ok.sum())
+        good = np.flatnonzero(ok)[~(clash[:k] | clash[k:])]
+        tgt[a[good]], tgt[b[good]] = tb[good], ta[good]
     return src, tgt
+
+
+def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """[len(keys)] bool: whether each key is in sorted_keys."""
+    at = np.searchsorted(sorted_keys, keys).clip(max=len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
