@@ -5,7 +5,7 @@ The packages follow the pipeline, each importing only those before it:
 models -> data -> saes -> atlas -> measure -> candidates / stats -> graph -> analysis -> pipeline -> cli.
 """
 from . import data, edits, errors, sites
-from .analysis import EstimatorComparison, compare_estimators
+from .analysis import Analysis, EstimatorComparison, analyze, compare_estimators
 from .atlas import Atlas, build_atlas
 from .candidates import Candidates, select_candidates
 from .edits import Ablate, Clamp, Compose, Patch, Steer
@@ -22,10 +22,10 @@ from .saes import SAE, default_saes, load_sae, sae_metrics, save_sae, train_sae
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ablate", "Atlas", "BuildOptions", "Candidates", "Clamp", "Compose", "DEFAULT_MODEL", "Effects",
+    "Ablate", "Analysis", "Atlas", "BuildOptions", "Candidates", "Clamp", "Compose", "DEFAULT_MODEL", "Effects",
     "EstimatorComparison", "FormatError", "GatingEffects", "InteractionGraph", "JfigError", "Model", "ModelConfig",
     "OptionError", "Patch", "Prefix", "RunOutput", "SAE", "ShapeError", "SiteError", "Steer", "Tokenizer",
-    "__version__", "build_atlas", "build_graph", "compare_estimators", "data", "default_saes", "edits", "errors",
+    "__version__", "analyze", "build_atlas", "build_graph", "compare_estimators", "data", "default_saes", "edits", "errors",
     "feature_importance", "load_graph", "load_model", "load_sae", "measure_effects", "measure_gating",
     "sae_metrics", "save_sae", "select_candidates", "sites", "train_sae", "weight_effects",
 ]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from . import __version__
 from .errors import JfigError
 from .models.registry import load_model
-from .pipeline import dry_run, load_config, run_build, run_demo, summarize
+from .pipeline import dry_run, load_config, run_analysis, run_build, run_demo, summarize
 from .saes import load_sae
 from .saes.defaults import default_saes, metrics_table
 
@@ -117,6 +117,20 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    """Analyse a saved graph: report.md, analysis.json and figures/ in --out."""
+    result = run_analysis(args.graph, args.out, seed=args.seed, null_samples=args.null_samples,
+                          community_nulls=args.community_nulls, atlas=args.atlas, use_atlas=not args.no_atlas,
+                          config=args.hub_test, demo=args.hub_test_demo, hub_sequences=args.hub_sequences,
+                          hubs_k=args.hubs, figures=not args.no_figures)
+    for key, p in result.predictions.items():
+        print(f"{p['prediction']}: {p['verdict']} ({p['reason']})")
+    over = [m["motif"] for m in result.motifs if m["verdict"] == "over-represented"]
+    print(f"over-represented motifs: {', '.join(over) or 'none'}")
+    print(f"report written to {Path(args.out) / 'report.md'} (with analysis.json and figures/)")
+    return 0
+
+
 def cmd_saes(args) -> int:
     """Train (or load from the cache) the default SAEs and print their quality metrics."""
     model = _load(args.model)
@@ -166,6 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "JFIG_COORDINATOR_ADDRESS / JFIG_NUM_PROCESSES / JFIG_PROCESS_ID); out must be a shared folder")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_build)
+    a = sub.add_parser("analyze", help="network statistics, motifs, communities, hubs and the three predictions of a "
+                                       "saved graph, against a degree- and sign-preserving rewired null")
+    a.add_argument("graph", help="graph folder (OUT/graph of a build or demo)")
+    a.add_argument("--out", required=True, help="folder for report.md, analysis.json and figures/")
+    a.add_argument("--null-samples", type=int, default=20, help="rewired copies behind every z-score (default 20)")
+    a.add_argument("--community-nulls", type=int, default=5, help="copies the community modularity is compared with")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--atlas", default=None, help="atlas folder (default: the one beside the graph, if any)")
+    a.add_argument("--no-atlas", action="store_true", help="skip the agreement with co-activation communities")
+    a.add_argument("--hub-test", default=None, metavar="CONFIG.toml",
+                   help="run the hub-ablation test with the model, SAEs and corpus of this build config")
+    a.add_argument("--hub-test-demo", action="store_true", help="run the hub-ablation test with the demo's model and SAEs")
+    a.add_argument("--hub-sequences", type=int, default=32, help="sequences the hub-ablation test runs on")
+    a.add_argument("--hubs", type=int, default=10, help="hubs listed and ablated")
+    a.add_argument("--no-figures", action="store_true")
+    a.set_defaults(fn=cmd_analyze)
     r = sub.add_parser("run", help="next-token prediction and most active SAE features for prompts")
     common(r)
     r.add_argument("prompt", nargs="*", help="prompt text (default: a few demo prompts)")

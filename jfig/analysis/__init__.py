@@ -1,10 +1,13 @@
 """Analyses built on measured effects, their statistics and graphs: agreement between estimators; the
-degree-, sign- and layer-order-preserving rewiring null; signed three-node motifs against it; degree-distribution fits."""
+degree-, sign- and layer-order-preserving rewiring null; network statistics, communities, layer
+decay, hubs, signed motifs and the three predictions against it (`analyze`)."""
+from .analyze import Analysis, analyze
 from .compare import EstimatorComparison, PairAgreement, compare_estimators, effect_pvalues, relative_error
 from .degrees import degree_fits, degree_sequence
+from .hubs import firing_rates, hub_ablation, hubs
 from .motifs import MOTIFS, MotifCensus, motif_census, motif_counts
 from .rewire import PRESERVE, SignedEdges, rewire, signed_edges
 
-__all__ = ["EstimatorComparison", "MOTIFS", "MotifCensus", "PRESERVE", "PairAgreement", "SignedEdges",
-           "compare_estimators", "degree_fits", "degree_sequence", "effect_pvalues", "motif_census", "motif_counts", "relative_error", "rewire",
-           "signed_edges"]
+__all__ = ["Analysis", "EstimatorComparison", "MOTIFS", "MotifCensus", "PRESERVE", "PairAgreement", "SignedEdges",
+           "analyze", "compare_estimators", "degree_fits", "degree_sequence", "effect_pvalues", "firing_rates",
+           "hub_ablation", "hubs", "motif_census", "motif_counts", "relative_error", "rewire", "signed_edges"]

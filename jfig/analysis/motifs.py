@@ -84,14 +84,21 @@ class MotifCensus:
 
 
 def motif_census(edges: SignedEdges, *, null_samples: int = 50, seed: int = 0, preserve: str = "layer_order",
-                 swaps_per_edge: float = 10.0) -> MotifCensus:
-    """Every motif's count in the graph and in `null_samples` rewired copies (seeds seed, seed+1, ...)."""
+                 swaps_per_edge: float = 10.0, copies: list[np.ndarray] | None = None) -> MotifCensus:
+    """Every motif's count in the graph and in `null_samples` rewired copies (seeds seed, seed+1, ...);
+    `copies` (rewired targets, e.g. shared with other statistics) replaces drawing them here."""
+    if copies is None:
+        if null_samples < 1:
+            raise JfigError(f"null_samples must be >= 1, got {null_samples}")
+        copies = [rewire(edges, seed=seed + k, preserve=preserve, swaps_per_edge=swaps_per_edge)[1]
+                  for k in range(null_samples)]
+    null_samples = len(copies)
     if null_samples < 1:
-        raise JfigError(f"null_samples must be >= 1, got {null_samples}")
+        raise JfigError("motif_census needs at least one rewired copy")
     real = motif_counts(edges)
     null = np.empty((null_samples, len(MOTIFS)))
-    for k in range(null_samples):
-        copy = motif_counts(edges, rewire(edges, seed=seed + k, preserve=preserve, swaps_per_edge=swaps_per_edge)[1])
+    for k, target in enumerate(copies):
+        copy = motif_counts(edges, target)
         null[k] = [copy[m] for m in MOTIFS]
     count = np.asarray([real[m] for m in MOTIFS], np.float64)
     mean, sd = null.mean(0), null.std(0, ddof=1) if null_samples > 1 else np.zeros(len(MOTIFS))

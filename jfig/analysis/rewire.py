@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import JfigError, ShapeError
+from ..sites import sort_sites
 
 PRESERVE = ("layer_order", "layer_pairs")
 
@@ -26,13 +27,15 @@ PRESERVE = ("layer_order", "layer_pairs")
 @dataclass(frozen=True)
 class SignedEdges:
     """A signed directed graph on integer nodes. source, target, sign: [n_edges] (sign +1 or -1);
-    layer: [n_nodes], the layer of each node; names: [n_nodes] (site, feature) of each node, or None."""
+    layer: [n_nodes], each node's depth (the rank of its site in forward order, or its layer);
+    names: [n_nodes] (site, feature) of each node, or None; weight: [n_edges] |effect| or None."""
 
     source: np.ndarray
     target: np.ndarray
     sign: np.ndarray
     layer: np.ndarray
     names: list | None = None
+    weight: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.layer)
@@ -43,6 +46,8 @@ class SignedEdges:
                                  max(self.source.max(), self.target.max()) >= n):
             raise ShapeError(f"edge endpoints must be node ids in [0, {n}), got {self.source.min()}..{self.source.max()}"
                              f" -> {self.target.min()}..{self.target.max()}")
+        if self.weight is not None and np.shape(self.weight) != np.shape(self.source):
+            raise ShapeError(f"weight must have one entry per edge ({len(self.source)}), got {np.shape(self.weight)}")
         if not np.isin(self.sign, (-1, 1)).all():
             raise JfigError(f"sign must be +1 or -1, got values {np.unique(self.sign).tolist()}")
 
@@ -51,8 +56,9 @@ class SignedEdges:
 
 
 def signed_edges(graph) -> SignedEdges:
-    """The first-order edges of an InteractionGraph (gating hyperedges left out) on integer nodes:
-    excitatory +1, inhibitory -1; a node's layer is its `layer` column."""
+    """The first-order edges of an InteractionGraph (gating hyperedges left out) on integer nodes (the
+    rows of graph.nodes): excitatory +1, inhibitory -1, weight |effect|. A node's depth is the rank of
+    its site in forward order, so hook_resid_mid comes before hook_resid_post of the same layer."""
     nodes = graph.nodes.to_pydict()
     index = {(s, int(f)): i for i, (s, f) in enumerate(zip(nodes["site"], nodes["feature"]))}
     e = graph.edges.to_pydict()
@@ -60,8 +66,10 @@ def signed_edges(graph) -> SignedEdges:
     src = np.asarray([index[(e["source_site"][i], int(e["source"][i]))] for i in keep], np.int64)
     tgt = np.asarray([index[(e["target_site"][i], int(e["target"][i]))] for i in keep], np.int64)
     sign = np.asarray([1 if e["kind"][i] == "excitatory" else -1 for i in keep], np.int64)
-    return SignedEdges(src, tgt, sign, np.asarray(nodes["layer"], np.int64),
-                       list(zip(nodes["site"], nodes["feature"])))
+    weight = np.abs(np.asarray([e["weight"][i] for i in keep], np.float64))
+    rank = {s: r for r, s in enumerate(sort_sites(set(nodes["site"])))}
+    return SignedEdges(src, tgt, sign, np.asarray([rank[s] for s in nodes["site"]], np.int64),
+                       list(zip(nodes["site"], nodes["feature"])), weight)
 
 
 def rewire(edges: SignedEdges, *, swaps_per_edge: float = 10.0, seed: int = 0,

@@ -1,5 +1,7 @@
 """The graph build: options, the on-disk run state, the stages, `build_graph`, the TOML config, the
-dry run and the demo (`jfig demo`, `jfig build CONFIG.toml [--dry-run]`)."""
+dry run, the demo and the analysis of a saved graph (`jfig demo`, `jfig build CONFIG.toml [--dry-run]`,
+`jfig analyze GRAPH_DIR`)."""
+from .analysis import find_atlas, run_analysis
 from .build import build_graph, sae_fingerprint
 from .config import CONFIG_KEYS, load_config
 from .demo import ACCELERATOR_DEMO_OPTIONS, DEMO_OPTIONS, demo_options, run_build, run_demo, summarize
@@ -10,5 +12,5 @@ from .state import STATE_FILE, RunState
 
 __all__ = ["ACCELERATOR_DEMO_OPTIONS", "AtlasOptions", "BuildOptions", "BuildPlan", "CONFIG_KEYS", "CandidateOptions",
            "DEMO_OPTIONS", "Estimate", "GatingOptions", "MeasureOptions", "RunState", "STATE_FILE",
-           "SignificanceOptions", "build_graph", "demo_options", "dry_run", "estimate", "load_config", "options_table",
-           "plan_build", "run_build", "run_demo", "sae_fingerprint", "summarize"]
+           "SignificanceOptions", "build_graph", "demo_options", "dry_run", "estimate", "find_atlas", "load_config", "options_table",
+           "plan_build", "run_analysis", "run_build", "run_demo", "sae_fingerprint", "summarize"]
