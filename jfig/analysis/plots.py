@@ -12,7 +12,7 @@ import numpy as np
 import powerlaw
 from matplotlib.figure import Figure
 
-from ..sites import parse_site
+from ..sites import sort_sites
 from .degrees import degree_sequence
 from .rewire import SignedEdges
 
@@ -108,8 +108,7 @@ def adjacency(graph, path) -> Path:
     """Site-by-site heat maps: excitatory and inhibitory edges per tested pair (count where the graph
     does not record pairs tested), source site by row, target site by column."""
     e = graph.edges.to_pydict()
-    sites = sorted({*e["source_site"], *e["target_site"]} | {s for s in graph.nodes.column("site").to_pylist()},
-                   key=lambda s: (parse_site(s).layer, parse_site(s).stage))
+    sites = list(sort_sites({*e["source_site"], *e["target_site"], *graph.nodes.column("site").to_pylist()}))
     at = {s: i for i, s in enumerate(sites)}
     tested = np.zeros((len(sites), len(sites)))
     for pair, n in ((graph.manifest.get("statistics") or {}).get("n_tested_by_site_pair") or {}).items():
