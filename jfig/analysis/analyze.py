@@ -37,6 +37,7 @@ from .rewire import rewire, signed_edges
 
 log = logging.getLogger(__name__)
 TOP_COMMUNITIES = 10        # communities listed with their members in analysis.json
+TOP_MEMBERS = 50            # members listed per community (highest total degree first)
 
 
 @dataclass
@@ -147,9 +148,11 @@ def analyze(graph, *, seed: int = 0, null_samples: int = 20, community_nulls: in
              "heavy_tails": heavy_tails(fits, hub_test, degree_vs_rate(graph)),
              "excitation_by_layer": excitation_by_layer(graph)}
     names = edges.names or []
+    degree = np.bincount(edges.source, minlength=len(edges.layer)) + np.bincount(edges.target, minlength=len(edges.layer))
     for method in comm["methods"].values():
         members = sorted(method.pop("members"), key=len, reverse=True)[:TOP_COMMUNITIES]
-        method["largest"] = [[list(names[i]) for i in sorted(c)] for c in members]
+        method["largest"] = [{"size": len(c), "members": [list(names[i]) for i in sorted(c, key=lambda v: -degree[v])
+                                                          [:TOP_MEMBERS]]} for c in members]
     result = Analysis(
         graph={"nodes": graph.n_nodes, "edges": graph.edges_by_kind(), "pairs_tested": st.get("n_tested"),
                "model": (graph.manifest.get("model") or {}).get("name"),
