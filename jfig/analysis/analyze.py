@@ -137,7 +137,12 @@ def analyze(graph, *, seed: int = 0, null_samples: int = 20, community_nulls: in
     network = against_null(edges, copies, seed=seed)
     lap("network")
     n_comm = null_samples if community_nulls is None else min(community_nulls, null_samples)
-    atlas_groups = atlas.communities(seed=seed) if atlas is not None else None
+    atlas_groups = None
+    if atlas is not None:                  # co-activation communities among the graph's own features
+        by_site: dict = {}
+        for site, f in edges.names or []:
+            by_site.setdefault(site, []).append(f)
+        atlas_groups = atlas.communities(seed=seed, features=by_site, method="leiden")
     comm = communities(edges, copies[:n_comm], seed=seed, atlas_groups=atlas_groups)
     lap("communities")
     fits = degree_fits(edges).to_pylist()

@@ -13,6 +13,8 @@ building is `jfig.atlas.build`, files are `jfig.atlas.storage`.
 """
 from __future__ import annotations
 
+import igraph as ig
+import leidenalg
 import networkx as nx
 import numpy as np
 import pyarrow as pa
@@ -21,6 +23,8 @@ from scipy import stats as sps
 from ..errors import JfigError, ShapeError, SiteError
 from .accumulator import AtlasAccumulator, finalize_site
 from .storage import read_atlas, write_atlas
+
+COMMUNITY_METHODS = ("louvain", "leiden")
 
 class Atlas:
     """Co-activation statistics over a corpus (host numpy arrays). Build with :func:`build_atlas`.
@@ -182,23 +186,48 @@ class Atlas:
 
     # ------------------------------------------------------------------ modules, persistence, merging
     def communities(self, *, min_count: int = 10, min_pmi: float = 0.0, resolution: float = 1.0,
-                    seed: int = 0, min_size: int = 2) -> list[set[tuple[str, int]]]:
-        """Louvain communities (networkx, seeded) of the positive-PMI graph: nodes (site, feature),
-        an undirected edge for each tracked pair with C >= min_count and PMI > min_pmi, weight PMI.
-        Largest first; communities smaller than `min_size` are dropped."""
-
-        g = nx.Graph()
+                    seed: int = 0, min_size: int = 2, features: dict | None = None,
+                    method: str = "louvain") -> list[set[tuple[str, int]]]:
+        """Communities of the positive-PMI graph: nodes (site, feature), an undirected edge for each
+        tracked pair with C >= min_count and PMI > min_pmi, weight PMI. `features` ({site: ids})
+        keeps only those features; method "louvain" (networkx, seeded) or "leiden" (leidenalg,
+        modularity, seeded; much faster on large graphs). Largest first; communities smaller than
+        `min_size` are dropped."""
+        if method not in COMMUNITY_METHODS:
+            raise JfigError(f"unknown community method {method!r}; expected one of {list(COMMUNITY_METHODS)}")
+        keep_ids = None if features is None else {s: np.isin(self.features[s], np.asarray(list(f), np.int64))
+                                                  for s, f in features.items() if s in self.features}
+        offset = dict(zip(self.sites, np.cumsum([0, *(len(self.features[x]) for x in self.sites)])[:-1].tolist()))
+        names = [(x, int(f)) for x in self.sites for f in self.features[x]]   # node id -> (site, feature)
+        rows, cols, weights = [], [], []
         for src, tgt in self.pairs:
+            if keep_ids is not None and (src not in keep_ids or tgt not in keep_ids):
+                continue
             co, pmi = self.coactivation(src, tgt), self.pmi(src, tgt)
             keep = (co >= min_count) & (pmi > min_pmi)
+            if keep_ids is not None:
+                keep &= keep_ids[src][:, None] & keep_ids[tgt][None, :]
             if src == tgt:
                 keep = np.triu(keep, 1)
-            for i, j in zip(*np.nonzero(keep)):
-                g.add_edge((src, int(self.features[src][i])), (tgt, int(self.features[tgt][j])),
-                           weight=float(pmi[i, j]))
-        if g.number_of_edges() == 0:
+            i, j = np.nonzero(keep)
+            rows.append(i + offset[src])
+            cols.append(j + offset[tgt])
+            weights.append(pmi[i, j])
+        if not rows or not sum(map(len, rows)):
             return []
-        comms = nx.community.louvain_communities(g, weight="weight", resolution=resolution, seed=seed)
+        a, b, w = np.concatenate(rows), np.concatenate(cols), np.concatenate(weights).astype(np.float64)
+        used, index = np.unique(np.concatenate([a, b]), return_inverse=True)      # nodes with an edge
+        a, b = index[: len(a)], index[len(a):]
+        if method == "louvain":
+            g = nx.Graph()
+            g.add_weighted_edges_from(zip(a.tolist(), b.tolist(), w.tolist()))
+            comms = nx.community.louvain_communities(g, weight="weight", resolution=resolution, seed=seed)
+        else:
+            h = ig.Graph(n=len(used), edges=np.stack([a, b], 1).tolist())
+            h.es["weight"] = w.tolist()
+            comms = leidenalg.find_partition(h, leidenalg.RBConfigurationVertexPartition, weights="weight",
+                                             resolution_parameter=resolution, seed=seed)
+        comms = [{names[used[k]] for k in c} for c in comms]
         return sorted((set(c) for c in comms if len(c) >= min_size), key=lambda c: (-len(c), sorted(c)))
 
     def fields(self) -> dict:

@@ -140,6 +140,11 @@ def test_planted_coactivation_and_exclusion():
     assert row["count"] == 0 and row["p_low"] < 1e-6 and row["expected"] > 10
     comms = atlas.communities(min_count=3, min_pmi=1.0)
     assert any({(A, 0), (A, 1), (B, 5)} <= c for c in comms)
+    assert any({(A, 0), (A, 1), (B, 5)} <= c for c in atlas.communities(min_count=3, min_pmi=1.0, method="leiden"))
+    only = atlas.communities(min_count=3, min_pmi=1.0, features={A: [0, 1], B: [5]}, method="leiden")
+    assert only == [{(A, 0), (A, 1), (B, 5)}]
+    with pytest.raises(JfigError, match="unknown community method"):
+        atlas.communities(method="girvan")
 
 
 def test_position_window_counts_a_pair_offset_by_one():
