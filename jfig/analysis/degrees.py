@@ -18,17 +18,24 @@ import numpy as np
 import powerlaw
 import pyarrow as pa
 
+from ..errors import JfigError
 from .rewire import SignedEdges
 
 MIN_NODES = 10            # fewer nodes with an edge: no fit
 DECIDED_P = 0.1
 
 
-def degree_sequence(edges: SignedEdges, direction: str, sign: int | None) -> np.ndarray:
-    """Degrees (> 0) of the nodes in one direction ("out" or "in"), counting edges of one sign (None: both)."""
+def degree_sequence(edges: SignedEdges, direction: str, sign: int | None, weighted: bool = False) -> np.ndarray:
+    """Degrees (> 0) of the nodes in one direction ("out" or "in"), counting edges of one sign (None:
+    both); weighted: the summed |weight| of those edges (the node's strength) instead of their number."""
     keep = np.ones(len(edges), bool) if sign is None else edges.sign == sign
     ends = edges.source if direction == "out" else edges.target
-    deg = np.bincount(ends[keep], minlength=len(edges.layer))
+    w = None
+    if weighted:
+        if edges.weight is None:
+            raise JfigError("weighted degrees need edge weights (SignedEdges.weight)")
+        w = edges.weight[keep]
+    deg = np.bincount(ends[keep], weights=w, minlength=len(edges.layer))
     return deg[deg > 0]
 
 
@@ -38,21 +45,24 @@ def _compare(fit, other: str) -> tuple[float, float]:
 
 
 def degree_fits(edges: SignedEdges) -> pa.Table:
-    """A row per (direction, sign): n_nodes, max_degree, alpha, xmin, n_tail (nodes at or above xmin),
-    R and p against the log-normal and the exponential, and the preferred tail of each comparison.
-    Distributions over fewer than MIN_NODES nodes get NaN fits."""
+    """A row per (direction, sign, weighted): n_nodes, max_degree, alpha, xmin, n_tail (nodes at or
+    above xmin), R and p against the log-normal and the exponential, and the preferred tail of each
+    comparison. Weighted rows (when the edges have weights) fit the strengths, sums of |weight|, as
+    continuous values. Distributions over fewer than MIN_NODES nodes get NaN fits."""
     rows = []
-    for direction in ("out", "in"):
+    kinds = (False, True) if edges.weight is not None else (False,)
+    for weighted, direction in ((w, d) for w in kinds for d in ("out", "in")):
         for name, sign in (("all", None), ("excitatory", 1), ("inhibitory", -1)):
-            deg = degree_sequence(edges, direction, sign)
-            row = dict(direction=direction, sign=name, n_nodes=len(deg), max_degree=int(deg.max(initial=0)),
+            deg = degree_sequence(edges, direction, sign, weighted)
+            row = dict(direction=direction, sign=name, weighted=weighted, n_nodes=len(deg),
+                       max_degree=float(deg.max(initial=0)),
                        alpha=np.nan, xmin=np.nan, n_tail=0, r_lognormal=np.nan, p_lognormal=np.nan,
                        r_exponential=np.nan, p_exponential=np.nan, vs_lognormal="no fit", vs_exponential="no fit")
             if len(deg) >= MIN_NODES and len(np.unique(deg)) > 1:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     with np.errstate(all="ignore"):
-                        fit = powerlaw.Fit(deg, discrete=True, verbose=False)
+                        fit = powerlaw.Fit(deg, discrete=not weighted, verbose=False)
                         (r_ln, p_ln), (r_ex, p_ex) = _compare(fit, "lognormal"), _compare(fit, "exponential")
                 row.update(alpha=float(fit.power_law.alpha), xmin=float(fit.power_law.xmin),
                            n_tail=int((deg >= fit.power_law.xmin).sum()), r_lognormal=r_ln, p_lognormal=p_ln,

@@ -50,7 +50,7 @@ def sparsity(n_edges: int, n_tested: int) -> dict:
 def heavy_tails(fits: list[dict], hub_test: dict | None, degree_rate: dict | None) -> dict:
     """Prediction 2 from `degree_fits` rows (as dicts), the hub-ablation result and the degree/rate
     correlation."""
-    row = next((r for r in fits if r["direction"] == "out" and r["sign"] == "all"), None)
+    row = next((r for r in fits if r["direction"] == "out" and r["sign"] == "all" and not r.get("weighted")), None)
     stat = {"out_degree_fit": row, "hub_ablation": None if hub_test is None else
             {k: hub_test[k] for k in ("hub_median", "matched_median", "ratio", "hubs_above_matched", "p")},
             "degree_vs_firing_rate": degree_rate}

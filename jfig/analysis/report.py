@@ -71,12 +71,14 @@ def markdown_report(doc: dict) -> str:
                 lines += [f"  Degree vs firing rate: Spearman {_num(d['spearman'])} (p {_num(d['p'])}, "
                           f"{_num(d['features'])} features)."]
     lines += ["", "## Degree distributions", "",
-              *_table(doc["degrees"], [("direction", "direction"), ("sign", "edges"), ("n_nodes", "features"),
+              *_table(doc["degrees"], [("direction", "direction"), ("sign", "edges"), ("weighted", "weighted (sum |w|)"),
+                                       ("n_nodes", "features"),
                                        ("max_degree", "max"), ("alpha", "α"), ("xmin", "xmin"), ("n_tail", "in tail"),
                                        ("r_lognormal", "R vs log-normal"), ("p_lognormal", "p"),
                                        ("r_exponential", "R vs exponential"), ("p_exponential", "p"),
                                        ("vs_exponential", "power law or exponential")]),
-              "", "R > 0 favours the power law; p tests the sign of R.", "",
+              "", "R > 0 favours the power law; p tests the sign of R. Weighted rows fit each feature's strength "
+                  "(summed |weight| of its edges) as a continuous value.", "",
               *_figure(doc, "degree_ccdf.png", "degree CCDFs"),
               "## Network statistics", "",
               *_table(doc["network"], [("statistic", "statistic"), ("value", "graph"), ("null_mean", "null mean"),

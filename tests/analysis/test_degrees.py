@@ -16,7 +16,7 @@ def graph_with_out_degrees(deg, rng, sign=1):
 
 
 def row(table, direction, sign):
-    rows = [r for r in table.to_pylist() if r["direction"] == direction and r["sign"] == sign]
+    rows = [r for r in table.to_pylist() if r["direction"] == direction and r["sign"] == sign and not r["weighted"]]
     assert len(rows) == 1
     return rows[0]
 
@@ -38,3 +38,17 @@ def test_exponential_out_degrees_are_not_called_a_power_law():
     deg = rng.geometric(0.08, 2000)
     r = row(degree_fits(graph_with_out_degrees(deg, rng, sign=-1)), "out", "inhibitory")
     assert r["vs_exponential"] == "exponential" and r["r_exponential"] < 0
+
+
+def test_weighted_degrees_fit_strengths():
+    """Every source has 3 edges (no degree tail), but its edges' |weights| follow a Pareto law: the
+    weighted rows (strength = summed |weight|) find the heavy tail that the counts cannot show."""
+    rng = np.random.default_rng(2)
+    g = graph_with_out_degrees(np.full(2000, 3), rng)
+    w = np.repeat(rng.pareto(1.5, 2000) + 1.0, 3)
+    g = SignedEdges(g.source, g.target, g.sign, g.layer, weight=w)
+    np.testing.assert_allclose(sorted(degree_sequence(g, "out", None, weighted=True)), sorted(w[::3] * 3))
+    rows = [r for r in degree_fits(g).to_pylist() if r["direction"] == "out" and r["sign"] == "all"]
+    plain, weighted = sorted(rows, key=lambda r: r["weighted"])
+    assert plain["vs_exponential"] == "no fit" and weighted["weighted"]
+    assert weighted["vs_exponential"] == "power law" and 2.0 < weighted["alpha"] < 3.0
