@@ -55,7 +55,8 @@ def arguments(description: str, default_out: str) -> argparse.ArgumentParser:
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--corpus", default="default", help="'default' (docs + prompts + model samples) or a path")
     ap.add_argument("--out", default=default_out, help="results folder (small tables and figures)")
-    ap.add_argument("--work", default=None, help="build folder (resumable); default: <out>/../build-<scale>")
+    ap.add_argument("--work", default=None, help="build folder shared by 02 and 03 (resumable); default: "
+                                                 "experiments/build-<scale>")
     return ap
 
 
@@ -74,7 +75,7 @@ def setup(args) -> tuple:
 
 
 def work_folder(args) -> Path:
-    return Path(args.work) if args.work else Path(args.out).parent / f"build-{args.scale}"
+    return Path(args.work) if args.work else Path(__file__).parent / f"build-{args.scale}"
 
 
 def describe(scale: Scale) -> dict:

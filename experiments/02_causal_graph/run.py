@@ -68,7 +68,7 @@ def main():
                "graph": str(work_folder(args) / "graph"), "build_seconds": round(seconds),
                "pairs_tested": graph.manifest["statistics"]["n_tested"],
                "edges": {k: kinds.count(k) for k in ("excitatory", "inhibitory", "gating")},
-               "sources": graph.manifest["statistics"].get("n_sources"),
+               "pruning": graph.manifest["pruning_report"],
                "nodes": graph.nodes.num_rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(graph.summary())
