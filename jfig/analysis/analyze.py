@@ -33,7 +33,7 @@ from .motifs import motif_census
 from .network import against_null, reciprocity
 from .predictions import degree_vs_rate, excitation_by_layer, heavy_tails, sparsity
 from .report import markdown_report
-from .rewire import rewire, signed_edges
+from .rewire import SignedEdges, rewire, signed_edges
 
 log = logging.getLogger(__name__)
 TOP_COMMUNITIES = 10        # communities listed with their members in analysis.json
@@ -135,6 +135,13 @@ def analyze(graph, *, seed: int = 0, null_samples: int = 20, community_nulls: in
     motifs = taxonomy(census, gates, edges, graph, examples=examples)
     lap("motifs")
     network = against_null(edges, copies, seed=seed)
+    by_sign = {}
+    for kind, sign in (("excitatory", 1), ("inhibitory", -1)):
+        keep = edges.sign == sign
+        if keep.sum() >= 2:
+            sub = SignedEdges(edges.source[keep], edges.target[keep], edges.sign[keep], edges.layer, edges.names,
+                              None if edges.weight is None else edges.weight[keep])
+            by_sign[kind] = against_null(sub, [c[keep] for c in copies], seed=seed)
     lap("network")
     n_comm = null_samples if community_nulls is None else min(community_nulls, null_samples)
     atlas_groups = None
@@ -166,7 +173,7 @@ def analyze(graph, *, seed: int = 0, null_samples: int = 20, community_nulls: in
                   "null": "double-edge swaps within a sign, keeping every feature's in- and out-degree per "
                           "sign and the forward order of sites", "seconds": times},
         degrees=fits, network=network, reciprocity=reciprocity(edges), communities=comm,
-        signs=sign_comparison(graph), layer_decay=layer_decay(graph), hubs=hubs(graph, k=hubs_k),
+        signs={**sign_comparison(graph), "network": by_sign}, layer_decay=layer_decay(graph), hubs=hubs(graph, k=hubs_k),
         hub_ablation=hub_test, motifs=motifs, predictions=preds, comparison=comparison, signed=edges, source=graph)
     lap("tables")
     log.info("analysed %d edges against %d rewired copies in %.1f s", n_first, null_samples, sum(times.values()))

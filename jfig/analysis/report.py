@@ -108,6 +108,12 @@ def markdown_report(doc: dict) -> str:
               *_table([{"quantity": k, **v} for k, v in doc["signs"]["tests"].items()],
                       [("quantity", "quantity"), ("excitatory_median", "excitatory median"),
                        ("inhibitory_median", "inhibitory median"), ("p", "Mann-Whitney p")]), "",
+              "Each sign's subgraph against the same rewired copies restricted to that sign:", "",
+              *_table([{"sign": k, **r} for k, rows in doc["signs"].get("network", {}).items() for r in rows
+                       if r["statistic"] in ("average_clustering", "transitivity", "mean_path_length",
+                                             "assortativity_out_in")],
+                      [("sign", "sign"), ("statistic", "statistic"), ("value", "subgraph"), ("null_mean", "null mean"),
+                       ("z", "z")]), "",
               "## Layer distance", "",
               *_table(doc["layer_decay"]["rows"], [("distance", "distance"), ("tested", "tested"), ("edges", "edges"),
                                                    ("excitatory", "excitatory"), ("inhibitory", "inhibitory"),

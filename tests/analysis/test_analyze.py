@@ -203,6 +203,8 @@ def test_jfig_analyze_writes_report_json_and_figures(tmp_path):
     assert {m["motif"] for m in doc["motifs"]} >= {"ffl coherent", "ffl incoherent", "gating triangle"}
     assert isinstance(doc["communities"]["methods"]["leiden"]["n_communities"], int)
     assert doc["hub_ablation"] is None and len(doc["hubs"]) == 10
+    assert set(doc["signs"]["network"]) == {"excitatory", "inhibitory"}
+    assert {r["statistic"] for r in doc["signs"]["network"]["inhibitory"]} >= {"average_clustering", "mean_path_length"}
     assert doc["settings"]["null_samples"] == 5
     for f in doc["figures"]:
         assert (out / f).stat().st_size > 5_000 and (out / f).read_bytes()[:4] == b"\x89PNG"
