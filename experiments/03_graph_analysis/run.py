@@ -6,8 +6,8 @@ layers, inhibition within a layer) with their verdicts.
 
 Needs the build folder of experiment 02 at the same scale (run it first). Every statistic is compared
 with degree- and sign-preserving rewired copies of the graph that keep the forward order of sites;
-the hub test ablates the 10 features with the most out-edges and 10 random features of matched
-firing rate for each, on sequences of the same corpus drawn with another seed; clamp and Jacobian
+the hub test ablates the 10 features with the most out-edges and `hub_matched` random features of
+matched firing rate for each (5 at --scale cpu), on sequences of the same corpus drawn with another seed; clamp and Jacobian
 are compared on 16 sources of the first within-layer site pair (figures/estimator_agreement.png).
 Writes report.md,
 analysis.json and figures/ under results/, and results/verdicts.md.
@@ -56,7 +56,7 @@ def main():
     model, saes, corpus, scale, corpus_text = setup(args)
     tokens = tokens_from(corpus, model, scale.seq_len, seed=1, max_tokens=scale.hub_sequences * scale.seq_len)
     t = time.perf_counter()
-    hub = hub_ablation(model, saes, graph, tokens, k=10, matched=10, by="out")
+    hub = hub_ablation(model, saes, graph, tokens, k=10, matched=scale.hub_matched, by="out")
     hub_seconds = time.perf_counter() - t
     comparison = estimator_check(model, saes, graph, tokens)
     result = analyze(graph, seed=0, null_samples=scale.null_samples, community_nulls=min(5, scale.null_samples),

@@ -14,6 +14,7 @@ matching on it asks whether a hub matters more than its frequency alone would sa
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from functools import partial
 
@@ -25,6 +26,8 @@ from ..errors import JfigError
 from ..measure.importance import ablation_effects
 from ..models.validation import saes_by_site
 from .layers import FIRST
+
+log = logging.getLogger(__name__)
 
 
 def degree_table(graph) -> dict[tuple[str, int], dict]:
@@ -109,6 +112,8 @@ def hub_ablation(model, saes, graph, tokens, *, k: int = 10, matched: int = 10, 
         per_token = np.nan_to_num(eff * n_active / tokens.size)
         hub_effect.append(per_token[0])
         null_effect.extend(per_token[1:].tolist())
+        log.info("hub %d of %d (%s %d): effect %.4g, matched median %.4g", len(rows) + 1, len(top), h["site"],
+                 h["feature"], per_token[0], np.median(per_token[1:]) if len(feats) > 1 else float("nan"))
         rows.append({"site": h["site"], "feature": h["feature"], "degree": h[f"{by}_degree"],
                      "firing_rate": float(rates[h["feature"]]), "effect": float(per_token[0]),
                      "matched_median": float(np.median(per_token[1:])) if len(feats) > 1 else None,
