@@ -122,7 +122,7 @@ def cmd_analyze(args) -> int:
     result = run_analysis(args.graph, args.out, seed=args.seed, null_samples=args.null_samples,
                           community_nulls=args.community_nulls, atlas=args.atlas, use_atlas=not args.no_atlas,
                           config=args.hub_test, demo=args.hub_test_demo, hub_sequences=args.hub_sequences,
-                          hubs_k=args.hubs, figures=not args.no_figures)
+                          hubs_k=args.hubs, matched=args.hub_matched, figures=not args.no_figures)
     for key, p in result.predictions.items():
         print(f"{p['prediction']}: {p['verdict']} ({p['reason']})")
     over = [m["motif"] for m in result.motifs if m["verdict"] == "over-represented"]
@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--hub-test", default=None, metavar="CONFIG.toml",
                    help="run the hub-ablation test with the model, SAEs and corpus of this build config")
     a.add_argument("--hub-test-demo", action="store_true", help="run the hub-ablation test with the demo's model and SAEs")
-    a.add_argument("--hub-sequences", type=int, default=32, help="sequences the hub-ablation test runs on")
+    a.add_argument("--hub-sequences", type=int, default=16, help="sequences the hub-ablation test runs on")
+    a.add_argument("--hub-matched", type=int, default=5, help="firing-rate-matched random features per hub")
     a.add_argument("--hubs", type=int, default=10, help="hubs listed and ablated")
     a.add_argument("--no-figures", action="store_true")
     a.set_defaults(fn=cmd_analyze)

@@ -43,7 +43,7 @@ def model_and_saes(config: str | None, demo: bool):
 
 def run_analysis(graph_dir, out_dir, *, seed: int = 0, null_samples: int = 20, community_nulls: int | None = 5,
                  atlas: str | None = None, use_atlas: bool = True, config: str | None = None, demo: bool = False,
-                 hub_sequences: int = 32, hubs_k: int = 10, matched: int = 10, figures: bool = True) -> Analysis:
+                 hub_sequences: int = 16, hubs_k: int = 10, matched: int = 5, figures: bool = True) -> Analysis:
     """Load the graph (and atlas), run `analyze`, add the hub-ablation test when `config` (a build
     TOML) or `demo` names the model and SAEs, and write report.md, analysis.json and figures/."""
     graph_dir = Path(graph_dir)
