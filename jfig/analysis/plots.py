@@ -29,7 +29,7 @@ def _save(fig: Figure, path) -> Path:
 def degree_ccdf(edges: SignedEdges, path) -> Path:
     """Out- and in-degree CCDFs (all edges, excitatory, inhibitory) with the power-law, log-normal and
     exponential fits of the all-edges distribution above its xmin."""
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")
     for ax, direction in zip(fig.subplots(1, 2), ("out", "in")):
         for name, sign, style in (("all", None, "k-"), ("excitatory", 1, "C0-"), ("inhibitory", -1, "C3-")):
             deg = np.sort(degree_sequence(edges, direction, sign))
@@ -57,7 +57,7 @@ def layer_decay(decay: dict, path) -> Path:
     """Mean |weight| and edge density against layer distance, with the exponential and power-law fits."""
     rows = decay["rows"]
     d = np.asarray([r["distance"] for r in rows], np.float64)
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(11, 4), layout="constrained")
     for ax, key, fit_key, label in zip(fig.subplots(1, 2), ("mean_abs_weight", "density"),
                                        ("weight_fit", "density_fit"), ("mean |weight|", "edges / tested pairs")):
         y = np.asarray([np.nan if r[key] is None else r[key] for r in rows], np.float64)
@@ -71,7 +71,8 @@ def layer_decay(decay: dict, path) -> Path:
             p = fit["power_law"]
             ax.plot(xs, p["A"] * xs ** -p["beta"], ":", color="C3", label=f"power law β={p['beta']:.2g}")
         ax.set(yscale="log", xlabel="layer distance (target - source)", ylabel=label,
-               title=f"{label} by layer distance ({fit.get('preferred', '')})")
+               title=f"{label}\npreferred fit: {fit.get('preferred', '')}")
+        ax.set_xticks(sorted(set(d.astype(int).tolist())))
         ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -115,7 +116,7 @@ def adjacency(graph, path) -> Path:
         a, b = (x.strip() for x in pair.split("->"))
         if a in at and b in at:
             tested[at[a], at[b]] = n
-    fig = Figure(figsize=(11, 4.5))
+    fig = Figure(figsize=(12, 5), layout="constrained")
     for ax, kind, cmap in zip(fig.subplots(1, 2), ("excitatory", "inhibitory"), ("Blues", "Reds")):
         m = np.zeros_like(tested)
         for a, b, k in zip(e["source_site"], e["target_site"], e["kind"]):
