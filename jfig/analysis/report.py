@@ -16,7 +16,9 @@ def _num(x, digits: int = 3) -> str:
     if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
         return f"{int(x):,}"
     if isinstance(x, float):
-        if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        if abs(x) >= 1e4:
+            return f"{x:,.0f}"
+        if x != 0 and abs(x) < 1e-3:
             return f"{x:.{digits}g}"
         return f"{x:.{digits}f}".rstrip("0").rstrip(".") if "." in f"{x:.{digits}f}" else f"{x:.{digits}f}"
     return str(x)
