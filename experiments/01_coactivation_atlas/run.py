@@ -6,7 +6,8 @@ Streams the experiment's corpus through the model and its SAEs (the sites of exp
 counts, for every pair of tracked features at sites at most 5 layers apart (same token), how often
 they fire together: P(j | i), PMI and the conditional mean, plus a test for anomalously low
 co-activation (P(j | i) far below P(j): a candidate for inhibition). Writes results/site_pairs.csv,
-results/top_pmi.md, results/communities.csv, results/pmi_histogram.png and results/summary.json.
+results/top_pmi.md, results/communities.csv (Leiden communities of the positive-PMI graph),
+results/pmi_histogram.png and results/summary.json.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from jfig.data import tokens_from
 HERE = Path(__file__).parent
 MIN_COUNT = 10          # co-activations a pair needs before its PMI is read
 LOW_ALPHA = 0.01        # Bonferroni level for anomalously low co-activation
+MIN_FIRING = 50         # firings a feature needs before its low co-activation is tested
 
 
 def site_pair_rows(atlas) -> tuple[list[dict], dict]:
@@ -35,9 +37,11 @@ def site_pair_rows(atlas) -> tuple[list[dict], dict]:
         seen = co >= MIN_COUNT
         if a == b:
             seen &= ~np.eye(*seen.shape, dtype=bool)
-        p_low = atlas.low_coactivation_pvalue(a, b)
-        n_pairs = p_low.size
-        low = int((np.nan_to_num(p_low, nan=1.0) * n_pairs < LOW_ALPHA).sum())
+        # only features firing >= MIN_FIRING times can co-activate anomalously rarely; Bonferroni over all pairs
+        src_ok = np.flatnonzero(atlas.source_count(a) >= MIN_FIRING)
+        tgt_ok = np.flatnonzero(atlas.target_count(b) >= MIN_FIRING)
+        p_low = atlas.low_coactivation_pvalue(a, b, rows=src_ok, cols=tgt_ok)
+        low = int((np.nan_to_num(p_low, nan=1.0) * co.size < LOW_ALPHA).sum())
         pmis[(a, b)] = pmi[seen]
         rows.append({"source_site": a, "target_site": b, "tracked_pairs": int(co.size),
                      "pairs_coactive_10x": int(seen.sum()),
@@ -91,7 +95,7 @@ def main():
         w.writeheader()
         w.writerows(rows)
     (out / "top_pmi.md").write_text("\n".join(top_pairs(atlas, model)) + "\n")
-    groups = atlas.communities(min_count=MIN_COUNT, seed=0)
+    groups = atlas.communities(min_count=MIN_COUNT, seed=0, method="leiden")
     with open(out / "communities.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["community", "size", "sites", "first_members"])
