@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import stats as sps
 from matplotlib.figure import Figure
 
 from experiments.scales import arguments, describe, setup
@@ -27,7 +28,6 @@ from jfig.data import tokens_from
 HERE = Path(__file__).parent
 MIN_COUNT = 10          # co-activations a pair needs before its PMI is read
 LOW_ALPHA = 0.01        # Bonferroni level for anomalously low co-activation
-MIN_FIRING = 50         # firings a feature needs before its low co-activation is tested
 
 
 def site_pair_rows(atlas) -> tuple[list[dict], dict]:
@@ -37,11 +37,15 @@ def site_pair_rows(atlas) -> tuple[list[dict], dict]:
         seen = co >= MIN_COUNT
         if a == b:
             seen &= ~np.eye(*seen.shape, dtype=bool)
-        # only features firing >= MIN_FIRING times can co-activate anomalously rarely; Bonferroni over all pairs
-        src_ok = np.flatnonzero(atlas.source_count(a) >= MIN_FIRING)
-        tgt_ok = np.flatnonzero(atlas.target_count(b) >= MIN_FIRING)
-        p_low = atlas.low_coactivation_pvalue(a, b, rows=src_ok, cols=tgt_ok)
-        low = int((np.nan_to_num(p_low, nan=1.0) * co.size < LOW_ALPHA).sum())
+        # The atlas's hypergeometric test P(X <= C) under independence, evaluated only where C is at most
+        # half its expectation E = n_i m_j / N and E >= 10: elsewhere p >= P(X = 0) ~ exp(-E) > 4e-5, far
+        # above the Bonferroni level over all pairs (~1e-9), so nothing else can pass.
+        expected = atlas.expected_coactivation(a, b)
+        cand = (co <= expected / 2) & (expected >= 10)
+        i, j = np.nonzero(cand)
+        n_i, m_j = atlas.source_count(a)[i], atlas.target_count(b)[j]
+        p_low = sps.hypergeom.cdf(co[i, j], atlas.n_tokens, m_j, n_i)
+        low = int((p_low * co.size < LOW_ALPHA).sum())
         pmis[(a, b)] = pmi[seen]
         rows.append({"source_site": a, "target_site": b, "tracked_pairs": int(co.size),
                      "pairs_coactive_10x": int(seen.sum()),
