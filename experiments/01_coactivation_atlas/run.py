@@ -37,9 +37,9 @@ def site_pair_rows(atlas) -> tuple[list[dict], dict]:
         seen = co >= MIN_COUNT
         if a == b:
             seen &= ~np.eye(*seen.shape, dtype=bool)
-        # The atlas's hypergeometric test P(X <= C) under independence, evaluated only where C is at most
-        # half its expectation E = n_i m_j / N and E >= 10: elsewhere p >= P(X = 0) ~ exp(-E) > 4e-5, far
-        # above the Bonferroni level over all pairs (~1e-9), so nothing else can pass.
+        # Anomalously low: C at most half its expectation E = n_i m_j / N (P(j | i) <= P(j) / 2) and the
+        # atlas's hypergeometric P(X <= C) below the Bonferroni level over all pairs (~1e-9). Evaluated only
+        # where E >= 10: below it p >= P(X = 0) ~ exp(-E) > 4e-5 and nothing can pass.
         expected = atlas.expected_coactivation(a, b)
         cand = (co <= expected / 2) & (expected >= 10)
         i, j = np.nonzero(cand)
