@@ -28,6 +28,7 @@ class Scale:
     sae_tokens: int                 # training tokens per SAE site
     samples: int                    # model-sampled documents added to the default corpus
     max_sequences: int              # sequences of seq_len tokens the build measures on
+    atlas_sequences: int            # sequences experiment 01's atlas counts over
     seq_len: int
     top_k: int                      # source features per source site (attribution importance)
     inputs_per_source: int
@@ -41,12 +42,12 @@ class Scale:
 
 
 SCALES = {
-    "cpu": Scale(layers=(9, 10, 11), d_sae=2048, sae_tokens=65_536, samples=256, max_sequences=256, seq_len=64,
+    "cpu": Scale(layers=(9, 10, 11), d_sae=2048, sae_tokens=65_536, samples=256, max_sequences=256, atlas_sequences=2048, seq_len=64,
                  top_k=410, inputs_per_source=32, hub_sequences=16, hub_matched=5, null_samples=20),
     "accelerator": Scale(layers=(8, 9, 10, 11, 12, 13), d_sae=4096, sae_tokens=262_144, samples=1024,
-                         max_sequences=1024, seq_len=128, top_k=1024, inputs_per_source=64, hub_sequences=256, hub_matched=20,
+                         max_sequences=1024, atlas_sequences=16384, seq_len=128, top_k=1024, inputs_per_source=64, hub_sequences=256, hub_matched=20,
                          null_samples=100),
-    "smoke": Scale(layers=(9, 10), d_sae=512, sae_tokens=8_192, samples=8, max_sequences=32, seq_len=32, top_k=8,
+    "smoke": Scale(layers=(9, 10), d_sae=512, sae_tokens=8_192, samples=8, max_sequences=32, atlas_sequences=32, seq_len=32, top_k=8,
                    inputs_per_source=8, hub_sequences=8, hub_matched=3, null_samples=3),
 }
 

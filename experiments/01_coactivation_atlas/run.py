@@ -87,7 +87,7 @@ def main():
     args = arguments(__doc__.splitlines()[0], str(HERE / "results")).parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     model, saes, corpus, scale, corpus_text = setup(args)
-    tokens = tokens_from(corpus, model, scale.seq_len, seed=0, max_tokens=scale.max_sequences * scale.seq_len)
+    tokens = tokens_from(corpus, model, scale.seq_len, seed=0, max_tokens=scale.atlas_sequences * scale.seq_len)
     t = time.perf_counter()
     atlas = build_atlas(model, saes, tokens, window=5, progress=True, skip_positions=1)
     seconds = time.perf_counter() - t
