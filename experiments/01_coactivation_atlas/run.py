@@ -6,7 +6,8 @@ Streams the experiment's corpus through the model and its SAEs (the sites of exp
 counts, for every pair of tracked features at sites at most 5 layers apart (same token), how often
 they fire together: P(j | i), PMI and the conditional mean, plus a test for anomalously low
 co-activation (P(j | i) far below P(j): a candidate for inhibition). Writes results/site_pairs.csv,
-results/top_pmi.md, results/communities.csv (Leiden communities of the positive-PMI graph),
+results/top_pmi.md, results/communities.csv (Leiden communities of the graph of strong associations:
+pairs co-active >= 50 times with PMI > 1),
 results/pmi_histogram.png and results/summary.json.
 """
 from __future__ import annotations
@@ -21,12 +22,14 @@ import numpy as np
 from scipy import stats as sps
 from matplotlib.figure import Figure
 
-from experiments.scales import arguments, describe, setup
-from jfig import build_atlas
+from experiments.scales import arguments, describe, setup, work_folder
+from jfig import Atlas, build_atlas
 from jfig.data import tokens_from
 
 HERE = Path(__file__).parent
 MIN_COUNT = 10          # co-activations a pair needs before its PMI is read
+COMMUNITY_COUNT = 50    # communities: pairs co-active at least this often ...
+COMMUNITY_PMI = 1.0     # ... and at least e times more often than independence predicts
 LOW_ALPHA = 0.01        # Bonferroni level for anomalously low co-activation
 
 
@@ -89,7 +92,12 @@ def main():
     model, saes, corpus, scale, corpus_text = setup(args)
     tokens = tokens_from(corpus, model, scale.seq_len, seed=0, max_tokens=scale.atlas_sequences * scale.seq_len)
     t = time.perf_counter()
-    atlas = build_atlas(model, saes, tokens, window=5, progress=True, skip_positions=1)
+    saved = work_folder(args) / "atlas-01"
+    if (saved / "manifest.json").exists():
+        atlas = Atlas.load(saved)          # an earlier run's atlas (delete the folder to count again)
+    else:
+        atlas = build_atlas(model, saes, tokens, window=5, progress=True, skip_positions=1)
+        atlas.save(saved)
     seconds = time.perf_counter() - t
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +107,7 @@ def main():
         w.writeheader()
         w.writerows(rows)
     (out / "top_pmi.md").write_text("\n".join(top_pairs(atlas, model)) + "\n")
-    groups = atlas.communities(min_count=MIN_COUNT, seed=0, method="leiden")
+    groups = atlas.communities(min_count=COMMUNITY_COUNT, min_pmi=COMMUNITY_PMI, seed=0, method="leiden")
     with open(out / "communities.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["community", "size", "sites", "first_members"])
@@ -117,7 +125,7 @@ def main():
     fig.savefig(out / "pmi_histogram.png", dpi=120, bbox_inches="tight")
     summary = {"scale": args.scale, "settings": describe(scale), "corpus": corpus_text, "tokens": int(tokens.size),
                "atlas_seconds": round(seconds), "site_pairs": len(rows),
-               "communities": {"count": len(groups), "largest": [len(c) for c in groups[:10]],
+               "communities": {"count": len(groups), "min_count": COMMUNITY_COUNT, "min_pmi": COMMUNITY_PMI, "largest": [len(c) for c in groups[:10]],
                                "spanning_several_sites": sum(len({s for s, _ in c}) > 1 for c in groups)},
                "anomalously_low_pairs": sum(r["anomalously_low"] for r in rows)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
