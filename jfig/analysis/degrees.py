@@ -23,6 +23,7 @@ from .rewire import SignedEdges
 
 MIN_NODES = 10            # fewer nodes with an edge: no fit
 DECIDED_P = 0.1
+XMIN_GRID = 60            # candidate xmin values (quantiles) for continuous fits
 
 
 def degree_sequence(edges: SignedEdges, direction: str, sign: int | None, weighted: bool = False) -> np.ndarray:
@@ -39,6 +40,15 @@ def degree_sequence(edges: SignedEdges, direction: str, sign: int | None, weight
     return deg[deg > 0]
 
 
+def continuous_fit(x: np.ndarray) -> "powerlaw.Fit":
+    """powerlaw's continuous fit with xmin chosen by the same Kolmogorov-Smirnov criterion over
+    XMIN_GRID quantiles of x instead of every distinct value (every value of a continuous sample is
+    distinct, which makes the library's search quadratic: 3 s for 10^4 strengths, against 0.06 s)."""
+    grid = np.unique(np.quantile(x, np.linspace(0.0, 0.95, XMIN_GRID)))
+    best = min(grid, key=lambda m: powerlaw.Fit(x, xmin=m, discrete=False, verbose=False).power_law.D)
+    return powerlaw.Fit(x, xmin=best, discrete=False, verbose=False)
+
+
 def _compare(fit, other: str) -> tuple[float, float]:
     r, p = fit.distribution_compare("power_law", other, normalized_ratio=True)
     return float(r), float(p)
@@ -48,7 +58,8 @@ def degree_fits(edges: SignedEdges) -> pa.Table:
     """A row per (direction, sign, weighted): n_nodes, max_degree, alpha, xmin, n_tail (nodes at or
     above xmin), R and p against the log-normal and the exponential, and the preferred tail of each
     comparison. Weighted rows (when the edges have weights) fit the strengths, sums of |weight|, as
-    continuous values. Distributions over fewer than MIN_NODES nodes get NaN fits."""
+    continuous values (xmin from a grid of quantiles, `continuous_fit`). Distributions over fewer than
+    MIN_NODES nodes get NaN fits."""
     rows = []
     kinds = (False, True) if edges.weight is not None else (False,)
     for weighted, direction in ((w, d) for w in kinds for d in ("out", "in")):
@@ -62,7 +73,7 @@ def degree_fits(edges: SignedEdges) -> pa.Table:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     with np.errstate(all="ignore"):
-                        fit = powerlaw.Fit(deg, discrete=not weighted, verbose=False)
+                        fit = continuous_fit(deg) if weighted else powerlaw.Fit(deg, discrete=True, verbose=False)
                         (r_ln, p_ln), (r_ex, p_ex) = _compare(fit, "lognormal"), _compare(fit, "exponential")
                 row.update(alpha=float(fit.power_law.alpha), xmin=float(fit.power_law.xmin),
                            n_tail=int((deg >= fit.power_law.xmin).sum()), r_lognormal=r_ln, p_lognormal=p_ln,
