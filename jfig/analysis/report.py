@@ -92,7 +92,8 @@ def markdown_report(doc: dict) -> str:
                                       ("verdict", "verdict"), ("description", "meaning")]), ""]
     for m in doc["motifs"]:
         for ex in m.get("examples", []):
-            parts = [f"{n['site']}:{n['feature']}" + (f" “{n['context'][:60]}”" if n.get("context") else "") for n in ex]
+            parts = [f"{n['site']}:{n['feature']}" + (f" “{' '.join(n['context'].split())[:60]}”" if n.get("context")
+                                                       else "") for n in ex]
             lines.append(f"- {m['motif']}: " + " → ".join(parts))
     lines += ["", *_figure(doc, "motif_z.png", "motif z-scores"), "## Communities", ""]
     rows = [{"method": k, **v, **(v.get("atlas_agreement") or {})} for k, v in doc["communities"]["methods"].items()]
