@@ -109,15 +109,20 @@ def plain(x):
     return x
 
 
+def check_options(null_samples, community_nulls) -> None:
+    """Raise JfigError unless null_samples is an integer >= 1 and community_nulls None or an integer >= 0."""
+    if not isinstance(null_samples, int) or isinstance(null_samples, bool) or null_samples < 1:
+        raise JfigError(f"null_samples must be an integer >= 1, got {null_samples!r}")
+    if community_nulls is not None and (not isinstance(community_nulls, int) or community_nulls < 0):
+        raise JfigError(f"community_nulls must be None or an integer >= 0, got {community_nulls!r}")
+
+
 def analyze(graph, *, seed: int = 0, null_samples: int = 20, community_nulls: int | None = 5, atlas=None,
             hub_test: dict | None = None, comparison=None, hubs_k: int = 10, examples: int = 3) -> "Analysis":
     """Analyse an InteractionGraph (see the module docstring). atlas: the build's Atlas, for agreement
     with the co-activation communities; hub_test: `hub_ablation(...)`'s result; comparison: an
     EstimatorComparison to plot."""
-    if not isinstance(null_samples, int) or null_samples < 1:
-        raise JfigError(f"null_samples must be an integer >= 1, got {null_samples!r}")
-    if community_nulls is not None and (not isinstance(community_nulls, int) or community_nulls < 0):
-        raise JfigError(f"community_nulls must be None or an integer >= 0, got {community_nulls!r}")
+    check_options(null_samples, community_nulls)
     edges = signed_edges(graph)
     if len(edges) == 0:
         raise JfigError("the graph has no excitatory or inhibitory edges to analyse")

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from ..analysis import Analysis, analyze, hub_ablation
+from ..analysis.analyze import check_options
 from ..atlas import Atlas
 from ..data import Corpus, default_corpus, tokens_from
 from ..errors import JfigError
@@ -46,14 +47,15 @@ def run_analysis(graph_dir, out_dir, *, seed: int = 0, null_samples: int = 20, c
                  hub_sequences: int = 16, hubs_k: int = 10, matched: int = 5, figures: bool = True) -> Analysis:
     """Load the graph (and atlas), run `analyze`, add the hub-ablation test when `config` (a build
     TOML) or `demo` names the model and SAEs, and write report.md, analysis.json and figures/."""
+    check_options(null_samples, community_nulls)      # every option is checked before any work
+    if hub_sequences < 1 or hubs_k < 1 or matched < 1:
+        raise JfigError(f"hub_sequences, hubs_k and matched must be >= 1, got {hub_sequences}, {hubs_k}, {matched}")
     graph_dir = Path(graph_dir)
     if not (graph_dir / "manifest.json").exists():
         raise JfigError(f"{graph_dir} is not a graph folder (no manifest.json); expected the folder a build wrote "
                         f"its graph to, e.g. OUT/graph")
     if config is not None and demo:
         raise JfigError("give either a build config for the hub test or --hub-test-demo, not both")
-    if hub_sequences < 1 or hubs_k < 1 or matched < 1:
-        raise JfigError(f"hub_sequences, hubs_k and matched must be >= 1, got {hub_sequences}, {hubs_k}, {matched}")
     graph = load_graph(graph_dir)
     atlas_path = Path(atlas) if atlas else (find_atlas(graph_dir) if use_atlas else None)
     loaded = Atlas.load(atlas_path) if atlas_path is not None else None

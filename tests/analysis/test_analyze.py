@@ -214,9 +214,14 @@ def test_jfig_analyze_writes_report_json_and_figures(tmp_path):
     assert "## Predictions" in report and "![motif z-scores](figures/motif_z.png)" in report
 
 
-def test_jfig_analyze_names_a_bad_folder(tmp_path, capsys):
+def test_jfig_analyze_names_a_bad_folder_and_bad_options(tmp_path, capsys):
     assert main(["analyze", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "not a graph folder" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path), "--out", str(tmp_path / "r"), "--null-samples", "0"]) == 2
+    assert "null_samples must be an integer >= 1" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path), "--out", str(tmp_path / "r"), "--hub-matched", "0"]) == 2
+    assert "matched must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_hub_ablation_measures_each_hub_against_rate_matched_features():
