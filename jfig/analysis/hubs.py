@@ -91,6 +91,8 @@ def hub_ablation(model, saes, graph, tokens, *, k: int = 10, matched: int = 10, 
                  batch_size: int = 8) -> dict:
     """Loss effect of ablating each of the k hubs against `matched` firing-rate-matched random features
     of its SAE (see the module docstring). Effects are mean |Δ next-token loss| per token of `tokens`."""
+    if not (isinstance(k, int) and k >= 1 and isinstance(matched, int) and matched >= 1):
+        raise JfigError(f"hub_ablation: k and matched must be integers >= 1, got k={k!r}, matched={matched!r}")
     saes = saes_by_site(saes)
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.size == 0:

@@ -256,3 +256,5 @@ def test_hub_ablation_measures_each_hub_against_rate_matched_features():
     assert 0 <= res["p"] <= 1 and res["matched"] == 4
     with pytest.raises(JfigError, match="no SAE given"):
         hub_ablation(model, saes[1:], g, tokens, k=2)
+    with pytest.raises(JfigError, match="matched must be integers >= 1"):
+        hub_ablation(model, saes, g, tokens, k=2, matched=0)
