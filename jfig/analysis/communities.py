@@ -13,11 +13,11 @@ information and the adjusted Rand index (python-igraph's compare_communities).
 from __future__ import annotations
 
 import igraph as ig
-import leidenalg
 import networkx as nx
 import numpy as np
 from scipy import sparse
 
+from ..atlas.atlas import leiden_groups
 from .network import summarise
 from .rewire import SignedEdges
 
@@ -45,15 +45,13 @@ def louvain(g: nx.Graph, seed: int) -> tuple[list[set[int]], float]:
 
 
 def leiden(g: nx.Graph, seed: int) -> tuple[list[set[int]], float]:
-    """(communities, modularity) by leidenalg's ModularityVertexPartition, weight |effect|."""
+    """(communities, modularity) by leidenalg (modularity quality, `leiden_groups`), weight |effect|."""
     if g.number_of_edges() == 0:
         return [], float("nan")
     nodes = list(g.nodes)
     where = {v: i for i, v in enumerate(nodes)}
-    h = ig.Graph(n=len(nodes), edges=[(where[a], where[b]) for a, b in g.edges])
-    h.es["weight"] = [d["weight"] for _, _, d in g.edges(data=True)]
-    part = leidenalg.find_partition(h, leidenalg.ModularityVertexPartition, weights="weight", seed=seed)
-    groups = [{nodes[i] for i in members} for members in part]
+    a, b, w = zip(*((where[x], where[y], d["weight"]) for x, y, d in g.edges(data=True)))
+    groups = [{nodes[i] for i in members} for members in leiden_groups(len(nodes), a, b, w, seed=seed)]
     return groups, float(nx.community.modularity(g, groups, weight="weight"))
 
 

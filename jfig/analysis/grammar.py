@@ -91,10 +91,11 @@ def motif_examples(edges: SignedEdges, motif: str, k: int) -> list[list[int]]:
     found: list[tuple[float, list[int]]] = []
     if motif.startswith("ffl"):
         coherent = motif == "ffl coherent"
+        into = total.T.tocsr()                                     # row c: the nodes with an edge into c
         closing = (total @ total).multiply(total > 0).tocoo()      # (a, c) pairs with a path a->b->c and an edge a->c
         order = np.argsort(-closing.data)[: 50 * k]
         for a, c in zip(closing.row[order].tolist(), closing.col[order].tolist()):
-            for b in np.intersect1d(total[a].indices, total.T.tocsr()[c].indices).tolist():
+            for b in np.intersect1d(total[a].indices, into[c].indices).tolist():
                 if (signed[(a, b)] * signed[(b, c)] == signed[(a, c)]) == coherent:
                     found.append((weight[(a, b)] + weight[(b, c)] + weight[(a, c)], [a, b, c]))
     elif motif.startswith("chain"):

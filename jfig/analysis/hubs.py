@@ -104,10 +104,12 @@ def hub_ablation(model, saes, graph, tokens, *, k: int = 10, matched: int = 10, 
     hub_ids = Counter()
     for h in top:
         hub_ids[(h["site"], h["feature"])] += 1
-    rows, hub_effect, null_effect = [], [], []
+    rows, hub_effect, null_effect, rates_at = [], [], [], {}
     for h in top:
         sae = saes[h["site"]]
-        rates = firing_rates(model, sae, tokens)
+        if h["site"] not in rates_at:
+            rates_at[h["site"]] = firing_rates(model, sae, tokens)
+        rates = rates_at[h["site"]]
         exclude = {f for (s, f) in hub_ids if s == h["site"]}
         feats = np.concatenate([[h["feature"]], matched_features(rates, h["feature"], exclude, matched)])
         eff, n_active = ablation_effects(model, sae, tokens, feats, kind="loss", batch_size=batch_size)

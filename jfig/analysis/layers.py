@@ -39,16 +39,24 @@ def first_order(graph) -> dict[str, np.ndarray]:
     return out
 
 
-def tested_by_distance(graph) -> dict[int, int] | None:
-    """Layer distance -> pairs tested there, from the manifest (None if the graph did not record it)."""
+def tested_by_site_pair(graph) -> dict[tuple[str, str], int] | None:
+    """(source site, target site) -> pairs tested, from the manifest's `n_tested_by_site_pair` (None if
+    the graph did not record it)."""
     by_pair = (graph.manifest.get("statistics") or {}).get("n_tested_by_site_pair")
     if not by_pair:
         return None
+    return {tuple(s.strip() for s in pair.split("->")): int(n) for pair, n in by_pair.items()}
+
+
+def tested_by_distance(graph) -> dict[int, int] | None:
+    """Layer distance -> pairs tested there, from the manifest (None if the graph did not record it)."""
+    by_pair = tested_by_site_pair(graph)
+    if by_pair is None:
+        return None
     out: dict[int, int] = {}
-    for pair, n in by_pair.items():
-        a, b = (s.strip() for s in pair.split("->"))
+    for (a, b), n in by_pair.items():
         d = parse_site(b).layer - parse_site(a).layer
-        out[d] = out.get(d, 0) + int(n)
+        out[d] = out.get(d, 0) + n
     return out
 
 

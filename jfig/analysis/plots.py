@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from ..sites import sort_sites
 from .degrees import degree_sequence
+from .layers import tested_by_site_pair
 from .rewire import SignedEdges
 
 DPI = 120
@@ -112,8 +113,7 @@ def adjacency(graph, path) -> Path:
     sites = list(sort_sites({*e["source_site"], *e["target_site"], *graph.nodes.column("site").to_pylist()}))
     at = {s: i for i, s in enumerate(sites)}
     tested = np.zeros((len(sites), len(sites)))
-    for pair, n in ((graph.manifest.get("statistics") or {}).get("n_tested_by_site_pair") or {}).items():
-        a, b = (x.strip() for x in pair.split("->"))
+    for (a, b), n in (tested_by_site_pair(graph) or {}).items():
         if a in at and b in at:
             tested[at[a], at[b]] = n
     fig = Figure(figsize=(12, 5), layout="constrained")

@@ -23,7 +23,8 @@ import numpy as np
 from scipy import stats
 
 from ..sites import parse_site
-from .layers import first_order
+from .hubs import degree_table
+from .layers import first_order, tested_by_site_pair
 
 SPARSE_BELOW = 0.01
 LEVEL = 0.05
@@ -84,9 +85,7 @@ def excitation_by_layer(graph) -> dict:
             "within_layer": {"edges": nw, "excitatory": kw, "share": kw / nw if nw else None}}
     out = {"prediction": "excitation dominates across layers, inhibition within a layer", "statistic": stat,
            "null": "excitatory share 1/2 across layers; equal shares across and within"}
-    tested = (graph.manifest.get("statistics") or {}).get("n_tested_by_site_pair") or {}
-    within_tested = any(parse_site(a.strip()).layer == parse_site(b.strip()).layer
-                        for a, b in (p.split("->") for p in tested))
+    within_tested = any(parse_site(a).layer == parse_site(b).layer for a, b in tested_by_site_pair(graph) or {})
     if nx_ == 0:
         return {**out, "verdict": "inconclusive", "reason": "no cross-layer edges"}
     p_cross = float(stats.binomtest(kx, nx_, 0.5, alternative="greater").pvalue)
@@ -112,15 +111,10 @@ def excitation_by_layer(graph) -> dict:
 
 def degree_vs_rate(graph) -> dict | None:
     """Spearman correlation of each feature's total degree with its firing rate (features with both)."""
-    from_nodes = graph.nodes.to_pydict()
-    e = first_order(graph)
-    deg: dict = {}
-    for a, s in zip(e["source_site"].tolist(), e["source"].tolist()):
-        deg[(a, int(s))] = deg.get((a, int(s)), 0) + 1
-    for b, t in zip(e["target_site"].tolist(), e["target"].tolist()):
-        deg[(b, int(t))] = deg.get((b, int(t)), 0) + 1
-    pairs = [(deg.get((s, int(f)), 0), r) for s, f, r in zip(from_nodes["site"], from_nodes["feature"],
-                                                             from_nodes["firing_rate"]) if r is not None]
+    nodes = graph.nodes.to_pydict()
+    deg = {key: sum(c.values()) for key, c in degree_table(graph).items()}
+    pairs = [(deg.get((s, int(f)), 0), r) for s, f, r in zip(nodes["site"], nodes["feature"], nodes["firing_rate"])
+             if r is not None]
     if len(pairs) < 3:
         return None
     d, r = np.asarray(pairs, np.float64).T

@@ -26,6 +26,16 @@ from .storage import read_atlas, write_atlas
 
 COMMUNITY_METHODS = ("louvain", "leiden")
 
+
+def leiden_groups(n_nodes: int, a, b, weight, *, seed: int = 0, resolution: float = 1.0) -> list[list[int]]:
+    """Leiden communities (leidenalg, RB-configuration quality; resolution 1 is modularity) of the
+    undirected weighted graph on nodes 0..n_nodes-1 with edges a[k] - b[k] of weight[k]."""
+    h = ig.Graph(n=int(n_nodes), edges=np.stack([np.asarray(a), np.asarray(b)], 1).tolist())
+    h.es["weight"] = np.asarray(weight, np.float64).tolist()
+    part = leidenalg.find_partition(h, leidenalg.RBConfigurationVertexPartition, weights="weight",
+                                    resolution_parameter=resolution, seed=seed)
+    return [list(c) for c in part]
+
 class Atlas:
     """Co-activation statistics over a corpus (host numpy arrays). Build with :func:`build_atlas`.
 
@@ -223,10 +233,7 @@ class Atlas:
             g.add_weighted_edges_from(zip(a.tolist(), b.tolist(), w.tolist()))
             comms = nx.community.louvain_communities(g, weight="weight", resolution=resolution, seed=seed)
         else:
-            h = ig.Graph(n=len(used), edges=np.stack([a, b], 1).tolist())
-            h.es["weight"] = w.tolist()
-            comms = leidenalg.find_partition(h, leidenalg.RBConfigurationVertexPartition, weights="weight",
-                                             resolution_parameter=resolution, seed=seed)
+            comms = leiden_groups(len(used), a, b, w, seed=seed, resolution=resolution)
         comms = [{names[used[k]] for k in c} for c in comms]
         return sorted((set(c) for c in comms if len(c) >= min_size), key=lambda c: (-len(c), sorted(c)))
 
