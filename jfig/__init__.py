@@ -2,13 +2,15 @@
 
 Curated public API; see docs/ (quickstart, guide, concepts, measure, atlas, graph_format).
 The packages follow the pipeline, each importing only those before it:
-models -> data -> saes -> atlas -> measure -> candidates / stats -> graph -> analysis -> pipeline -> cli.
+models -> data -> saes -> atlas -> measure -> candidates / stats -> graph -> analysis | behaviors | steering
+-> pipeline -> cli.
 """
 from . import data, edits, errors, sites
 from .analysis import Analysis, EstimatorComparison, analyze, compare_estimators
 from .atlas import Atlas, build_atlas
+from .behaviors import BehaviorCircuit, BehaviorSuite, behavior_subgraph, behavior_suite, load_suite
 from .candidates import Candidates, select_candidates
-from .edits import Ablate, Clamp, Compose, Patch, Steer
+from .edits import Ablate, Clamp, Compose, Patch, SetFeatures, ShiftFeatures, Steer
 from .errors import FormatError, JfigError, OptionError, ShapeError, SiteError
 from .graph import InteractionGraph, load_graph
 from .measure import Effects, GatingEffects, feature_importance, measure_effects, measure_gating, weight_effects
@@ -18,14 +20,18 @@ from .models.registry import DEFAULT_MODEL, load_model
 from .models.tokenizer import Tokenizer
 from .pipeline import BuildOptions, build_graph
 from .saes import SAE, default_saes, load_sae, sae_metrics, save_sae, train_sae
+from .steering import observe_cascade, predict_cascade
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ablate", "Analysis", "Atlas", "BuildOptions", "Candidates", "Clamp", "Compose", "DEFAULT_MODEL", "Effects",
+    "Ablate", "Analysis", "Atlas", "BehaviorCircuit", "BehaviorSuite", "BuildOptions", "Candidates", "Clamp",
+    "Compose", "DEFAULT_MODEL", "Effects",
     "EstimatorComparison", "FormatError", "GatingEffects", "InteractionGraph", "JfigError", "Model", "ModelConfig",
-    "OptionError", "Patch", "Prefix", "RunOutput", "SAE", "ShapeError", "SiteError", "Steer", "Tokenizer",
-    "__version__", "analyze", "build_atlas", "build_graph", "compare_estimators", "data", "default_saes", "edits", "errors",
-    "feature_importance", "load_graph", "load_model", "load_sae", "measure_effects", "measure_gating",
+    "OptionError", "Patch", "Prefix", "RunOutput", "SAE", "SetFeatures", "ShapeError", "ShiftFeatures", "SiteError",
+    "Steer", "Tokenizer",
+    "__version__", "analyze", "behavior_subgraph", "behavior_suite", "build_atlas", "build_graph", "compare_estimators", "data", "default_saes", "edits", "errors",
+    "feature_importance", "load_graph", "load_model", "load_sae", "load_suite", "measure_effects", "measure_gating",
+    "observe_cascade", "predict_cascade",
     "sae_metrics", "save_sae", "select_candidates", "sites", "train_sae", "weight_effects",
 ]

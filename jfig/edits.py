@@ -262,6 +262,82 @@ class Ablate(Edit):
         return where_positions(self.positions, x + _clamp_delta(self.sae, self.feature, 0.0, x), x, pos_axis)
 
 
+def _feature_edit_delta(sae, x, change):
+    """decode(change(f)) - decode(f) in the shape of x: the residual change that sets the SAE's
+    features to change(f) while keeping its error (decode is affine in f for fixed stats)."""
+    f, stats = sae.encode_with_stats(x)
+    delta = sae.decode(change(f), stats) - sae.decode(f, stats)
+    return delta.reshape(x.shape).astype(x.dtype)
+
+
+class SetFeatures(Edit):
+    """Set every feature where `mask` (bool [d_sae]) is True to `values` (scalar or [d_sae]), keeping
+    the SAE error: x' = x + decode(f') - decode(f), f' = where(mask, values, f).
+
+    With `mask` = not-in-a-circuit and `values` = mean activations this mean-ablates everything
+    outside a circuit at once (one edit per site, whatever the number of features); `mask` is a
+    traced leaf, so `jax.vmap` over masks runs many feature sets in one pass.
+    """
+
+    sae: Any
+    mask: jax.Array
+    values: jax.Array
+    positions: jax.Array | None = None
+
+    def __init__(self, sae, mask, values=0.0, positions=None):
+        self.sae = sae
+        self.mask = jnp.asarray(mask)
+        if self.mask.dtype != jnp.bool_:
+            raise ShapeError(f"SetFeatures at {sae.site}: mask must be bool [d_sae], got dtype {self.mask.dtype}")
+        self.values = as_values(values)
+        self.positions = as_positions(positions)
+
+    @property
+    def site(self) -> str:
+        return self.sae.site
+
+    def check(self, shape, pos_axis: int = 1) -> None:
+        super().check(shape, pos_axis)
+        for name, leaf in (("mask", self.mask), ("values", self.values)):
+            if leaf.ndim > 1 or (leaf.ndim == 1 and leaf.shape[0] != self.sae.d_sae):
+                raise ShapeError(f"{self.label}: {name} has shape {tuple(leaf.shape)}, expected "
+                                 f"{'[d_sae]' if name == 'mask' else 'a scalar or [d_sae]'} with d_sae {self.sae.d_sae}")
+        if self.mask.ndim != 1:
+            raise ShapeError(f"{self.label}: mask has shape {tuple(self.mask.shape)}, expected [d_sae={self.sae.d_sae}]")
+
+    def apply(self, x, pos_axis: int = 1):
+        self.check(x.shape, pos_axis)
+        delta = _feature_edit_delta(self.sae, x, lambda f: jnp.where(self.mask, self.values.astype(f.dtype), f))
+        return where_positions(self.positions, x + delta, x, pos_axis)
+
+
+class ShiftFeatures(Edit):
+    """Add `delta` (broadcastable to the features, e.g. [batch, seq, d_sae]) to the SAE's features,
+    keeping its error: x' = x + decode(f + delta) - decode(f). At delta = 0 its gradient with respect
+    to delta is the gradient with respect to the feature activations (attribution patching)."""
+
+    sae: Any
+    delta: jax.Array
+
+    def __init__(self, sae, delta):
+        self.sae = sae
+        self.delta = as_values(delta)
+
+    @property
+    def site(self) -> str:
+        return self.sae.site
+
+    def check(self, shape, pos_axis: int = 1) -> None:
+        lead = _clamp_leading_shape(self.sae, shape)
+        if lead is not None and not _broadcasts_to(tuple(self.delta.shape), lead + (self.sae.d_sae,)):
+            raise ShapeError(f"{self.label}: delta shape {tuple(self.delta.shape)} does not broadcast to the "
+                             f"features {lead + (self.sae.d_sae,)}")
+
+    def apply(self, x, pos_axis: int = 1):
+        self.check(x.shape, pos_axis)
+        return x + _feature_edit_delta(self.sae, x, lambda f: f + self.delta.astype(f.dtype))
+
+
 class Steer(Edit):
     """x + scale · direction; direction matches the site's trailing shape (e.g. [d_model]) and
     broadcasts to its activations (up to [batch, seq, d_model])."""

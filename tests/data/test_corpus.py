@@ -218,7 +218,9 @@ def test_prompt_suites_are_deterministic(name):
     assert a != prompt_suite(name, 40, seed=4)
     for p in a:
         assert p.behavior == name and p.text and not p.text.endswith(" ")
-        assert p.answer.startswith(" ") and p.distractor.startswith(" ") and p.answer != p.distractor
+        # chat prompts end a user turn: the assistant's reply starts without a space
+        assert p.chat or (p.answer.startswith(" ") and p.distractor.startswith(" "))
+        assert p.answer != p.distractor and p.corrupted != p.text
         assert p.full_text == p.text + p.answer
 
 
@@ -243,7 +245,7 @@ def test_prompt_answers_are_right():
         assert any(w in p.text for w in words)
         assert p.answer in (" great", " positive") if p.label == "positive" else p.answer in (" awful", " terrible", " negative")
     with pytest.raises(JfigError, match="unknown prompt suite"):
-        prompt_suite("refusal")
+        prompt_suite("no_such_behaviour")
 
 
 def test_induction_tokens_repeat_without_duplicates():
