@@ -4,20 +4,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import __version__
 from .errors import JfigError
+from .graph import load_graph
 from .models.registry import load_model
+from .data import BEHAVIORS
 from .pipeline import dry_run, load_config, run_analysis, run_build, run_demo, summarize
+from .pipeline.behavior import check_graph_dir, graph_saes, parse_feature, run_behavior, steered_generation
 from .saes import load_sae
 from .saes.defaults import default_saes, metrics_table
 
+STEER_PROMPTS = ("The capital of France is", "My favourite hobby is", "Once upon a time,")
 DEMO_PROMPTS = (
     "The capital of France is",
     "When Mary and John went to the store, John gave a drink to",
@@ -131,6 +138,56 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_behavior(args) -> int:
+    """A behaviour's circuit in a saved graph: report.md, circuit.json, subgraph_edges.csv in --out."""
+    out = args.out or f"behavior-{Path(args.name).stem}"
+    c = run_behavior(args.name, args.graph, out, model_name=args.model, sae_paths=args.sae, n=args.n, k=args.k,
+                     seed=args.seed, n_seeds=args.seeds, n_candidates=args.candidates, min_effect=args.min_effect,
+                     per_node=args.per_node or None, n_random=args.random, n_null=args.nulls, heads=not args.no_heads)
+    b, t = c.baseline, c.test
+    print(f"{c.behavior}: accuracy {b['accuracy']:.3f}, mean logit difference {b['logit_diff']:.3f} on {b['n']} prompts")
+    print(f"{len(c.seeds)} seed features; subgraph of {len(c.subgraph)} features and {c.subgraph.edges.num_rows} edges")
+    print(f"sufficiency {t.sufficiency:.3f} (random sets {np.mean(t.random_sufficiency):.3f}, p {t.p_sufficiency:.3g}); "
+          f"necessity {t.necessity:.3f} (random sets {np.mean(t.random_necessity):.3f}, p {t.p_necessity:.3g})")
+    print(f"report written to {Path(out) / 'report.md'}")
+    return 0
+
+
+def _columns(left: str, right: str, width: int) -> list[str]:
+    a = textwrap.wrap(left.replace("\n", " ⏎ "), width) or [""]
+    b = textwrap.wrap(right.replace("\n", " ⏎ "), width) or [""]
+    a += [""] * (len(b) - len(a))
+    b += [""] * (len(a) - len(b))
+    return [f"{x:<{width}} │ {y}" for x, y in zip(a, b)]
+
+
+def cmd_steer(args) -> int:
+    """Clean and steered greedy continuations of prompts, side by side."""
+    site, feature = parse_feature(args.feature)
+    graph_dir = check_graph_dir(args.graph) if args.graph else None
+    model = _load(args.model)
+    model.check_site(site)
+    saes = {s.site: s for s in (graph_saes(model, graph_dir, args.sae) if (args.sae or graph_dir)
+                                else default_saes(model, progress=False)[0])}
+    if site not in saes:
+        raise JfigError(f"no SAE reads {site}; SAE sites are {sorted(saes)}")
+    if graph_dir is not None:
+        nodes = load_graph(graph_dir).nodes
+        if not any(s == site and f == feature for s, f in zip(nodes["site"].to_pylist(), nodes["feature"].to_pylist())):
+            raise JfigError(f"{site}#{feature} is not a feature of the graph in {graph_dir}")
+    prompts = args.prompt or list(STEER_PROMPTS)
+    rows = steered_generation(model, saes[site], feature, args.value, prompts, mode=args.mode,
+                              max_new_tokens=args.max_new_tokens, chat=args.chat)
+    width = max(20, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
+    verb = f"clamped to {args.value:g}" if args.mode == "clamp" else f"+ {args.value:g} x decoder row"
+    for prompt, clean, steered in rows:
+        print(f"\nprompt: {prompt!r}")
+        print(*_columns("clean", f"steered: {site}#{feature} {verb}", width), sep="\n")
+        print("─" * width + "─┼─" + "─" * width)
+        print(*_columns(clean, steered, width), sep="\n")
+    return 0
+
+
 def cmd_saes(args) -> int:
     """Train (or load from the cache) the default SAEs and print their quality metrics."""
     model = _load(args.model)
@@ -197,6 +254,38 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--hubs", type=int, default=10, help="hubs listed and ablated")
     a.add_argument("--no-figures", action="store_true")
     a.set_defaults(fn=cmd_analyze)
+    bh = sub.add_parser("behavior", help="a behaviour's circuit in a saved graph: seed features, k-hop subgraph, "
+                                         "sufficiency and necessity against random feature sets, heads")
+    bh.add_argument("name", help=f"one of {', '.join(BEHAVIORS)}, or a .jsonl suite (text, answer, distractor per line)")
+    bh.add_argument("--graph", required=True, help="graph folder (OUT/graph of a build or demo)")
+    bh.add_argument("--out", default=None, help="folder for report.md, circuit.json, subgraph_edges.csv "
+                                                "(default behavior-NAME)")
+    bh.add_argument("--model", default="smollm2-135m", help="the model the graph was built on")
+    bh.add_argument("--sae", action="append", default=[], help="SAE folder (repeatable; default: the graph's SAEs "
+                                                               "from jfig's cache)")
+    bh.add_argument("--n", type=int, default=48, help="prompts of a built-in suite")
+    bh.add_argument("--k", type=int, default=2, help="hops up and down from the seeds")
+    bh.add_argument("--per-node", type=int, default=10, help="strongest edges each feature follows (0: all)")
+    bh.add_argument("--seeds", type=int, default=8, help="most seed features")
+    bh.add_argument("--candidates", type=int, default=32, help="best-attributed features checked by exact ablation")
+    bh.add_argument("--min-effect", type=float, default=0.05, help="a seed's ablation drop, as a fraction of the metric")
+    bh.add_argument("--random", type=int, default=50, help="firing-rate-matched random feature sets")
+    bh.add_argument("--nulls", type=int, default=50, help="random-seed subgraphs for self-containment")
+    bh.add_argument("--no-heads", action="store_true", help="skip head patching (induction, IOI)")
+    bh.add_argument("--seed", type=int, default=0)
+    bh.set_defaults(fn=cmd_behavior)
+    st = sub.add_parser("steer", help="clean and steered continuations side by side")
+    st.add_argument("--feature", required=True, metavar="SITE#ID", help="e.g. blocks.10.hook_resid_post#123")
+    st.add_argument("--value", type=float, required=True, help="clamp value (or scale with --mode add)")
+    st.add_argument("--mode", choices=("clamp", "add"), default="clamp",
+                    help="clamp the feature to VALUE at every position (error kept), or add VALUE x its decoder row")
+    st.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    st.add_argument("--chat", action="store_true", help="render prompts as a user turn of the chat template")
+    st.add_argument("--graph", default=None, help="graph folder: use its SAEs and check the feature is in it")
+    st.add_argument("--sae", action="append", default=[], help="SAE folder (repeatable)")
+    st.add_argument("--model", default="smollm2-135m")
+    st.add_argument("--max-new-tokens", type=int, default=32)
+    st.set_defaults(fn=cmd_steer)
     r = sub.add_parser("run", help="next-token prediction and most active SAE features for prompts")
     common(r)
     r.add_argument("prompt", nargs="*", help="prompt text (default: a few demo prompts)")

@@ -17,7 +17,7 @@ from .metric import suite_baseline
 from .modularity import self_containment
 from .seeds import Seed, feature_scores, find_seeds
 from .subgraph import Subgraph, khop_subgraph
-from .suite import as_suite, tokenize_suite
+from .suite import SuiteTokens, as_suite, tokenize_suite
 from .validate import CircuitTest, circuit_test
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ def behavior_subgraph(model, saes, graph, suite, k: int = 2, *, n: int | None = 
                       per_node: int | None = 10,
                       n_random: int = 50, pool: int = 10, n_null: int = 50, heads: bool = True, top_heads: int = 5,
                       top_edges: int = 5, batch_size: int = 8) -> BehaviorCircuit:
-    """Seed features of `suite` (a behaviour name, .jsonl path or BehaviorSuite; n prompts), the k-hop
+    """Seed features of `suite` (a behaviour name, .jsonl path, BehaviorSuite, or SuiteTokens for a model
+    without a tokenizer; n prompts of a built-in suite), the k-hop
     subgraph of `graph` around them, and its sufficiency/necessity against matched random sets.
     The walk follows each feature's `per_node` strongest edges per direction (None: all of them).
 
@@ -79,10 +80,13 @@ def behavior_subgraph(model, saes, graph, suite, k: int = 2, *, n: int | None = 
     saes = {s: sae for s, sae in saes.items() if s in graph_sites}
     if not saes:
         raise JfigError(f"none of the SAEs reads a site of the graph (graph sites: {sorted(graph_sites)})")
-    suite = as_suite(suite, n, seed)
-    batch = tokenize_suite(model, suite)
+    if isinstance(suite, SuiteTokens):                  # already tokenised (models without a tokenizer)
+        name, batch = "tokens", suite
+    else:
+        suite = as_suite(suite, n, seed)
+        name, batch = suite.name, tokenize_suite(model, suite)
     baseline = suite_baseline(model, batch, batch_size=batch_size)
-    log.info("%s: %d prompts, accuracy %.3f, mean logit difference %.3f", suite.name, baseline.n, baseline.accuracy,
+    log.info("%s: %d prompts, accuracy %.3f, mean logit difference %.3f", name, baseline.n, baseline.accuracy,
              baseline.logit_diff)
     scores = feature_scores(model, saes, batch, batch_size=batch_size)
     nodes = {}
@@ -91,12 +95,12 @@ def behavior_subgraph(model, saes, graph, suite, k: int = 2, *, n: int | None = 
     seeds = find_seeds(model, saes, batch, scores, baseline.logit_diff, nodes=nodes, n_candidates=n_candidates,
                        n_seeds=n_seeds, min_effect=min_effect, batch_size=batch_size)
     if not seeds:
-        raise JfigError(f"no seed features for {suite.name!r}: none of the {n_candidates} best-attributed graph "
+        raise JfigError(f"no seed features for {name!r}: none of the {n_candidates} best-attributed graph "
                         f"features drops the metric by {min_effect:.0%} of its clean value when ablated; lower "
                         f"min_effect or raise n_candidates")
     seed_nodes = [(s.site, s.feature) for s in seeds]
     sub = khop_subgraph(graph, seed_nodes, k, min_weight=min_weight, per_node=per_node)
-    log.info("%s: %d seeds, subgraph of %d features and %d edges", suite.name, len(seeds), len(sub),
+    log.info("%s: %d seeds, subgraph of %d features and %d edges", name, len(seeds), len(sub),
              sub.edges.num_rows)
     test = circuit_test(model, saes, batch, sub.nodes, scores.mean, scores.firing_rate, n_random=n_random,
                         pool=pool, seed=seed, batch_size=batch_size)
@@ -105,13 +109,13 @@ def behavior_subgraph(model, saes, graph, suite, k: int = 2, *, n: int | None = 
     containment = self_containment(graph, sub.nodes, seed_nodes, k, n_null=n_null, pool=pool, seed=seed,
                                    min_weight=min_weight, per_node=per_node)
     head_part = None
-    if heads and suite.name in HEAD_CIRCUITS and model.config is not None and batch.corrupted is not None \
+    if heads and name in HEAD_CIRCUITS and model.config is not None and batch.corrupted is not None \
             and batch.aligned.any():
         head_part = head_circuit(model, saes, batch, sub, top_heads=top_heads, top_edges=top_edges,
                                  batch_size=batch_size)
-    options = dict(n=len(suite), seed=seed, n_candidates=n_candidates, n_seeds=n_seeds, min_effect=min_effect,
+    options = dict(n=len(batch.tokens), seed=seed, n_candidates=n_candidates, n_seeds=n_seeds, min_effect=min_effect,
                    min_weight=min_weight, per_node=per_node, n_random=n_random, pool=pool, n_null=n_null)
-    return BehaviorCircuit(suite.name, k, baseline.as_dict(), seeds, sub, test, seeds_test, containment, head_part,
+    return BehaviorCircuit(name, k, baseline.as_dict(), seeds, sub, test, seeds_test, containment, head_part,
                            options)
 
 
@@ -159,10 +163,11 @@ def circuit_report(c: BehaviorCircuit) -> str:
               f"of the seeds) and {c.subgraph.edges.num_rows} edges "
               f"({', '.join(f'{k} {v}' for k, v in _kinds(c.subgraph).items())}).", "",
               "## Sufficiency and necessity", "",
-              "retained(X) = (m(X) − m(all mean-ablated)) / (m(clean) − m(all mean-ablated)), m the mean logit "
-              f"difference; clean {t.clean:.3f}, all features mean-ablated {t.none:.3f}. Sufficiency keeps only the "
-              "set (everything else mean-ablated); necessity = 1 − retained(set ablated to 0). Controls: random sets "
-              "of the same size per site, matched in firing rate.", "",
+              "m is the mean logit difference; clean "
+              f"{t.clean:.3f}, every feature of every SAE site mean-ablated {t.none:.3f}. Sufficiency = (m(only the set "
+              "kept, everything else mean-ablated) − m(all mean-ablated)) / (m(clean) − m(all mean-ablated)); "
+              "necessity = 1 − m(the set ablated to 0) / m(clean), the fraction of the logit difference lost. "
+              "Controls: random sets of the same size per site, matched in firing rate.", "",
               "| set | size | sufficiency | controls (mean) | p | necessity | controls (mean) | p |",
               "|---|---|---|---|---|---|---|---|"]
     for name, x in (("subgraph", t), ("seeds only", s)):

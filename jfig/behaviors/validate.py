@@ -6,8 +6,10 @@ first, with the metric m = mean logit difference over the suite:
 - m_clean: no edit; m_none: every feature of every SAE site mean-ablated (means over the suite);
 - keep(S): every feature *outside* S mean-ablated; ablate(S): every feature in S set to 0.
 
-retained(X) = (m(X) - m_none) / (m_clean - m_none): 1 = the clean behaviour, 0 = no better than
-mean-ablating everything. sufficiency = retained(keep S); necessity = 1 - retained(ablate S).
+sufficiency = (m(keep S) - m_none) / (m_clean - m_none): 1 = the clean behaviour, 0 = no better than
+mean-ablating everything. necessity = 1 - m(ablate S) / m_clean: the fraction of the clean logit
+difference lost when S is ablated (1 = the answer no longer beats the distractor at all; a logit
+difference of 0 is indifference, so it needs no second reference point).
 
 Controls: `n_random` sets with the same number of features per site, each member drawn from the
 `pool` features of its site nearest in firing rate (excluding S). p-values are one-sided,
@@ -150,7 +152,10 @@ def circuit_test(model, saes: dict, batch: SuiteTokens, nodes, means: dict, firi
     if abs(span) < 1e-9:
         raise JfigError(f"mean-ablating every feature leaves the metric unchanged ({clean:.4g}); sufficiency and "
                         f"necessity are undefined for this suite and these SAEs")
+    if abs(clean) < 1e-9:
+        raise JfigError("the clean logit difference is 0: the model does not prefer the answer at all, so there is "
+                        "no behaviour to test")
     retained = lambda m: (m - none) / span  # noqa: E731
     return CircuitTest(size=len(nodes), clean=float(clean), none=float(none), sufficiency=float(retained(kept[2])),
-                       necessity=float(1 - retained(dropped[0])), random_sufficiency=retained(kept[3:]),
-                       random_necessity=1 - retained(dropped[1:]))
+                       necessity=float(1 - dropped[0] / clean), random_sufficiency=retained(kept[3:]),
+                       random_necessity=1 - dropped[1:] / clean)

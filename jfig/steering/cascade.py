@@ -210,6 +210,17 @@ class CascadeNetwork:
         check_values(b.ravel(), "baseline", minimum=0.0, allow_inf=True)
         return -np.broadcast_to(b, (rows, self.n_nodes))
 
+    def node_rows(self, values, n: int | None, what: str) -> np.ndarray:
+        """An array [N] or [n, N] (cascade_nodes order) as finite [rows, N]."""
+        rows = n or 1
+        a = np.asarray(values, np.float64)
+        if a.shape not in ((self.n_nodes,), (1, self.n_nodes), (rows, self.n_nodes)):
+            raise ShapeError(f"{what} array has shape {a.shape}; expected [N] = ({self.n_nodes},) or [n, N] = "
+                             f"({rows}, {self.n_nodes}), columns in cascade_nodes(graph) order")
+        if not np.isfinite(a).all():
+            raise OptionError(f"{what} has non-finite values; expected finite pre-activations and thresholds")
+        return np.broadcast_to(a, (rows, self.n_nodes))
+
     def gating(self, delta: np.ndarray) -> np.ndarray:
         """Σ_g w_g Δ_source Δ_modulator into each gate's target: [rows, N] from Δ [rows, N]."""
         products = self.gate_weight * delta[:, self.gate_source] * delta[:, self.gate_modulator]   # [rows, G]
@@ -225,11 +236,15 @@ class CascadeNetwork:
         return (self.first_order + sp.csr_matrix((vals, (rows, cols)), shape=self.first_order.shape)).tocsr()
 
     def propagate(self, fixed_index: np.ndarray, fixed_values: np.ndarray, *, lower: np.ndarray | None = None,
-                  hops: int | None = None, gating: bool = True, matrix: sp.csr_matrix | None = None) -> np.ndarray:
+                  hops: int | None = None, gating: bool = True, matrix: sp.csr_matrix | None = None,
+                  pre: np.ndarray | None = None, threshold: np.ndarray | None = None) -> np.ndarray:
         """Δ [rows, N] with the nodes `fixed_index` [k] clamped at `fixed_values` [rows, k].
 
         Steps Δ ← clamp(max(Δ M + gating(Δ), lower)) `hops` times (default: the number of sites) or until
-        nothing changes; M is `matrix` (default the first-order weights)."""
+        nothing changes; M is `matrix` (default the first-order weights). With `pre` and `threshold`
+        ([rows, N]: baseline pre-activations and activation thresholds) Δ M + gating(Δ) is a change of
+        pre-activations and the step is the change of activation, act(pre + Δpre) − act(pre) with
+        act(z) = z where z > max(threshold, 0), else 0."""
         matrix = self.first_order if matrix is None else matrix
         rows = fixed_values.shape[0]
         clamped = np.zeros(self.n_nodes, bool)
@@ -241,7 +256,9 @@ class CascadeNetwork:
             step = np.asarray(transposed @ delta.T).T
             if gating and len(self.gate_weight):
                 step = step + self.gating(delta)
-            if lower is not None:
+            if pre is not None:
+                step = activate(pre + step, threshold) - activate(pre, threshold)
+            elif lower is not None:
                 step = np.maximum(step, lower)
             new = np.where(clamped, fixed, step)
             if np.array_equal(new, delta):
@@ -257,6 +274,12 @@ class CascadeNetwork:
         nodes = self.index.keys
         return {nodes[j]: (delta[:, j].copy() if per_token else np.asarray(delta[0, j]))
                 for j in np.flatnonzero(wanted)}
+
+
+def activate(z: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """An SAE activation on pre-activations z: z where z > max(threshold, 0), else 0 (ReLU: threshold 0;
+    JumpReLU: its thresholds; TopK: each token's k-th largest pre-activation)."""
+    return np.where(z > np.maximum(threshold, 0.0), z, 0.0)
 
 
 def site_ranks(names: np.ndarray, sites: tuple[str, ...]) -> np.ndarray:
@@ -277,8 +300,32 @@ def cascade_nodes(graph) -> list[Key]:
     return NodeIndex.from_graph(graph).keys
 
 
-def predict_cascade(graph, deltas, *, baseline=None, hops: int | None = None,
-                    gating: bool = True) -> dict[Key, np.ndarray]:
+COMPOSE = ("auto", "untested", "all")
+
+
+def tested_site_pairs(graph) -> set[tuple[str, str]] | None:
+    """The (source site, target site) pairs a build tested (manifest statistics.n_tested_by_site_pair),
+    or None when the manifest does not say."""
+    pairs = (graph.manifest.get("statistics") or {}).get("n_tested_by_site_pair")
+    if not pairs:
+        return None
+    return {tuple(k.split(" -> ")) for k, v in pairs.items() if v}
+
+
+def composition_matrix(network: "CascadeNetwork", edited: np.ndarray, tested: set) -> sp.csr_matrix:
+    """The first-order matrix with the rows of non-edited nodes cut to targets at sites that no edited
+    feature's site was tested against: a tested pair's weight is already the total effect (every
+    path through intermediate features included), so composing paths into it would count them twice."""
+    sites = network.index.sites
+    edited_sites = {sites[i] for i in np.unique(network.index.node_site[edited])}
+    covered = np.asarray([any((a, b) in tested for a in edited_sites) for b in sites])
+    w = network.first_order.tocoo()
+    keep = np.isin(w.row, edited) | ~covered[network.index.node_site[w.col]]
+    return sp.csr_matrix((w.data[keep], (w.row[keep], w.col[keep])), shape=w.shape)
+
+
+def predict_cascade(graph, deltas, *, baseline=None, hops: int | None = None, gating: bool = True,
+                    pre=None, threshold=None, compose: str = "auto") -> dict[Key, np.ndarray]:
     """Predicted change of every node when the features in `deltas` are clamped at their changes.
 
     deltas: {(site, feature): change}, each a float or an array [n] (one value per token; all arrays of
@@ -288,6 +335,17 @@ def predict_cascade(graph, deltas, *, baseline=None, hops: int | None = None,
     is then at least −baseline. Clamped features are not bounded.
     hops: propagation steps (None: as many as there are sites, i.e. to the end; 1: direct targets of
     the edited features only). gating: include the gating rows' Δf_i·Δf_k terms.
+    pre, threshold: for graphs whose targets were read before the activation function (a build with
+    read="pre"): arrays [N] / [n, N] in `cascade_nodes` order of every node's baseline pre-activation
+    and activation threshold (ObservedCascade.clean_columns gives both). The summed effects are then
+    changes of pre-activation, and a node's change is act(pre + Δpre) − act(pre): a feature below its
+    threshold stays off unless pushed past it, one above it cannot fall below 0. Replaces `baseline`.
+    compose: which paths through intermediate features add up. Edges measured by clamping are total
+    effects: the weight of a tested pair (i, j) already includes every path from i to j, so chaining
+    i -> k -> j on top counts those paths twice. "untested" composes paths only into sites that no
+    edited feature's site was tested against (per the manifest's statistics.n_tested_by_site_pair);
+    "all" chains every edge (right for graphs of direct effects between adjacent sites); "auto" is
+    "untested" when the manifest lists its tested site pairs, else "all".
 
     Returns {(site, feature): change} in forward order: the clamped features and every node whose
     predicted change is nonzero; values are arrays [n] when any delta or baseline is per token,
@@ -295,13 +353,26 @@ def predict_cascade(graph, deltas, *, baseline=None, hops: int | None = None,
     delta, arrays of different lengths, or hops < 1.
     """
     hops = check_hops(hops)
+    if compose not in COMPOSE:
+        raise OptionError(f"unknown compose {compose!r}; expected one of {COMPOSE}")
     keys, values, n = check_deltas(deltas)
     network = CascadeNetwork.from_graph(graph)
     index = network.locate(keys)
-    n = common_length(baseline_lengths(baseline), n)
+    tested = tested_site_pairs(graph) if compose != "all" else None
+    if compose == "untested" and tested is None:
+        raise OptionError("compose='untested' needs the graph manifest's statistics.n_tested_by_site_pair; this "
+                          "graph has none (use compose='all')")
+    matrix = composition_matrix(network, index, tested) if tested is not None else None
+    if (pre is None) != (threshold is None):
+        raise OptionError("pre and threshold go together: pass both (pre-activations and thresholds) or neither")
+    if pre is not None and baseline is not None:
+        raise OptionError("pass either baseline (activations: lower bounds) or pre and threshold, not both")
+    n = common_length(baseline_lengths(baseline if pre is None else pre), n)
     lower = network.lower_bounds(baseline, n)
+    pre_rows = None if pre is None else network.node_rows(pre, n, "pre")
+    thr_rows = None if threshold is None else network.node_rows(threshold, n, "threshold")
     delta = network.propagate(index, rows_of([values[k] for k in keys], n or 1), lower=lower, hops=hops,
-                              gating=gating)
+                              gating=gating, pre=pre_rows, threshold=thr_rows, matrix=matrix)
     return network.changes(delta, index, per_token=n is not None)
 
 

@@ -25,6 +25,18 @@ class ObservedCascade:
     clean: dict[str, np.ndarray]
     changes: dict[str, np.ndarray]
     mask: np.ndarray
+    clean_pre: dict[str, np.ndarray] | None = None        # {site: [batch, seq, d_sae]} pre-activations
+    threshold: dict[str, np.ndarray] | None = None        # {site: broadcastable to clean_pre} activation thresholds
+
+    def clean_columns(self, nodes, mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(activations, pre-activations, thresholds), each [n, len(nodes)] at the masked tokens, for
+        predict_cascade's baseline= or pre= / threshold= (nodes in cascade_nodes(graph) order)."""
+        m = self.check_mask(mask)
+        cols = lambda d: np.stack([np.broadcast_to(d[s], self.clean[s].shape)[..., f][m]  # noqa: E731
+                                   for s, f in nodes], axis=1) if nodes else np.zeros((int(m.sum()), 0))
+        if self.clean_pre is None:
+            raise JfigError("this ObservedCascade has no pre-activations (made by an older observe_cascade)")
+        return cols(self.clean), cols(self.clean_pre), cols(self.threshold)
 
     def at(self, site: str, feature: int) -> np.ndarray:
         """[batch, seq]: the change of one feature."""
@@ -119,7 +131,21 @@ def observe_cascade(model, saes, edits, tokens, *, positions=None) -> ObservedCa
     edited_run = model.run(tokens, edits=edits, capture=sites, logits=False)
     clean = {s: np.asarray(by_site[s].encode(clean_run.cache[s]), np.float32) for s in sites}
     edited = {s: np.asarray(by_site[s].encode(edited_run.cache[s]), np.float32) for s in sites}
-    return ObservedCascade(clean, {s: edited[s] - clean[s] for s in sites}, mask)
+    pre = {s: np.asarray(by_site[s].pre_activations(clean_run.cache[s]), np.float32) for s in sites}
+    return ObservedCascade(clean, {s: edited[s] - clean[s] for s in sites}, mask, pre,
+                           {s: activation_threshold(by_site[s], pre[s]) for s in sites})
+
+
+def activation_threshold(sae, pre: np.ndarray) -> np.ndarray:
+    """Thresholds broadcastable to pre [..., d_sae]: a feature is on where its pre-activation exceeds
+    max(threshold, 0). ReLU 0; JumpReLU / BatchTopK (at inference) their thresholds; TopK the
+    k-th largest pre-activation of each token (the last one kept)."""
+    if sae.architecture == "relu":
+        return np.zeros((1,) * pre.ndim, np.float32)
+    if sae.architecture in ("jumprelu", "batchtopk"):
+        return np.asarray(sae.threshold, np.float32).reshape((1,) * (pre.ndim - 1) + (-1,))
+    kth = -np.partition(-pre, sae.k - 1, axis=-1)[..., sae.k - 1:sae.k]
+    return np.nextafter(kth, -np.inf).astype(np.float32)    # the k-th itself stays on (z > threshold)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """predict_cascade on synthetic graphs: exact values along a chain and through a gate, hops, clamps,
 activation bounds, agreement with a plain node-by-node sweep, and bad input."""
+import jax
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -7,6 +8,7 @@ import pytest
 import jfig
 from jfig.errors import JfigError, OptionError, ShapeError, SiteError
 from jfig.steering import cascade_nodes, predict_cascade
+from jfig.steering.observe import activation_threshold
 from tests.support.graphs import graph_from_edges, random_layered
 
 SITES = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
@@ -125,11 +127,12 @@ def test_equals_a_node_by_node_sweep_on_a_random_graph():
     graph = set_gating_weights(graph, [0.7, -1.2, 0.5])
     deltas = {(sites[0], 1): 1.3, (sites[0], 2): -0.4, (sites[1], 5): 0.8, (sites[0], 4): 0.6}
     lower = {node: -rng.uniform(0.0, 1.0) for node in cascade_nodes(graph)[6:] if rng.random() < 0.5}
-    out = as_floats(predict_cascade(graph, deltas, baseline={k: -v for k, v in lower.items()}))
+    # a graph of direct effects: every edge chains (compose='all')
+    out = as_floats(predict_cascade(graph, deltas, baseline={k: -v for k, v in lower.items()}, compose="all"))
     want = reference_sweep(graph, deltas, lower)
     assert list(out) == list(want)
     assert out == pytest.approx(want, abs=1e-12)
-    unbounded = as_floats(predict_cascade(graph, deltas))
+    unbounded = as_floats(predict_cascade(graph, deltas, compose="all"))
     assert unbounded == pytest.approx(reference_sweep(graph, deltas, {}), abs=1e-12)
     assert unbounded != pytest.approx(out)                  # the bounds bind somewhere
 
@@ -162,3 +165,47 @@ def test_bad_input_is_refused_by_name():
         predict_cascade(graph, {A: 1.0}, baseline={B: -0.1})
     with pytest.raises(ShapeError, match="cascade_nodes"):
         predict_cascade(graph, {A: 1.0}, baseline=np.ones(5))
+
+
+def test_total_effect_edges_are_not_chained_twice():
+    # A -> B (2), B -> C (-0.5) and the measured total effect A -> C (-1 = 2 x -0.5): every site pair was
+    # tested, so the A -> C weight already holds the path through B
+    graph = graph_from_edges(SITES, [0, 1, 0], [0, 0, 0], [1, 2, 2], [0, 0, 0], [1, -1, -1], [2.0, 0.5, 1.0],
+                             n_features=2)
+    total = as_floats(predict_cascade(graph, {(SITES[0], 0): 1.0}))                      # auto = untested
+    assert total[(SITES[2], 0)] == pytest.approx(-1.0) and total[(SITES[1], 0)] == pytest.approx(2.0)
+    chained = as_floats(predict_cascade(graph, {(SITES[0], 0): 1.0}, compose="all"))
+    assert chained[(SITES[2], 0)] == pytest.approx(-2.0)                                  # the path counted twice
+    # without the tested A -> C pair (only adjacent pairs tested), the path through B is composed
+    adjacent = graph_from_edges(SITES, [0, 1], [0, 0], [1, 2], [0, 0], [1, -1], [2.0, 0.5], n_features=2)
+    assert as_floats(predict_cascade(adjacent, {(SITES[0], 0): 1.0}))[(SITES[2], 0)] == pytest.approx(-1.0)
+    with pytest.raises(OptionError, match="unknown compose"):
+        predict_cascade(graph, {(SITES[0], 0): 1.0}, compose="some")
+
+
+def test_pre_activation_changes_pass_through_each_features_activation():
+    # A -> B (-2), A -> C (+0.2), A -> D (+0.5); B on (pre 0.5), C off below 0 (pre -0.3), D off below a
+    # TopK-style threshold 1.0 (pre 0.8)
+    graph = graph_from_edges(SITES[:2], [0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 2, 3], [-1, 1, 1], [2.0, 0.2, 0.5],
+                             n_features=4)
+    nodes = cascade_nodes(graph)
+    pre = np.zeros(len(nodes))
+    thr = np.zeros(len(nodes))
+    for (site, f), p, t in (((SITES[1], 1), 0.5, 0.0), ((SITES[1], 2), -0.3, 0.0), ((SITES[1], 3), 0.8, 1.0)):
+        pre[nodes.index((site, f))], thr[nodes.index((site, f))] = p, t
+    out = as_floats(predict_cascade(graph, {(SITES[0], 0): 1.0}, pre=pre, threshold=thr))
+    assert out[(SITES[1], 1)] == pytest.approx(-0.5)         # switched off: loses its whole activation
+    assert (SITES[1], 2) not in out                          # pushed up, but stays below 0
+    assert out[(SITES[1], 3)] == pytest.approx(1.3)          # pushed past its threshold: turns on at 1.3
+    bounded = as_floats(predict_cascade(graph, {(SITES[0], 0): 1.0}, baseline=np.maximum(pre, 0)))
+    assert bounded[(SITES[1], 2)] == pytest.approx(0.2)      # bounds alone would turn C on
+    with pytest.raises(OptionError, match="go together"):
+        predict_cascade(graph, {(SITES[0], 0): 1.0}, pre=pre)
+
+
+def test_topk_thresholds_reproduce_the_encoder():
+    sae = jfig.SAE.init_random(jax.random.PRNGKey(0), 8, 32, "blocks.0.hook_resid_post", architecture="topk", k=4)
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (3, 5, 8)))
+    pre = np.asarray(sae.pre_activations(x))
+    on = pre > np.maximum(activation_threshold(sae, pre), 0)
+    np.testing.assert_array_equal(on, np.asarray(sae.encode(x)) > 0)

@@ -116,12 +116,12 @@ def test_prediction_equals_observation_and_needs_hops_gating_and_bounds(planted)
     deltas = {k: tokens[k] for k in SOURCES}
     graph = true_graph()
     baseline = observed.clean_values(cascade_nodes(graph))
-    predicted = predict_cascade(graph, deltas, baseline=baseline)
+    predicted = predict_cascade(graph, deltas, baseline=baseline, compose="all")
     assert max_error(predicted, tokens) < 1e-5
-    assert max_error(predict_cascade(graph, deltas, baseline=baseline, hops=1), tokens) > 0.5
-    assert max_error(predict_cascade(graph, deltas, baseline=baseline, gating=False), tokens) == \
+    assert max_error(predict_cascade(graph, deltas, baseline=baseline, hops=1, compose="all"), tokens) > 0.5
+    assert max_error(predict_cascade(graph, deltas, baseline=baseline, gating=False, compose="all"), tokens) == \
         pytest.approx(G * 2.0 * 0.5, abs=1e-4)                                  # the ΔA·ΔM term alone
-    assert max_error(predict_cascade(graph, deltas), tokens) > 0.05              # K's clipping
+    assert max_error(predict_cascade(graph, deltas, compose="all"), tokens) > 0.05              # K's clipping
 
     fit = compare_cascade(predicted, tokens, exclude=SOURCES)
     assert fit.r2 > 1 - 1e-8 and fit.r2_linear > 1 - 1e-8 and fit.spearman > 0.999
