@@ -4,13 +4,15 @@
     python -m experiments.05_steering.run [--scale cpu|accelerator|smoke] [--work BUILD_FOLDER]
 
 Steered features: sources of the graph's first site, the ones with the most out-edges and a random
-set with at least 5 out-edges. Each is clamped (error-preserving) where it is naturally active, to its
+set with at least 5 out-edges. Each is clamped (error-preserving) at one position per sequence (its last
+active one, as the graph's edges were measured: one clamped position, read at the same position), to its
 90th-percentile activation ("in range", the level the graph's slopes were measured up to) and to 4x
 that ("strong"). The observed change of every graph feature at later sites (mean over the clamped
-tokens) is compared with `predict_cascade` per token, in four variants: direct edges only, multi-hop,
+tokens) is compared with `predict_cascade` per token, in five variants: direct edges only, multi-hop,
 multi-hop with gating (each carrying pre-activation changes through every feature's activation at its
 clean pre-activation and threshold), and multi-hop with gating where features are only bounded below
-by 0.
+by 0, and every edge chained on top of the (total-effect) weights; and the direct edges' slopes are
+compared with the observed pre-activation changes.
 Compensated steering (strong level): keep the 3 strongest direct targets' predicted changes and cancel
 the rest with 10 control clamps chosen by least squares on the graph; evaluated on held-out sequences
 against naive clamping and against adding the decoder direction alone.
@@ -47,11 +49,14 @@ SETTINGS = {  # steered features (top by out-degree + random), sequences of 64 t
     "accelerator": dict(top=50, random=50, sequences=128, compensated=20),
 }
 # the graph's targets were read before the activation function (read="pre"), so predictions carry
-# pre-activation changes through each feature's activation (pre=, threshold=); the last variant only
-# bounds features below by 0 (baseline=), treating every summed pre-activation change as a feature change
+# pre-activation changes through each feature's activation (pre=, threshold=); one variant only
+# bounds only (baseline=), treating every summed pre-activation change as a feature change. Edges measured
+# by clamping are total effects, so multi-hop composes paths only into untested site pairs (compose=
+# "untested", the default); "every edge chained" composes all paths on top of the total effects.
 VARIANTS = {"direct": dict(hops=1, gating=False), "multi-hop": dict(hops=None, gating=False),
             "multi-hop + gating": dict(hops=None, gating=True),
-            "multi-hop + gating, bounds only": dict(hops=None, gating=True, activation=False)}
+            "multi-hop + gating, bounds only": dict(hops=None, gating=True, activation=False),
+            "every edge chained": dict(hops=None, gating=True, compose="all")}
 LEVELS = {"in range": 1.0, "strong": 4.0}
 
 
@@ -77,6 +82,24 @@ def observed_vector(obs, keys, mask) -> np.ndarray:
     return np.asarray([obs.changes[s][..., f][mask].mean() for s, f in keys])
 
 
+def one_position_per_row(active: np.ndarray) -> np.ndarray:
+    """bool [batch, seq]: each row's last active position (the graph's edges were measured by clamping
+    one position and reading the same one)."""
+    mask = np.zeros_like(active)
+    rows = np.flatnonzero(active.any(1))
+    mask[rows, active.shape[1] - 1 - np.argmax(active[rows, ::-1], axis=1)] = True
+    return mask
+
+
+def pre_activation_changes(model, saes, edits, tokens, keys, mask) -> np.ndarray:
+    """Mean observed change of each key's encoder pre-activation at the masked tokens."""
+    sites = tuple(dict.fromkeys(s for s, _ in keys))
+    clean = model.run(tokens, capture=sites, logits=False).cache
+    edited = model.run(tokens, edits=edits, capture=sites, logits=False).cache
+    d = {s: np.asarray(saes[s].pre_activations(edited[s]) - saes[s].pre_activations(clean[s])) for s in sites}
+    return np.asarray([d[s][..., f][mask].mean() for s, f in keys])
+
+
 def main():
     ap = arguments(__doc__.splitlines()[0], str(HERE / "results"))
     args = ap.parse_args()
@@ -97,20 +120,31 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, pooled = [], {(v, lv): ([], []) for v in VARIANTS for lv in LEVELS}
+    pre_pooled = {lv: ([], []) for lv in LEVELS}
     for feature in steered_features(graph, site, cfg["top"], cfg["random"]):
         clean = observe_cascade(model, saes, (), tokens)
         f = clean.clean[site][..., feature]
-        mask = f > 0
-        if mask.sum() < 4:
-            logging.info("skip %s#%d: active on %d tokens", site, feature, int(mask.sum()))
+        if (f > 0).sum() < 4:
+            logging.info("skip %s#%d: active on %d tokens", site, feature, int((f > 0).sum()))
             continue
-        hi = float(np.quantile(f[mask], 0.9))
+        hi = float(np.quantile(f[f > 0], 0.9))
+        mask = one_position_per_row(f > 0)
         later = [k for k in nodes if site_key(k[0]) > site_key(site)]
         base, pre, thr = clean.clean_columns(nodes, mask)                             # [n, N] each
         for level, factor in LEVELS.items():
             value = factor * hi
-            obs = observe_cascade(model, saes, Clamp(saes[site], feature, value, positions=mask), tokens, positions=mask)
+            edit = Clamp(saes[site], feature, value, positions=mask)
+            obs = observe_cascade(model, saes, edit, tokens, positions=mask)
             o = observed_vector(obs, later, mask)
+            # the graph's slopes themselves, before any activation: direct edges against pre-activation changes
+            w = predict_cascade(graph, {(site, feature): 1.0}, hops=1, gating=False)
+            p_pre = np.asarray([float(w.get(k, 0.0)) for k in later]) * float((value - f[mask]).mean())
+            o_pre = pre_activation_changes(model, saes, edit, tokens, later, mask)
+            fit_pre = fit_scores(p_pre, o_pre)
+            pre_pooled[level][0].append(p_pre), pre_pooled[level][1].append(o_pre)
+            rows.append(dict(feature=feature, level=level, variant="pre-activations, direct", tokens=int(mask.sum()),
+                             value=round(value, 4), r2=fit_pre.r2, r2_linear=fit_pre.r2_linear,
+                             spearman=fit_pre.spearman, n=fit_pre.n, observed_rms=float("nan")))
             for name, kw in VARIANTS.items():
                 kw = dict(kw)
                 model_kw = dict(pre=pre, threshold=thr) if kw.pop("activation", True) else dict(baseline=base)
@@ -128,6 +162,8 @@ def main():
         w.writeheader(), w.writerows(rows)
     pooled_fit = {key: fit_scores(np.concatenate(p), np.concatenate(o))
                   for key, (p, o) in pooled.items() if p}
+    pooled_fit.update({("pre-activations, direct", lv): fit_scores(np.concatenate(p), np.concatenate(o))
+                       for lv, (p, o) in pre_pooled.items() if p})
     comp_rows = compensation(model, saes, graph, site, held_out, nodes, steered_features(graph, site, cfg["compensated"], 0))
     with open(out / "compensation.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(comp_rows[0]))
@@ -185,7 +221,9 @@ def write_summary(out: Path, rows, pooled, comp_rows, graph, site) -> None:
              "| level | variant | R² | linear r² | Spearman | features × steered |", "|---|---|---|---|---|---|"]
     for (variant, level), fit in pooled.items():
         lines.append(f"| {level} | {variant} | {fit.r2:.3f} | {fit.r2_linear:.3f} | {fit.spearman:.3f} | {fit.n} |")
-    lines += ["", "## Per steered feature (multi-hop + gating)", "",
+    lines += ["", "The last rows compare the direct edges' slopes with the observed change of every later feature's "
+              "encoder pre-activation (before TopK): how well the weights themselves predict, with no activation.",
+              "", "## Per steered feature (multi-hop + gating)", "",
               "| feature | level | tokens | R² | linear r² | Spearman |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['feature']} | {r['level']} | {r['tokens']} | {r['r2']:.3f} | {r['r2_linear']:.3f} | {r['spearman']:.3f} |"
               for r in rows if r["variant"] == "multi-hop + gating"]
@@ -210,7 +248,7 @@ def write_summary(out: Path, rows, pooled, comp_rows, graph, site) -> None:
         f"- strong (4x): R² {strong.r2:.3f} (linear r² {strong.r2_linear:.3f}, Spearman {strong.spearman:.3f})" if strong else "",
         "", f"**Verdict: {'supported' if ok else 'not supported'}** on this graph.", ""]))
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-    names = list(VARIANTS)
+    names = list(VARIANTS) + ["pre-activations, direct"]
     for j, level in enumerate(LEVELS):
         vals = [pooled[(v, level)].r2 if (v, level) in pooled else np.nan for v in names]
         ax.bar(np.arange(len(names)) + 0.38 * j, vals, width=0.38, label=level)

@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 
 from ..data.files import atomic_folder
 from ..errors import JfigError
-from .heads import edge_heads, head_patching
+from .heads import can_carry, edge_heads, head_patching
 from .metric import suite_baseline
 from .modularity import self_containment
 from .seeds import Seed, feature_scores, find_seeds
@@ -120,26 +120,31 @@ def behavior_subgraph(model, saes, graph, suite, k: int = 2, *, n: int | None = 
 
 
 def head_circuit(model, saes, batch, sub: Subgraph, *, top_heads: int, top_edges: int, batch_size: int) -> dict:
-    """Heads found by patching (clean <- corrupted, aligned rows) and the share of the strongest
-    subgraph edges' cross-position effects that each of the top heads carries."""
+    """Heads found by patching (clean <- corrupted, aligned rows), and for each of the strongest subgraph
+    edges the share of its cross-position effect carried by each of the `top_heads` heads (by
+    activation patching) among those whose layer can carry it."""
     rows = np.flatnonzero(batch.aligned)
     args = (batch.tokens[rows], batch.corrupted[rows], batch.last[rows], batch.answer[rows], batch.distractor[rows])
     effects = head_patching(model, *args, batch_size=batch_size)
-    top = [lh for lh, _ in effects.top(top_heads)]
+    ranked = [lh for lh, _ in effects.top(effects.activation.size)]
     first = sub.edges.filter(np.asarray([k != "gating" for k in sub.edges["kind"].to_pylist()]))
     order = np.argsort(-np.abs(first["weight"].to_numpy()))[:top_edges]
     carried = []
     for i in order:
         r = {c: first[c][int(i)].as_py() for c in ("source_site", "source", "target_site", "target", "weight")}
+        heads = [lh for lh in ranked if can_carry(lh[0], r["source_site"], r["target_site"])][:top_heads]
+        if not heads:
+            continue
         got = edge_heads(model, saes[r["source_site"]], r["source"], saes[r["target_site"]], r["target"],
-                         batch.tokens[rows], batch.last[rows], top, batch_size=batch_size)
+                         batch.tokens[rows], batch.last[rows], heads, batch_size=batch_size)
         r.update(cross_position_effect=float(got.effect),
-                 share={f"L{l}H{h}": float(x) for (l, h), x in zip(top, got.share)})
+                 share={f"L{l}H{h}": float(x) for (l, h), x in zip(heads, got.share)},
+                 patching={f"L{l}H{h}": float(effects.activation[l, h]) for l, h in heads})
         carried.append(r)
     return {"n_prompts": int(len(rows)), "clean_metric": float(effects.clean_metric),
             "corrupted_metric": float(effects.corrupted_metric),
             "top_heads": [{"layer": int(l), "head": int(h), "activation_patching": float(effects.activation[l, h]),
-                           "path_to_logits": float(effects.path_to_logits[l, h])} for l, h in top],
+                           "path_to_logits": float(effects.path_to_logits[l, h])} for l, h in ranked[:top_heads]],
             "edges": carried}
 
 
@@ -189,9 +194,11 @@ def circuit_report(c: BehaviorCircuit) -> str:
         lines += [f"| L{x['layer']}H{x['head']} | {x['activation_patching']:.3f} | {x['path_to_logits']:.3f} |"
                   for x in h["top_heads"]]
         lines += ["", "Share of each strong subgraph edge's cross-position effect (source ablated before the last "
-                      "token, target read at the last token) that passes through each head:", ""]
+                      "token, target read at the last token) that passes through each head, for the heads that "
+                      "patching ranks highest among those whose layer lies between the edge's sites (patching "
+                      "effect in brackets):", ""]
         for e in h["edges"]:
-            share = ", ".join(f"{k} {v:.2f}" for k, v in e["share"].items())
+            share = ", ".join(f"{k} {v:.2f} ({e['patching'][k]:+.3f})" for k, v in e["share"].items())
             lines.append(f"- {e['source_site']}#{e['source']} → {e['target_site']}#{e['target']} (weight "
                          f"{e['weight']:.3f}, effect {e['cross_position_effect']:.3g}): {share}")
     return "\n".join(lines) + "\n"
