@@ -22,6 +22,7 @@ results/verdict.md.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from pathlib import Path
 
@@ -121,6 +122,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     rows, pooled = [], {(v, lv): ([], []) for v in VARIANTS for lv in LEVELS}
     pre_pooled = {lv: ([], []) for lv in LEVELS}
+    edge_pooled = {lv: ([], []) for lv in LEVELS}
+    share_on_edges = {lv: [] for lv in LEVELS}
     for feature in steered_features(graph, site, cfg["top"], cfg["random"]):
         clean = observe_cascade(model, saes, (), tokens)
         f = clean.clean[site][..., feature]
@@ -142,6 +145,9 @@ def main():
             o_pre = pre_activation_changes(model, saes, edit, tokens, later, mask)
             fit_pre = fit_scores(p_pre, o_pre)
             pre_pooled[level][0].append(p_pre), pre_pooled[level][1].append(o_pre)
+            on_edge = p_pre != 0                                   # later features with an edge from the steered one
+            edge_pooled[level][0].append(p_pre[on_edge]), edge_pooled[level][1].append(o_pre[on_edge])
+            share_on_edges[level].append(float(np.sum(o_pre[on_edge] ** 2) / np.sum(o_pre ** 2)))
             rows.append(dict(feature=feature, level=level, variant="pre-activations, direct", tokens=int(mask.sum()),
                              value=round(value, 4), r2=fit_pre.r2, r2_linear=fit_pre.r2_linear,
                              spearman=fit_pre.spearman, n=fit_pre.n, observed_rms=float("nan")))
@@ -164,11 +170,15 @@ def main():
                   for key, (p, o) in pooled.items() if p}
     pooled_fit.update({("pre-activations, direct", lv): fit_scores(np.concatenate(p), np.concatenate(o))
                        for lv, (p, o) in pre_pooled.items() if p})
+    pooled_fit.update({("pre-activations, edge targets only", lv): fit_scores(np.concatenate(p), np.concatenate(o))
+                       for lv, (p, o) in edge_pooled.items() if p})
+    (out / "edge_share.json").write_text(json.dumps({lv: {"mean": float(np.mean(v)), "per_feature": v}
+                                                      for lv, v in share_on_edges.items() if v}, indent=1) + "\n")
     comp_rows = compensation(model, saes, graph, site, held_out, nodes, steered_features(graph, site, cfg["compensated"], 0))
     with open(out / "compensation.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(comp_rows[0]))
         w.writeheader(), w.writerows(comp_rows)
-    write_summary(out, rows, pooled_fit, comp_rows, graph, site)
+    write_summary(out, rows, pooled_fit, comp_rows, graph, site, share_on_edges)
 
 
 def compensation(model, saes, graph, site, tokens, nodes, features) -> list[dict]:
@@ -179,10 +189,10 @@ def compensation(model, saes, graph, site, tokens, nodes, features) -> list[dict
     rows = []
     for feature in features:
         f = clean.clean[site][..., feature]
-        mask = f > 0
-        if mask.sum() < 4:
+        if (f > 0).sum() < 4:
             continue
-        value = 4.0 * float(np.quantile(f[mask], 0.9))
+        value = 4.0 * float(np.quantile(f[f > 0], 0.9))
+        mask = one_position_per_row(f > 0)
         delta = float((value - f[mask]).mean())
         e = graph.edges.filter(np.asarray([(s == site and x == feature and k == "excitatory")
                                            for s, x, k in zip(graph.edges["source_site"].to_pylist(),
@@ -191,7 +201,10 @@ def compensation(model, saes, graph, site, tokens, nodes, features) -> list[dict
         order = np.argsort(-e["weight"].to_numpy())[:3]
         intended = [(e["target_site"][int(i)].as_py(), e["target"][int(i)].as_py()) for i in order]
         base = clean.clean_columns(nodes, mask)[0].mean(0)
-        comp = compensate(graph, {(site, feature): delta}, intended=intended, n_controls=10, baseline=base)
+        # side effects that can happen: features active where the clamp applies (TopK keeps the others off)
+        active = [k for k, b in zip(nodes, base) if b > 0 and site_key(k[0]) > site_key(site)]
+        comp = compensate(graph, {(site, feature): delta}, intended=intended, n_controls=10, baseline=base,
+                          off_target=active)
         clamp = Clamp(saes[site], feature, value, positions=mask)
         methods = {"naive clamp": (clamp,),
                    "compensated clamp": (clamp, *comp.edits(saes, clean.clean, positions=mask)),
@@ -212,7 +225,7 @@ def compensation(model, saes, graph, site, tokens, nodes, features) -> list[dict
     return rows
 
 
-def write_summary(out: Path, rows, pooled, comp_rows, graph, site) -> None:
+def write_summary(out: Path, rows, pooled, comp_rows, graph, site, share_on_edges) -> None:
     lines = ["# Experiment 05: graph-guided steering", "",
              f"Graph: {graph.n_nodes} features, {graph.n_edges} edges; steered site {site}.", "",
              "## Cascade prediction (pooled over steered features)", "",
@@ -221,13 +234,19 @@ def write_summary(out: Path, rows, pooled, comp_rows, graph, site) -> None:
              "| level | variant | R² | linear r² | Spearman | features × steered |", "|---|---|---|---|---|---|"]
     for (variant, level), fit in pooled.items():
         lines.append(f"| {level} | {variant} | {fit.r2:.3f} | {fit.r2_linear:.3f} | {fit.spearman:.3f} | {fit.n} |")
-    lines += ["", "The last rows compare the direct edges' slopes with the observed change of every later feature's "
-              "encoder pre-activation (before TopK): how well the weights themselves predict, with no activation.",
+    lines += ["", "The pre-activation rows compare the direct edges' slopes with the observed change of every later "
+              "feature's encoder pre-activation (before TopK): how well the weights themselves predict, with no "
+              "activation function; 'edge targets only' keeps the features with an edge from the steered feature. "
+              "Share of the observed pre-activation change (Σ o²) that falls on edge targets, mean over steered "
+              "features: " + ", ".join(f"{lv} {np.mean(v):.3f}" for lv, v in share_on_edges.items() if v) + ".",
               "", "## Per steered feature (multi-hop + gating)", "",
               "| feature | level | tokens | R² | linear r² | Spearman |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['feature']} | {r['level']} | {r['tokens']} | {r['r2']:.3f} | {r['r2_linear']:.3f} | {r['spearman']:.3f} |"
               for r in rows if r["variant"] == "multi-hop + gating"]
     lines += ["", "## Compensated steering (held-out sequences, strong level)", "",
+              "Intended: the 3 strongest excitatory targets of the steered feature; off-target RMS over every other "
+              "graph feature at later sites; controls: 10 features active at the clamped tokens, clamped to clean + u "
+              "(u by least squares on the graph's total effects).", "",
               "| feature | method | intended change | off-target RMS | precision | loss change (nats/token) |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['feature']} | {r['method']} | {r['intended_change']:.4f} | {r['off_target_rms']:.5f} | "
@@ -248,7 +267,7 @@ def write_summary(out: Path, rows, pooled, comp_rows, graph, site) -> None:
         f"- strong (4x): R² {strong.r2:.3f} (linear r² {strong.r2_linear:.3f}, Spearman {strong.spearman:.3f})" if strong else "",
         "", f"**Verdict: {'supported' if ok else 'not supported'}** on this graph.", ""]))
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-    names = list(VARIANTS) + ["pre-activations, direct"]
+    names = list(VARIANTS) + ["pre-activations, direct", "pre-activations, edge targets only"]
     for j, level in enumerate(LEVELS):
         vals = [pooled[(v, level)].r2 if (v, level) in pooled else np.nan for v in names]
         ax.bar(np.arange(len(names)) + 0.38 * j, vals, width=0.38, label=level)

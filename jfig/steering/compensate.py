@@ -8,9 +8,14 @@ u minimises
 
     Σ_{off-target o} Δ_o(u)² + ridge·|u|² + keep_weight·Σ_{t ∈ intended} (Δ_t(u) − p_t)²
 
-by least squares (numpy.linalg.lstsq). Off-target is every node but the sources and `intended`, so
-the controls' own changes u_c count too. Per-token deltas ([n] arrays) and baselines are averaged
-over the tokens first: one u for all tokens, solved at the mean edit.
+by least squares (numpy.linalg.lstsq). Off-target is every node but the sources and `intended` (or the
+nodes given as `off_target`), so the controls' own changes u_c count too. Per-token deltas ([n] arrays)
+and baselines are averaged over the tokens first: one u for all tokens, solved at the mean edit.
+
+Graphs whose edges are total effects (measured by clamping, every site pair tested; see
+`predict_cascade`'s compose): a source's weight to j already includes the path through a control c,
+which the control's clamp replaces, so Δ_j(u) = p_j + Σ_c w_cj (u_c − p_c): R is the controls' own
+first-order rows and Δ(0) = p − Σ_c w_cj p_c.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import numpy as np
 from ..edits import Clamp
 from ..errors import OptionError, ShapeError, SiteError
 from ..models.validation import saes_by_site
-from .cascade import CascadeNetwork, Key, check_deltas, check_key
+from .cascade import COMPOSE, CascadeNetwork, Key, check_deltas, check_key, composition_matrix, tested_site_pairs
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,7 +45,7 @@ class Compensation:
     off_target_compensated: float
 
     def edits(self, saes, clean_features: Mapping, positions=None) -> list[Clamp]:
-        """Clamp edits setting each control to its clean value + u_c, one Clamp per site.
+        """Clamp edits setting each control to its clean value + u_c (floored at 0), one Clamp per site.
 
         saes: a list or dict of SAEs covering the controls' sites; clean_features: {site: [batch, seq,
         d_sae]} clean SAE features (e.g. `ObservedCascade.clean`); positions: where the clamps apply
@@ -52,7 +57,8 @@ class Compensation:
             picked = [i for i, (s, _) in enumerate(self.controls) if s == site]
             features = np.array([self.controls[i][1] for i in picked], np.int32)
             clean = clean_site_features(by_site, clean_features, site)
-            edits.append(Clamp(by_site[site], features, clean[..., features] + self.u[picked], positions))
+            value = np.maximum(clean[..., features] + self.u[picked], 0.0)      # a feature cannot go below 0
+            edits.append(Clamp(by_site[site], features, value, positions))
         return edits
 
 
@@ -104,7 +110,7 @@ def pick_controls(network: CascadeNetwork, controls, n_controls: int, naive: np.
 
 
 def compensate(graph, deltas, *, intended=(), controls=None, n_controls: int = 10, baseline=None,
-               ridge: float = 1e-2, keep_weight: float = 100.0) -> Compensation:
+               ridge: float = 1e-2, keep_weight: float = 100.0, off_target=None, compose: str = "auto") -> Compensation:
     """Controls and their changes u that cancel the off-target part of the cascade of `deltas`.
 
     deltas: {(site, feature): change} as for `predict_cascade` (arrays [n] are averaged over tokens);
@@ -112,7 +118,9 @@ def compensate(graph, deltas, *, intended=(), controls=None, n_controls: int = 1
     features, or None for the `n_controls` off-target nodes with the largest |predicted change|;
     baseline: as for `predict_cascade` (averaged over tokens), bounds Δ(0) and the reported cascades;
     ridge: penalty on |u|²; keep_weight: weight of keeping the intended changes (each unit² of
-    intended change that costs about one unit² of off-target change loses about 1/keep_weight of it).
+    intended change that costs about one unit² of off-target change loses about 1/keep_weight of it);
+    off_target: the nodes whose changes count as side effects (default: all but sources and intended;
+    e.g. only the features active where the edit applies); compose: as for `predict_cascade`.
     """
     check_compensate_options(n_controls, ridge, keep_weight)
     keys, values, _ = check_deltas(deltas)
@@ -123,14 +131,35 @@ def compensate(graph, deltas, *, intended=(), controls=None, n_controls: int = 1
     if np.isin(targets, sources).any():
         raise OptionError("an intended feature is also an edited source; intended features are the ones the "
                           "edit should change downstream", key="intended")
+    if compose not in COMPOSE:
+        raise OptionError(f"unknown compose {compose!r}; expected one of {COMPOSE}", key="compose")
+    tested = tested_site_pairs(graph) if compose != "all" else None
     lower = network.lower_bounds(mean_baseline(baseline), None)
-    off_target = np.ones(network.n_nodes, bool)
+    if off_target is None:
+        off_target = np.ones(network.n_nodes, bool)
+    else:
+        listed = network.locate(dict.fromkeys(check_key(k, "off_target") for k in off_target))
+        off_target = np.zeros(network.n_nodes, bool)
+        off_target[listed] = True
     off_target[sources] = off_target[targets] = False
-    naive = network.propagate(sources, source_values, lower=lower)[0]
+    matrix = composition_matrix(network, sources, tested) if tested is not None else None
+    naive = network.propagate(sources, source_values, lower=lower, matrix=matrix)[0]
     chosen = pick_controls(network, controls, n_controls, naive, off_target)
-    u = solve_controls(network, sources, source_values, chosen, targets, naive, off_target, lower, ridge, keep_weight)
     fixed = np.concatenate([sources, chosen])
-    compensated = network.propagate(fixed, np.concatenate([source_values, u[None]], axis=1), lower=lower)[0]
+    if tested is not None:                                  # total effects: a control's clamp replaces its change
+        rows = network.first_order[chosen].toarray()        # R [C, N]
+        held = naive - (naive[chosen] @ rows)
+        held[chosen] = 0.0
+        u = solve_linear(held, rows, chosen, targets, naive, off_target, ridge, keep_weight)
+        compensated = held + u @ rows
+        compensated[chosen] = u
+        if lower is not None:
+            compensated = np.maximum(compensated, lower[0])
+        compensated[sources] = source_values[0]
+    else:
+        u = solve_controls(network, sources, source_values, chosen, targets, naive, off_target, lower, ridge,
+                           keep_weight)
+        compensated = network.propagate(fixed, np.concatenate([source_values, u[None]], axis=1), lower=lower)[0]
     nodes = network.index.keys
     return Compensation(
         controls=[nodes[i] for i in chosen.tolist()], u=u,
@@ -149,6 +178,17 @@ def solve_controls(network: CascadeNetwork, sources, source_values, chosen, targ
     held = network.propagate(fixed, np.concatenate([source_values, np.zeros((1, c))], axis=1), lower=lower)[0]  # Δ(0)
     unit = np.concatenate([np.zeros((c, len(sources))), np.eye(c)], axis=1)                          # [C, k + C]
     response = network.propagate(fixed, unit, gating=False, matrix=network.tangent(held))            # R [C, N]
+    return solve_linear(held, response, chosen, targets, naive, off_target, ridge, keep_weight)
+
+
+def solve_linear(held, response, chosen, targets, naive, off_target, ridge: float, keep_weight: float) -> np.ndarray:
+    """u [C] minimising |Δ(0) + R u|² over off-target nodes (+ |u|² for the controls themselves, which R
+    [C, N] holds as unit entries when they are off-target), ridge |u|² and keep_weight |Δ_t(u) − p_t|²."""
+    c = len(chosen)
+    if c == 0:
+        return np.zeros(0)
+    response = response.copy()
+    response[np.arange(c), chosen] = 1.0            # a control's own change is u_c
     keep = np.sqrt(keep_weight)
     a = np.concatenate([response[:, off_target].T, np.sqrt(ridge) * np.eye(c), keep * response[:, targets].T])
     b = np.concatenate([-held[off_target], np.zeros(c), keep * (naive[targets] - held[targets])])

@@ -53,7 +53,8 @@ def test_compensation_lowers_off_target_and_keeps_the_intended_change():
 def test_u_minimises_the_objective_through_a_gate():
     graph = steering_graph()
     controls = [H1, H2]                     # o4 = GATE·Δs·u_h2: linear in u, so the linear model is exact
-    comp = compensate(graph, {SRC: 1.0}, intended=[T], controls=controls, ridge=0.05, keep_weight=20.0)
+    comp = compensate(graph, {SRC: 1.0}, intended=[T], controls=controls, ridge=0.05, keep_weight=20.0,
+                      compose="all")
     naive = comp.predicted_naive
     best = objective(graph, comp.u, controls, [T], naive, 0.05, 20.0)
     for c in range(2):
@@ -63,7 +64,7 @@ def test_u_minimises_the_objective_through_a_gate():
             assert objective(graph, u, controls, [T], naive, 0.05, 20.0) > best
     assert comp.predicted_compensated[O4] == pytest.approx(GATE * comp.u[1])
     no_gate = compensate(set_gating_weights(graph, [0.0]), {SRC: 1.0}, intended=[T], controls=controls,
-                         ridge=0.05, keep_weight=20.0)
+                         ridge=0.05, keep_weight=20.0, compose="all")
     assert abs(no_gate.u[1]) > abs(comp.u[1])        # the gate makes u_h2 costlier: the response includes it
 
 
@@ -95,7 +96,7 @@ def test_edits_set_controls_to_clean_plus_u():
     assert [type(e) for e in edits] == [Clamp, Clamp] and [e.site for e in edits] == list(PLANTED_SITES[1:])
     np.testing.assert_array_equal(edits[0].feature, [2, 0])
     np.testing.assert_allclose(edits[0].value, clean[PLANTED_SITES[1]][..., [2, 0]] + [0.5, 2.0], rtol=1e-6)
-    np.testing.assert_allclose(edits[1].value, clean[PLANTED_SITES[2]][..., [5]] - 1.0, rtol=1e-6)
+    np.testing.assert_allclose(edits[1].value, np.maximum(clean[PLANTED_SITES[2]][..., [5]] - 1.0, 0), rtol=1e-6)
     np.testing.assert_array_equal(edits[0].positions, [1])
     with pytest.raises(SiteError, match="clean features"):
         comp.edits(saes, {PLANTED_SITES[1]: clean[PLANTED_SITES[1]]})
@@ -118,7 +119,7 @@ def test_returned_edits_lower_the_observed_off_target_change_on_the_planted_mode
     graph = true_graph()
     deltas = {source: naive.token_changes()[source]}
     comp = compensate(graph, deltas, intended=[intended], n_controls=4,
-                      baseline=naive.clean_values(cascade_nodes(graph)))
+                      baseline=naive.clean_values(cascade_nodes(graph)), compose="all")   # direct-effect weights
     assert comp.off_target_compensated < comp.off_target_naive
     steered = observe_cascade(model, saes, [clamp, *comp.edits(saes, naive.clean)], TOKENS)
     before, after = off_target_rms(naive, [source, intended]), off_target_rms(steered, [source, intended])
@@ -126,3 +127,18 @@ def test_returned_edits_lower_the_observed_off_target_change_on_the_planted_mode
     assert after == pytest.approx(comp.off_target_compensated, rel=0.05)      # the edits do what was predicted
     kept = steered.at(*intended).mean() / naive.at(*intended).mean()
     assert kept == pytest.approx(1.0, abs=0.05)
+
+
+def test_total_effect_compensation_replaces_the_controls_change():
+    # total-effect graph over three sites, every pair tested: S -> C (1), S -> X (0.5 direct + 1 x 2 via C = 2.5),
+    # C -> X (2), S -> T (1, intended). Clamping C at change u makes X change by 2.5 + 2 (u - 1).
+    sites = PLANTED_SITES
+    graph = graph_from_edges(sites, [0, 0, 1, 0], [0, 0, 0, 0], [1, 2, 2, 2], [0, 1, 1, 3], [1, 1, 1, 1],
+                             [1.0, 2.5, 2.0, 1.0], n_features=4)
+    s, c, x, t = (sites[0], 0), (sites[1], 0), (sites[2], 1), (sites[2], 3)
+    comp = compensate(graph, {s: 1.0}, intended=[t], controls=[c], ridge=0.0)
+    # minimise u^2 + (0.5 + 2u)^2: u = -0.2, X = 0.1
+    assert comp.u[0] == pytest.approx(-0.2, abs=1e-6)
+    assert comp.predicted_compensated[x] == pytest.approx(0.1, abs=1e-6)
+    assert comp.predicted_compensated[t] == pytest.approx(1.0)
+    assert comp.predicted_naive[x] == pytest.approx(2.5)      # the total effect, not 2.5 + 2 x 1 chained
