@@ -164,17 +164,20 @@ def _columns(left: str, right: str, width: int) -> list[str]:
 def cmd_steer(args) -> int:
     """Clean and steered greedy continuations of prompts, side by side."""
     site, feature = parse_feature(args.feature)
+    if args.max_new_tokens < 1:
+        raise JfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     graph_dir = check_graph_dir(args.graph) if args.graph else None
+    if graph_dir is not None:                       # checked before the model loads
+        nodes = load_graph(graph_dir).nodes
+        if not any(s == site and f == feature for s, f in zip(nodes["site"].to_pylist(), nodes["feature"].to_pylist())):
+            raise JfigError(f"{site}#{feature} is not a feature of the graph in {graph_dir} (its sites: "
+                            f"{sorted(set(nodes['site'].to_pylist()))})")
     model = _load(args.model)
     model.check_site(site)
     saes = {s.site: s for s in (graph_saes(model, graph_dir, args.sae) if (args.sae or graph_dir)
                                 else default_saes(model, progress=False)[0])}
     if site not in saes:
         raise JfigError(f"no SAE reads {site}; SAE sites are {sorted(saes)}")
-    if graph_dir is not None:
-        nodes = load_graph(graph_dir).nodes
-        if not any(s == site and f == feature for s, f in zip(nodes["site"].to_pylist(), nodes["feature"].to_pylist())):
-            raise JfigError(f"{site}#{feature} is not a feature of the graph in {graph_dir}")
     prompts = args.prompt or list(STEER_PROMPTS)
     rows = steered_generation(model, saes[site], feature, args.value, prompts, mode=args.mode,
                               max_new_tokens=args.max_new_tokens, chat=args.chat)

@@ -168,3 +168,17 @@ def test_errors():
         m.generate([[1, 99]], 3)
     with pytest.raises(JfigError, match="top_k"):
         m.generate([[1, 2]], 3, top_k=0)
+
+
+def test_steered_step_logits_equal_a_run_with_the_same_edit(model):
+    """Each new token's logits under a Steer edit equal the logits of a full model.run of the
+    generated sequence with the same edit, at the position that token was picked from."""
+    cfg, site = model.config, "blocks.2.hook_resid_post"
+    edit = jfig.Steer(site, jax.random.normal(jax.random.PRNGKey(11), (cfg.d_model,)), 6.0)
+    prompt = PROMPTS[2]
+    out = generate(model, [prompt], N_NEW, edits=(edit,), return_logits=True)
+    seq = out.tokens[0]
+    full = np.asarray(model.run(seq[None, :-1], edits=(edit,)).logits[0])
+    np.testing.assert_allclose(out.logits[0], full[len(prompt) - 1:], atol=2e-4, rtol=2e-4)
+    plain = np.asarray(model.run(seq[None, :-1]).logits[0])
+    assert np.abs(plain[len(prompt) - 1:] - out.logits[0]).max() > 0.1      # the edit does move the logits
