@@ -10,7 +10,7 @@ from .analysis import Analysis, EstimatorComparison, analyze, compare_estimators
 from .atlas import Atlas, build_atlas
 from .behaviors import BehaviorCircuit, BehaviorSuite, behavior_subgraph, behavior_suite, load_suite
 from .candidates import Candidates, select_candidates
-from .edits import Ablate, Clamp, Compose, Patch, SetFeatures, ShiftFeatures, Steer
+from .edits import Ablate, Clamp, Compose, Patch, PatchHeads, SetFeatures, ShiftFeatures, Steer
 from .errors import FormatError, JfigError, OptionError, ShapeError, SiteError
 from .graph import InteractionGraph, load_graph
 from .measure import Effects, GatingEffects, feature_importance, measure_effects, measure_gating, weight_effects
@@ -28,7 +28,7 @@ __all__ = [
     "Ablate", "Analysis", "Atlas", "BehaviorCircuit", "BehaviorSuite", "BuildOptions", "Candidates", "Clamp",
     "Compose", "DEFAULT_MODEL", "Effects",
     "EstimatorComparison", "FormatError", "GatingEffects", "InteractionGraph", "JfigError", "Model", "ModelConfig",
-    "OptionError", "Patch", "Prefix", "RunOutput", "SAE", "SetFeatures", "ShapeError", "ShiftFeatures", "SiteError",
+    "OptionError", "Patch", "PatchHeads", "Prefix", "RunOutput", "SAE", "SetFeatures", "ShapeError", "ShiftFeatures", "SiteError",
     "Steer", "Tokenizer",
     "__version__", "analyze", "behavior_subgraph", "behavior_suite", "build_atlas", "build_graph", "compare_estimators", "data", "default_saes", "edits", "errors",
     "feature_importance", "load_graph", "load_model", "load_sae", "load_suite", "measure_effects", "measure_gating",

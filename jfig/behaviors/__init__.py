@@ -1,7 +1,7 @@
 """Behaviours: prompt suites with a metric, seed features, k-hop subgraphs of the interaction graph,
 and the tests that make a subgraph a circuit (sufficiency, necessity, self-containment, heads)."""
 from .circuit import HEAD_CIRCUITS, BehaviorCircuit, behavior_subgraph, circuit_report
-from .heads import EdgeHeads, HeadEffects, PatchHeads, edge_heads, head_patching
+from .heads import EdgeHeads, HeadEffects, can_carry, edge_heads, head_patching
 from .metric import Baseline, logit_diff, suite_baseline
 from .modularity import overlap, self_containment
 from .seeds import FeatureScores, Seed, ablation_effects, feature_scores, find_seeds
@@ -11,8 +11,8 @@ from .validate import CircuitTest, circuit_test, matched_controls, set_metrics
 
 __all__ = [
     "Baseline", "BehaviorCircuit", "BehaviorSuite", "CircuitTest", "EdgeHeads", "FeatureScores", "HEAD_CIRCUITS",
-    "HeadEffects", "PatchHeads", "Seed", "Subgraph", "SuiteTokens", "ablation_effects", "as_suite", "behavior_subgraph",
-    "behavior_suite", "circuit_report", "circuit_test", "edge_heads", "feature_scores", "find_seeds", "head_patching",
+    "HeadEffects", "Seed", "Subgraph", "SuiteTokens", "ablation_effects", "as_suite", "behavior_subgraph",
+    "behavior_suite", "can_carry", "circuit_report", "circuit_test", "edge_heads", "feature_scores", "find_seeds", "head_patching",
     "internal_fraction", "khop_subgraph", "load_suite", "logit_diff", "matched_controls", "overlap",
     "self_containment", "set_metrics", "suite_baseline", "tokenize_suite",
 ]

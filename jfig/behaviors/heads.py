@@ -22,85 +22,20 @@ from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..edits import Ablate, Edit, as_positions, as_values, where_positions
+from ..edits import Ablate, PatchHeads
 from ..errors import JfigError, ShapeError, SiteError
 from ..models.layers import norm
 from ..models.model import Prefix
 from ..models.validation import check_saes, check_tokens
-from ..sites import STAGE, block_site, parse_site, site_key
+from ..sites import STAGE, block_site, site_key
 
-__all__ = ["EdgeHeads", "HeadEffects", "PatchHeads", "can_carry", "edge_heads", "head_patching"]
+__all__ = ["EdgeHeads", "HeadEffects", "can_carry", "edge_heads", "head_patching"]
 
 _Z = "attn.hook_z"
-
-
-def _broadcasts_to(shape, target) -> bool:
-    """Whether an array of `shape` broadcasts to `target` without new leading axes beyond its rank."""
-    return len(shape) <= len(target) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
-
-
-# ----------------------------------------------------------------------------------------------- the edit
-
-
-class PatchHeads(Edit):
-    """Replace the z of some heads at a ``blocks.{l}.attn.hook_z`` site: ``x' = where(heads, values, x)``.
-
-    `values` broadcasts to the site's activations [batch, seq, n_heads, d_head] (e.g. the z of
-    another run); `heads` is a bool mask [n_heads], an array leaf, so building the edit inside a
-    vmapped function vectorises over head masks. `positions` restricts the patch to some token
-    positions as for the other edits (None, int indices, or a bool mask [seq] / [batch, seq]).
-    """
-
-    site_name: str = eqx.field(static=True)
-    values: jax.Array
-    heads: jax.Array
-    positions: jax.Array | None = None
-
-    def __init__(self, site, values, heads, positions=None):
-        s = parse_site(site)
-        if s.local != _Z:
-            raise SiteError(f"PatchHeads edits a 'blocks.{{layer}}.{_Z}' site ([batch, seq, n_heads, d_head]), "
-                            f"got {site!r}")
-        self.site_name = site
-        self.values = as_values(values)
-        heads = jnp.asarray(heads)
-        if heads.dtype != jnp.bool_:
-            raise ShapeError(f"PatchHeads at {site}: heads must be a bool mask [n_heads], got dtype {heads.dtype} "
-                             f"(for head indices, use jnp.zeros(n_heads, bool).at[indices].set(True))")
-        if heads.ndim != 1:
-            raise ShapeError(f"PatchHeads at {site}: heads must be a bool mask [n_heads], got shape "
-                             f"{tuple(heads.shape)}")
-        self.heads = heads
-        self.positions = as_positions(positions)
-
-    @property
-    def site(self) -> str:
-        return self.site_name
-
-    def check(self, shape, pos_axis: int = 1) -> None:
-        super().check(shape, pos_axis)
-        if shape is None or (len(shape) != 4 and None in shape):
-            return                                  # a wrapped model's site: only batch and seq are known
-        if len(shape) != 4:
-            raise ShapeError(f"{self.label}: expected activations [batch, seq, n_heads, d_head], got shape "
-                             f"{tuple(shape)}")
-        n_heads = shape[2]
-        if n_heads is not None and self.heads.shape[0] != n_heads:
-            raise ShapeError(f"{self.label}: the head mask has {self.heads.shape[0]} entries, expected n_heads "
-                             f"{n_heads}")
-        if None not in shape and not _broadcasts_to(tuple(self.values.shape), tuple(shape)):
-            raise ShapeError(f"{self.label}: values shape {tuple(self.values.shape)} does not broadcast to the "
-                             f"activations {tuple(shape)} [batch, seq, n_heads, d_head]")
-
-    def apply(self, x, pos_axis: int = 1):
-        self.check(x.shape, pos_axis)
-        new = jnp.where(self.heads[:, None], jnp.broadcast_to(self.values, x.shape).astype(x.dtype), x)
-        return where_positions(self.positions, new, x, pos_axis)
 
 
 # ----------------------------------------------------------------------------------------------- results

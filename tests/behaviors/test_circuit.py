@@ -10,7 +10,7 @@ from jfig.behaviors import (behavior_subgraph, circuit_test, feature_scores, kho
                             overlap, set_metrics)
 from jfig.errors import JfigError
 from tests.support.graphs import graph_from_edges
-from tests.support.planted_circuit import CIRCUIT, D, S0, S1, circuit_graph, circuit_model, circuit_prompts
+from tests.support.planted_circuit import CIRCUIT, D, S0, circuit_graph, circuit_model, circuit_prompts
 
 
 @pytest.fixture(scope="module")

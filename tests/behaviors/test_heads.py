@@ -6,7 +6,8 @@ import pytest
 
 import jfig
 from jfig.behaviors import heads as heads_mod
-from jfig.behaviors.heads import EdgeHeads, HeadEffects, PatchHeads, can_carry, edge_heads, head_patching
+from jfig.behaviors.heads import EdgeHeads, HeadEffects, can_carry, edge_heads, head_patching
+from jfig.edits import PatchHeads
 from jfig.edits import Ablate, Steer
 from jfig.errors import JfigError, ShapeError, SiteError
 from tests.support.tiny_models import tiny_model
