@@ -4,8 +4,8 @@
     python -m experiments.05_steering.run [--scale cpu|accelerator|smoke] [--work BUILD_FOLDER]
 
 Steered features: sources of the graph's first site, the ones with the most out-edges and a random
-set with at least 5 out-edges. Each is clamped (error-preserving) at one position per sequence (its last
-active one, as the graph's edges were measured: one clamped position, read at the same position), to its
+set with at least 5 out-edges. Each is clamped (error-preserving) at one position per sequence (its
+strongest, as the build clamped it when it measured the graph's edges; read at the same position), to its
 90th-percentile activation ("in range", the level the graph's slopes were measured up to) and to 4x
 that ("strong"). The observed change of every graph feature at later sites (mean over the clamped
 tokens) is compared with `predict_cascade` per token, in five variants: direct edges only, multi-hop,
@@ -83,12 +83,13 @@ def observed_vector(obs, keys, mask) -> np.ndarray:
     return np.asarray([obs.changes[s][..., f][mask].mean() for s, f in keys])
 
 
-def one_position_per_row(active: np.ndarray) -> np.ndarray:
-    """bool [batch, seq]: each row's last active position (the graph's edges were measured by clamping
-    one position and reading the same one)."""
-    mask = np.zeros_like(active)
-    rows = np.flatnonzero(active.any(1))
-    mask[rows, active.shape[1] - 1 - np.argmax(active[rows, ::-1], axis=1)] = True
+def one_position_per_row(f: np.ndarray) -> np.ndarray:
+    """bool [batch, seq]: each row's strongest position of the feature (activations f [batch, seq]),
+    where it is active: where the build clamped it when it measured the graph's edges (clamp_at
+    "single"), read at the same position."""
+    mask = np.zeros(f.shape, bool)
+    rows = np.flatnonzero((f > 0).any(1))
+    mask[rows, np.argmax(f[rows], axis=1)] = True
     return mask
 
 
@@ -131,7 +132,7 @@ def main():
             logging.info("skip %s#%d: active on %d tokens", site, feature, int((f > 0).sum()))
             continue
         hi = float(np.quantile(f[f > 0], 0.9))
-        mask = one_position_per_row(f > 0)
+        mask = one_position_per_row(f)
         later = [k for k in nodes if site_key(k[0]) > site_key(site)]
         base, pre, thr = clean.clean_columns(nodes, mask)                             # [n, N] each
         for level, factor in LEVELS.items():
@@ -192,7 +193,7 @@ def compensation(model, saes, graph, site, tokens, nodes, features) -> list[dict
         if (f > 0).sum() < 4:
             continue
         value = 4.0 * float(np.quantile(f[f > 0], 0.9))
-        mask = one_position_per_row(f > 0)
+        mask = one_position_per_row(f)
         delta = float((value - f[mask]).mean())
         e = graph.edges.filter(np.asarray([(s == site and x == feature and k == "excitatory")
                                            for s, x, k in zip(graph.edges["source_site"].to_pylist(),
