@@ -121,3 +121,22 @@ def test_jsonl_suite_round_trip(tmp_path):
     assert suite.name == "capitals" and len(suite) == 2
     assert suite.prompts[0].corrupted == "The capital of Italy is" and suite.prompts[1].chat
     assert jfig.behavior_suite(str(path)) == suite
+
+
+def test_control_sets_do_not_retrace(planted, monkeypatch):
+    """New masks and values of the same shapes reuse the compiled pass (the count is taken inside the
+    traced function, so it counts traces, not calls)."""
+    model, saes, _, _ = planted
+    batch = circuit_prompts(7, seed=3)                   # a batch size no other test compiles
+    traces = []
+
+    def counting(*args, **kw):
+        traces.append(1)
+        return logit_diff(*args, **kw)
+
+    monkeypatch.setattr("jfig.behaviors.validate.logit_diff", counting)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        masks = {s: rng.random((4, D)) < 0.5 for s in saes}
+        set_metrics(model, saes, batch, masks, {s: rng.uniform(0, 1, D) for s in saes}, chunk=4, batch_size=7)
+    assert len(traces) == 1
