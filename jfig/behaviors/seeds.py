@@ -121,13 +121,15 @@ def find_seeds(model, saes: dict, batch: SuiteTokens, scores: FeatureScores, cle
     least min_effect · |clean metric|, the n_seeds largest."""
     if n_candidates < 1 or n_seeds < 1:
         raise JfigError(f"n_candidates and n_seeds must be >= 1, got {n_candidates} and {n_seeds}")
-    flat = []
-    for site, attr in scores.attribution.items():
-        allowed = None if nodes is None else np.asarray(sorted(nodes.get(site, ())), np.int64)
-        ids = np.arange(len(attr)) if allowed is None else allowed
-        flat += [(float(attr[i]), site, int(i)) for i in ids]
-    flat.sort(key=lambda t: -t[0])
-    candidates = [(site, i, a) for a, site, i in flat[:n_candidates] if a > 0]
+    sites, ids, attr = [], [], []
+    for site, a in scores.attribution.items():
+        allowed = np.arange(len(a)) if nodes is None else np.asarray(sorted(nodes.get(site, ())), np.int64)
+        sites += [site] * len(allowed)
+        ids.append(allowed)
+        attr.append(np.asarray(a)[allowed])
+    ids, attr = np.concatenate(ids), np.concatenate(attr)
+    best = np.argsort(-attr, kind="stable")[:n_candidates]
+    candidates = [(sites[i], int(ids[i]), float(attr[i])) for i in best if attr[i] > 0]
     seeds = []
     for site in saes:
         mine = [(i, a) for s, i, a in candidates if s == site]
