@@ -127,7 +127,7 @@ def main():
     rows, pooled = [], defaultdict(lambda: ([], []))     # (variant, level, group) -> (predicted, observed) lists
 
     def pool(variant, level, group, p, o):
-        for g in (group, "all"):
+        for g in (group, "all", start):
             pooled[(variant, level, g)][0].append(p), pooled[(variant, level, g)][1].append(o)
 
     share_on_edges = {lv: [] for lv in LEVELS}
@@ -140,6 +140,8 @@ def main():
             continue
         hi = float(np.quantile(f[f > 0], 0.9))
         mask = one_position_per_row(f)
+        at_start = float(mask[:, 0].sum() / mask.sum())      # share of the clamps at the sequence-start token
+        start = "clamped at position 0 in some rows" if at_start > 0 else "never clamped at position 0"
         later = [k for k in nodes if site_key(k[0]) > site_key(site)]
         base, pre, thr = clean.clean_columns(nodes, mask)                             # [n, N] each
         for level, factor in LEVELS.items():
@@ -156,7 +158,8 @@ def main():
             on_edge = p_pre != 0                                   # later features with an edge from the steered one
             pool("pre-activations, edge targets only", level, group, p_pre[on_edge], o_pre[on_edge])
             share_on_edges[level].append(float(np.sum(o_pre[on_edge] ** 2) / np.sum(o_pre ** 2)))
-            rows.append(dict(feature=feature, group=group, level=level, variant="pre-activations, direct", tokens=int(mask.sum()),
+            rows.append(dict(feature=feature, group=group, at_position_0=round(at_start, 3), level=level,
+                             variant="pre-activations, direct", tokens=int(mask.sum()),
                              value=round(value, 4), r2=fit_pre.r2, r2_linear=fit_pre.r2_linear,
                              spearman=fit_pre.spearman, n=fit_pre.n, observed_rms=float("nan")))
             for name, kw in VARIANTS.items():
@@ -166,7 +169,7 @@ def main():
                 p = np.asarray([pred[k].mean() if k in pred else 0.0 for k in later])
                 fit = compare_cascade(dict(zip(later, p)), dict(zip(later, o)))
                 pool(name, level, group, p, o)
-                rows.append(dict(feature=feature, group=group, level=level, variant=name, tokens=int(mask.sum()), value=round(value, 4),
+                rows.append(dict(feature=feature, group=group, at_position_0=round(at_start, 3), level=level, variant=name, tokens=int(mask.sum()), value=round(value, 4),
                                  r2=fit.r2, r2_linear=fit.r2_linear, spearman=fit.spearman, n=fit.n,
                                  observed_rms=float(np.sqrt(np.mean(o ** 2)))))
             logging.info("%s#%d %s: r2 %s", site, feature, level,
@@ -248,9 +251,9 @@ def write_summary(out: Path, rows, pooled, comp_rows, graph, site, share_on_edge
               "Share of the observed pre-activation change (Σ o²) that falls on edge targets, mean over steered "
               "features: " + ", ".join(f"{lv} {np.mean(v):.3f}" for lv, v in share_on_edges.items() if v) + ".",
               "", "## Per steered feature (multi-hop + gating)", "",
-              "| feature | level | tokens | R² | linear r² | Spearman |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['feature']} ({r['group']}) | {r['level']} | {r['tokens']} | {r['r2']:.3f} | {r['r2_linear']:.3f} | "
-              f"{r['spearman']:.3f} |" for r in rows if r["variant"] == "multi-hop + gating"]
+              "| feature | level | clamped tokens | at position 0 | R² | linear r² | Spearman |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['feature']} ({r['group']}) | {r['level']} | {r['tokens']} | {r['at_position_0']:.2f} | {r['r2']:.3f} | "
+              f"{r['r2_linear']:.3f} | {r['spearman']:.3f} |" for r in rows if r["variant"] == "multi-hop + gating"]
     lines += ["", "## Compensated steering (held-out sequences, strong level)", "",
               "Intended: the 3 strongest excitatory targets of the steered feature; off-target RMS over every other "
               "graph feature at later sites; controls: 10 features active at the clamped tokens, clamped to clean + u "
@@ -265,7 +268,7 @@ def write_summary(out: Path, rows, pooled, comp_rows, graph, site, share_on_edge
     (out / "summary.md").write_text("\n".join(lines))
     full = pooled.get(("multi-hop + gating", "in range", "all"))
     strong = pooled.get(("multi-hop + gating", "strong", "all"))
-    rand = {lv: pooled.get(("multi-hop + gating", lv, "random")) for lv in LEVELS}
+    rand = {lv: pooled.get(("multi-hop + gating", lv, "never clamped at position 0")) for lv in LEVELS}
     ok = full is not None and full.r2 >= 0.5
     (out / "verdict.md").write_text("\n".join([
         "# Prediction 9.5: the interaction graph predicts steering side effects", "",
@@ -274,16 +277,18 @@ def write_summary(out: Path, rows, pooled, comp_rows, graph, site, share_on_edge
         "R² = 0 (predicting no change). Threshold: R² >= 0.5.", "",
         f"- in range: R² {full.r2:.3f} (linear r² {full.r2_linear:.3f}, Spearman {full.spearman:.3f})" if full else "",
         f"- strong (4x): R² {strong.r2:.3f} (linear r² {strong.r2_linear:.3f}, Spearman {strong.spearman:.3f})" if strong else "",
-        *[f"- random sources only, {lv}: R² {f.r2:.3f} (linear r² {f.r2_linear:.3f})" for lv, f in rand.items() if f],
+        *[f"- sources never clamped at the sequence-start token, {lv}: R² {f.r2:.3f} (linear r² {f.r2_linear:.3f})"
+          for lv, f in rand.items() if f],
         "", f"**Verdict: {'supported' if ok else 'not supported'}** on this graph.", ""]))
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     names = list(VARIANTS) + ["pre-activations, direct", "pre-activations, edge targets only"]
     for j, level in enumerate(LEVELS):
-        vals = [max(pooled[(v, level, "random")].r2, -1.0) if (v, level, "random") in pooled else np.nan for v in names]
+        key = "never clamped at position 0"
+        vals = [max(pooled[(v, level, key)].r2, -1.0) if (v, level, key) in pooled else np.nan for v in names]
         ax.bar(np.arange(len(names)) + 0.38 * j, vals, width=0.38, label=level)
     ax.set_xticks(np.arange(len(names)) + 0.19, [n.replace(", ", ",\n") for n in names], fontsize=8)
     ax.axhline(0.5, color="k", ls=":", lw=1)
-    ax.set_ylabel("R² (pooled over the random sources; floored at -1)")
+    ax.set_ylabel("R², sources never clamped at position 0\n(pooled; floored at -1)")
     ax.legend()
     fig.savefig(out / "cascade.png", dpi=120)
     plt.close(fig)
