@@ -80,3 +80,22 @@ def test_behavior_errors_come_before_any_work(project, graph_dir, tmp_path, caps
     assert "missing or empty field(s) ['distractor']" in capsys.readouterr().err
     assert main(["behavior", "ioi", "--graph", str(tmp_path), "--model", "no/such/model"]) == 2
     assert "is not a graph folder" in capsys.readouterr().err
+
+
+def test_head_level_part_runs_for_a_head_circuit_behaviour(project, graph_dir):
+    """A suite named like a behaviour with a published head-level circuit, with corrupted prompts of the
+    same length, gets head patching and per-head edge shares in its circuit."""
+    root, model = project
+    saes = [jfig.load_sae(root / "saes" / "l0"), jfig.load_sae(root / "saes" / "l2")]
+    prompts = tuple(jfig.data.Prompt(t, " a", " b", "ioi", corrupted=c) for t, c in
+                    (("alpha beta gamma alpha", "delta beta gamma delta"), ("the words of the", "all words of all"),
+                     ("beta alpha beta", "beta gamma beta")))
+    suite = jfig.BehaviorSuite("ioi", prompts)
+    c = jfig.behavior_subgraph(model, saes, jfig.load_graph(graph_dir), suite, k=1, min_effect=0.0, n_random=3,
+                               n_null=3, top_heads=2, top_edges=2, n_seeds=2, per_node=2)
+    h = c.heads
+    assert h is not None and h["n_prompts"] == 3 and len(h["top_heads"]) == 2
+    assert all({"layer", "head", "activation_patching", "path_to_logits"} <= set(x) for x in h["top_heads"])
+    for e in h["edges"]:                                      # heads between blocks.0 and blocks.2 only
+        assert all(k in ("L1H0", "L1H1", "L1H2", "L1H3", "L2H0", "L2H1", "L2H2", "L2H3") for k in e["share"])
+    assert "## Heads" in jfig.behaviors.circuit_report(c)
