@@ -25,6 +25,7 @@ import csv
 import json
 import logging
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import jax
@@ -178,6 +179,8 @@ def main():
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader(), w.writerows(rows)
     pooled_fit = {key: fit_scores(np.concatenate(p), np.concatenate(o)) for key, (p, o) in pooled.items() if p}
+    (out / "pooled.json").write_text(json.dumps([dict(variant=v, level=lv, sources=g, **asdict(f))
+                                                 for (v, lv, g), f in pooled_fit.items()], indent=1) + "\n")
     (out / "edge_share.json").write_text(json.dumps({lv: {"mean": float(np.mean(v)), "per_feature": v}
                                                       for lv, v in share_on_edges.items() if v}, indent=1) + "\n")
     # compensation on the random sources (the most-connected ones are sequence-start features, clamped at
@@ -286,7 +289,7 @@ def write_summary(out: Path, rows, pooled, comp_rows, graph, site, share_on_edge
         key = "never clamped at position 0"
         vals = [max(pooled[(v, level, key)].r2, -1.0) if (v, level, key) in pooled else np.nan for v in names]
         ax.bar(np.arange(len(names)) + 0.38 * j, vals, width=0.38, label=level)
-    ax.set_xticks(np.arange(len(names)) + 0.19, [n.replace(", ", ",\n") for n in names], fontsize=8)
+    ax.set_xticks(np.arange(len(names)) + 0.19, names, fontsize=8, rotation=30, ha="right")
     ax.axhline(0.5, color="k", ls=":", lw=1)
     ax.set_ylabel("R², sources never clamped at position 0\n(pooled; floored at -1)")
     ax.legend()

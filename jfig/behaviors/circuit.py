@@ -72,9 +72,14 @@ def behavior_subgraph(model, saes, graph, suite, k: int = 2, *, n: int | None = 
     have aligned corrupted versions, the heads are found by patching and the strongest subgraph
     edges are attributed to them.
     """
-    for name, v in (("k", k), ("n_random", n_random), ("n_null", n_null)):
-        if v < 0:
-            raise JfigError(f"{name} must be >= 0, got {v}")
+    for name, v, least in (("k", k, 0), ("n_random", n_random, 0), ("n_null", n_null, 0), ("n_seeds", n_seeds, 1),
+                           ("n_candidates", n_candidates, 1), ("pool", pool, 1), ("top_heads", top_heads, 1),
+                           ("top_edges", top_edges, 1), ("batch_size", batch_size, 1),
+                           ("per_node", 1 if per_node is None else per_node, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+            raise JfigError(f"{name} must be an int >= {least}, got {v!r}")
+    if not 0 <= min_effect < np.inf or not 0 <= min_weight < np.inf:
+        raise JfigError(f"min_effect and min_weight must be finite and >= 0, got {min_effect} and {min_weight}")
     saes = model.check_saes(saes)
     graph_sites = set(graph.nodes["site"].to_pylist())
     saes = {s: sae for s, sae in saes.items() if s in graph_sites}

@@ -108,8 +108,12 @@ def test_bad_input_errors(planted, tmp_path):
     bad.write_text("not json\n")
     with pytest.raises(jfig.FormatError, match="line 1: not JSON"):
         jfig.load_suite(bad)
-    with pytest.raises(JfigError, match="k must be >= 0"):
+    with pytest.raises(JfigError, match="k must be an int >= 0, got -1"):
         behavior_subgraph(model, saes, graph, batch, k=-1)
+    with pytest.raises(JfigError, match="per_node must be an int >= 1, got 0"):
+        behavior_subgraph(model, saes, graph, batch, per_node=0)
+    with pytest.raises(JfigError, match="min_effect and min_weight"):
+        behavior_subgraph(model, saes, graph, batch, min_effect=float("nan"))
 
 
 def test_jsonl_suite_round_trip(tmp_path):
