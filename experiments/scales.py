@@ -18,6 +18,8 @@ from pathlib import Path
 
 import jfig
 from jfig.data import Corpus, default_corpus
+from jfig.errors import JfigError
+from jfig.pipeline.behavior import cached_saes_for
 from jfig.saes import default_saes
 
 
@@ -82,3 +84,14 @@ def work_folder(args) -> Path:
 
 def describe(scale: Scale) -> dict:
     return {**asdict(scale), "sites": list(scale.sites)}
+
+
+def built_graph(args) -> tuple:
+    """(graph, model, {site: SAE}) of experiment 02's build at this scale: the graph in the build folder
+    and the SAEs it was built with, found in jfig's SAE cache by the manifest's fingerprints."""
+    work = work_folder(args)
+    if not (work / "graph" / "manifest.json").exists():
+        raise JfigError(f"no graph in {work / 'graph'}: run experiments/02_causal_graph at --scale {args.scale} first")
+    graph = jfig.load_graph(work / "graph")
+    model = jfig.load_model("smollm2-135m")
+    return graph, model, model.check_saes(cached_saes_for(model, graph.manifest))

@@ -208,7 +208,15 @@ def _clamp_delta(sae, feature, value, x):
     return delta.reshape(x.shape).astype(x.dtype)
 
 
-class Clamp(Edit):
+class SAEEdit(Edit):
+    """An edit of an SAE's features: its site is the SAE's (subclasses have an `sae` field)."""
+
+    @property
+    def site(self) -> str:
+        return self.sae.site
+
+
+class Clamp(SAEEdit):
     """Error-preserving clamp: x' = x + (value - f_i(x)) · d_i per token, d_i the SAE's decoder direction.
 
     `feature` is an int or an int array [n] (several features clamped together). `value`
@@ -228,10 +236,6 @@ class Clamp(Edit):
         self.value = as_values(value)
         self.positions = as_positions(positions)
 
-    @property
-    def site(self) -> str:
-        return self.sae.site
-
     def check(self, shape, pos_axis: int = 1) -> None:
         super().check(shape, pos_axis)
         _check_clamp(self.label, self.sae, self.feature, self.value, shape)
@@ -241,7 +245,7 @@ class Clamp(Edit):
         return where_positions(self.positions, x + _clamp_delta(self.sae, self.feature, self.value, x), x, pos_axis)
 
 
-class Ablate(Edit):
+class Ablate(SAEEdit):
     """Clamp `feature` (int or int array [n]) to 0, keeping the SAE error."""
 
     sae: Any
@@ -252,10 +256,6 @@ class Ablate(Edit):
         self.sae = sae
         self.feature = as_features(feature, f"Ablate at {sae.site}")
         self.positions = as_positions(positions)
-
-    @property
-    def site(self) -> str:
-        return self.sae.site
 
     def check(self, shape, pos_axis: int = 1) -> None:
         super().check(shape, pos_axis)
@@ -274,7 +274,7 @@ def _feature_edit_delta(sae, x, change):
     return delta.reshape(x.shape).astype(x.dtype)
 
 
-class SetFeatures(Edit):
+class SetFeatures(SAEEdit):
     """Set every feature where `mask` (bool [d_sae]) is True to `values` (scalar or [d_sae]), keeping
     the SAE error: x' = x + decode(f') - decode(f), f' = where(mask, values, f).
 
@@ -296,10 +296,6 @@ class SetFeatures(Edit):
         self.values = as_values(values)
         self.positions = as_positions(positions)
 
-    @property
-    def site(self) -> str:
-        return self.sae.site
-
     def check(self, shape, pos_axis: int = 1) -> None:
         super().check(shape, pos_axis)
         for name, leaf in (("mask", self.mask), ("values", self.values)):
@@ -315,7 +311,7 @@ class SetFeatures(Edit):
         return where_positions(self.positions, x + delta, x, pos_axis)
 
 
-class ShiftFeatures(Edit):
+class ShiftFeatures(SAEEdit):
     """Add `delta` (broadcastable to the features, e.g. [batch, seq, d_sae]) to the SAE's features,
     keeping its error: x' = x + decode(f + delta) - decode(f). At delta = 0 its gradient with respect
     to delta is the gradient with respect to the feature activations (attribution patching)."""
@@ -326,10 +322,6 @@ class ShiftFeatures(Edit):
     def __init__(self, sae, delta):
         self.sae = sae
         self.delta = as_values(delta)
-
-    @property
-    def site(self) -> str:
-        return self.sae.site
 
     def check(self, shape, pos_axis: int = 1) -> None:
         lead = _clamp_leading_shape(self.sae, shape)
@@ -342,11 +334,20 @@ class ShiftFeatures(Edit):
         return x + _feature_edit_delta(self.sae, x, lambda f: f + self.delta.astype(f.dtype))
 
 
-class Steer(Edit):
+class SiteEdit(Edit):
+    """An edit of a site's activations, named by `site_name` (static: part of the jit cache key)."""
+
+    site_name: str = eqx.field(static=True)
+
+    @property
+    def site(self) -> str:
+        return self.site_name
+
+
+class Steer(SiteEdit):
     """x + scale · direction; direction matches the site's trailing shape (e.g. [d_model]) and
     broadcasts to its activations (up to [batch, seq, d_model])."""
 
-    site_name: str = eqx.field(static=True)
     direction: jax.Array
     scale: jax.Array
     positions: jax.Array | None = None
@@ -356,10 +357,6 @@ class Steer(Edit):
         self.direction = as_values(direction)
         self.scale = as_values(scale)
         self.positions = as_positions(positions)
-
-    @property
-    def site(self) -> str:
-        return self.site_name
 
     def check(self, shape, pos_axis: int = 1) -> None:
         super().check(shape, pos_axis)
@@ -379,10 +376,9 @@ class Steer(Edit):
         return where_positions(self.positions, (x + self.scale * self.direction).astype(x.dtype), x, pos_axis)
 
 
-class Patch(Edit):
+class Patch(SiteEdit):
     """Replace the site's activations with `values` (broadcastable to them, e.g. [batch, seq, d])."""
 
-    site_name: str = eqx.field(static=True)
     values: jax.Array
     positions: jax.Array | None = None
 
@@ -390,10 +386,6 @@ class Patch(Edit):
         self.site_name = site
         self.values = as_values(values)
         self.positions = as_positions(positions)
-
-    @property
-    def site(self) -> str:
-        return self.site_name
 
     def check(self, shape, pos_axis: int = 1) -> None:
         super().check(shape, pos_axis)
@@ -406,7 +398,7 @@ class Patch(Edit):
         return where_positions(self.positions, jnp.broadcast_to(self.values, x.shape).astype(x.dtype), x, pos_axis)
 
 
-class PatchHeads(Edit):
+class PatchHeads(SiteEdit):
     """Replace the z of some heads at a ``blocks.{l}.attn.hook_z`` site: ``x' = where(heads, values, x)``.
 
     `values` broadcasts to the site's activations [batch, seq, n_heads, d_head] (e.g. the z of
@@ -415,7 +407,6 @@ class PatchHeads(Edit):
     positions as for the other edits (None, int indices, or a bool mask [seq] / [batch, seq]).
     """
 
-    site_name: str = eqx.field(static=True)
     values: jax.Array
     heads: jax.Array
     positions: jax.Array | None = None
@@ -436,10 +427,6 @@ class PatchHeads(Edit):
                              f"{tuple(heads.shape)}")
         self.heads = heads
         self.positions = as_positions(positions)
-
-    @property
-    def site(self) -> str:
-        return self.site_name
 
     def check(self, shape, pos_axis: int = 1) -> None:
         super().check(shape, pos_axis)

@@ -21,12 +21,10 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-from experiments.scales import arguments, work_folder
-from jfig import load_graph, load_model
+from experiments.scales import arguments, built_graph, work_folder
 from jfig.behaviors import behavior_subgraph, overlap
 from jfig.data import BEHAVIORS
 from jfig.errors import JfigError
-from jfig.pipeline.behavior import cached_saes_for
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -85,12 +83,7 @@ def main():
     ap.add_argument("--behaviors", default=",".join(BEHAVIORS))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    work = work_folder(args)
-    if not (work / "graph" / "manifest.json").exists():
-        raise JfigError(f"no graph in {work / 'graph'}: run experiments/02_causal_graph at --scale {args.scale} first")
-    graph = load_graph(work / "graph")
-    model = load_model("smollm2-135m")
-    saes = cached_saes_for(model, graph.manifest)      # the SAEs experiment 02 built the graph with
+    graph, model, saes = built_graph(args)          # experiment 02's graph and the SAEs it was built with
     settings = SETTINGS[args.scale]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +110,7 @@ def main():
     overlaps = overlap(graph, node_sets, n_null=1000, seed=0) if len(node_sets) > 1 else []
     (out / "overlap.json").write_text(json.dumps(overlaps, indent=1) + "\n")
     summary = ["# Experiment 04: behaviour circuits", "",
-               f"Graph: {work / 'graph'} ({graph.n_nodes} features, {graph.n_edges} edges). Settings: {settings}.", "",
+               f"Graph: {work_folder(args) / 'graph'} ({graph.n_nodes} features, {graph.n_edges} edges). Settings: {settings}.", "",
                "| behaviour | accuracy | seeds | subgraph features | sufficiency | necessity | seeds-only sufficiency | "
                "seeds-only necessity | internal edge fraction | time |", "|---|---|---|---|---|---|---|---|---|---|",
                *lines, "", "## Overlap between behaviours' subgraphs", "",

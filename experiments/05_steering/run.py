@@ -33,11 +33,9 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from experiments.scales import arguments, work_folder
-from jfig import Clamp, Steer, load_graph, load_model
+from experiments.scales import arguments, built_graph
+from jfig import Clamp, Steer
 from jfig.data import default_corpus, tokens_from
-from jfig.errors import JfigError
-from jfig.pipeline.behavior import cached_saes_for
 from jfig.sites import site_key
 from jfig.steering import cascade_nodes, compare_cascade, compensate, observe_cascade, predict_cascade
 from jfig.steering.observe import fit_scores
@@ -110,12 +108,7 @@ def main():
     ap = arguments(__doc__.splitlines()[0], str(HERE / "results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    work = work_folder(args)
-    if not (work / "graph" / "manifest.json").exists():
-        raise JfigError(f"no graph in {work / 'graph'}: run experiments/02_causal_graph at --scale {args.scale} first")
-    graph = load_graph(work / "graph")
-    model = load_model("smollm2-135m")
-    saes = model.check_saes(cached_saes_for(model, graph.manifest))
+    graph, model, saes = built_graph(args)          # experiment 02's graph and the SAEs it was built with
     cfg = SETTINGS[args.scale]
     corpus = default_corpus(model, n_samples=256)
     seq_len = int(graph.manifest["statistics"].get("seq_len") or 64)
