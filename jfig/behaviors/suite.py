@@ -88,8 +88,10 @@ def as_suite(suite, n: int | None = None, seed: int = 0) -> BehaviorSuite:
         return behavior_suite(suite, n, seed)
     if isinstance(suite, (list, tuple)) and suite and all(isinstance(p, Prompt) for p in suite):
         return BehaviorSuite(suite[0].behavior, tuple(suite))
-    raise JfigError(f"expected a behaviour suite: a BehaviorSuite, one of {BEHAVIORS}, a .jsonl path or a list "
-                    f"of jfig.data.Prompt; got {type(suite).__name__}")
+    if isinstance(suite, (list, tuple)) and suite and all(isinstance(p, dict) for p in suite):
+        return BehaviorSuite("custom", tuple(prompt_from_row(r, "custom", f"suite row {i}") for i, r in enumerate(suite)))
+    raise JfigError(f"expected a behaviour suite: a BehaviorSuite, one of {BEHAVIORS}, a .jsonl path, a list of "
+                    f"jfig.data.Prompt or a list of dicts with {REQUIRED_FIELDS}; got {type(suite).__name__}")
 
 
 def load_suite(path, name: str | None = None) -> BehaviorSuite:
@@ -106,22 +108,31 @@ def load_suite(path, name: str | None = None) -> BehaviorSuite:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise FormatError(f"{path}, line {i}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise FormatError(f"{path}, line {i}: expected a JSON object with fields {REQUIRED_FIELDS}")
-        missing = [k for k in REQUIRED_FIELDS if not isinstance(row.get(k), str) or not row.get(k)]
-        if missing:
-            raise FormatError(f"{path}, line {i}: missing or empty field(s) {missing}; every prompt needs "
-                              f"non-empty strings {REQUIRED_FIELDS} (optional: {OPTIONAL_FIELDS})")
-        unknown = sorted(set(row) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
-        if unknown:
-            raise FormatError(f"{path}, line {i}: unknown field(s) {unknown}; expected {REQUIRED_FIELDS + OPTIONAL_FIELDS}")
-        if row["answer"] == row["distractor"]:
-            raise FormatError(f"{path}, line {i}: answer and distractor are both {row['answer']!r}")
-        prompts.append(Prompt(row["text"], row["answer"], row["distractor"], name, str(row.get("label", "")),
-                              corrupted=row.get("corrupted"), chat=bool(row.get("chat", False))))
+        prompts.append(prompt_from_row(row, name, f"{path}, line {i}"))
     if not prompts:
         raise FormatError(f"behaviour suite file {path} has no prompts")
     return BehaviorSuite(name, tuple(prompts))
+
+
+def prompt_from_row(row, behavior: str, where: str) -> Prompt:
+    """A Prompt from one suite row (a dict with the fields of the module docstring); FormatError
+    naming `where` and the bad or missing fields otherwise."""
+    if not isinstance(row, dict):
+        raise FormatError(f"{where}: expected a JSON object with fields {REQUIRED_FIELDS}")
+    missing = [k for k in REQUIRED_FIELDS if not isinstance(row.get(k), str) or not row.get(k)]
+    if missing:
+        raise FormatError(f"{where}: missing or empty field(s) {missing}; every prompt needs "
+                          f"non-empty strings {REQUIRED_FIELDS} (optional: {OPTIONAL_FIELDS})")
+    unknown = sorted(set(row) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
+    if unknown:
+        raise FormatError(f"{where}: unknown field(s) {unknown}; expected {REQUIRED_FIELDS + OPTIONAL_FIELDS}")
+    if row["answer"] == row["distractor"]:
+        raise FormatError(f"{where}: answer and distractor are both {row['answer']!r}")
+    corrupted = row.get("corrupted")
+    if corrupted is not None and not isinstance(corrupted, str):
+        raise FormatError(f"{where}: corrupted must be a string, got {type(corrupted).__name__}")
+    return Prompt(row["text"], row["answer"], row["distractor"], behavior, str(row.get("label", "")),
+                  corrupted=corrupted, chat=bool(row.get("chat", False)))
 
 
 def _prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:

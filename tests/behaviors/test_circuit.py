@@ -144,3 +144,10 @@ def test_control_sets_do_not_retrace(planted, monkeypatch):
         masks = {s: rng.random((4, D)) < 0.5 for s in saes}
         set_metrics(model, saes, batch, masks, {s: rng.uniform(0, 1, D) for s in saes}, chunk=4, batch_size=7)
     assert len(traces) == 1
+
+
+def test_a_suite_from_rows():
+    suite = jfig.behaviors.as_suite([{"text": "a b a", "answer": " b", "distractor": " c"}])
+    assert suite.name == "custom" and suite.prompts[0].answer == " b"
+    with pytest.raises(jfig.FormatError, match=r"suite row 0: missing or empty field\(s\) \['answer'\]"):
+        jfig.behaviors.as_suite([{"text": "a", "answer": "", "distractor": " c"}])
