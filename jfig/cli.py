@@ -16,7 +16,7 @@ import numpy as np
 
 from . import __version__
 from .errors import JfigError
-from .graph import load_graph
+from .graph import NodeIndex, load_graph
 from .models.registry import load_model
 from .data import BEHAVIORS
 from .pipeline import dry_run, load_config, run_analysis, run_build, run_demo, summarize
@@ -167,14 +167,15 @@ def cmd_steer(args) -> int:
     if args.max_new_tokens < 1:
         raise JfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     graph_dir = check_graph_dir(args.graph) if args.graph else None
-    if graph_dir is not None:                       # checked before the model loads
-        nodes = load_graph(graph_dir).nodes
-        if not any(s == site and f == feature for s, f in zip(nodes["site"].to_pylist(), nodes["feature"].to_pylist())):
+    graph = load_graph(graph_dir) if graph_dir is not None else None
+    if graph is not None:                           # checked before the model loads
+        index = NodeIndex.from_graph(graph)
+        if index.lookup([site], [feature])[0] < 0:
             raise JfigError(f"{site}#{feature} is not a feature of the graph in {graph_dir} (its sites: "
-                            f"{sorted(set(nodes['site'].to_pylist()))})")
+                            f"{list(index.sites)})")
     model = _load(args.model)
     model.check_site(site)
-    saes = {s.site: s for s in (graph_saes(model, graph_dir, args.sae) if (args.sae or graph_dir)
+    saes = {s.site: s for s in (graph_saes(model, graph, args.sae) if (args.sae or graph is not None)
                                 else default_saes(model, progress=False)[0])}
     if site not in saes:
         raise JfigError(f"no SAE reads {site}; SAE sites are {sorted(saes)}")

@@ -32,6 +32,7 @@ from ..models.layers import norm
 from ..models.model import Prefix
 from ..models.validation import check_saes, check_tokens
 from ..sites import STAGE, block_site, site_key
+from .metric import final_site, residual_logit_diff
 
 __all__ = ["EdgeHeads", "HeadEffects", "can_carry", "edge_heads", "head_patching"]
 
@@ -144,45 +145,26 @@ def _tiny(x: float, scale: float) -> bool:
 # ----------------------------------------------------------------------------------------------- the metric
 
 
-def _answer_logits(cfg, params, x, ids):
-    """Logits of token `ids` [b] for final residuals x [b, d], as the model's unembedding computes them."""
-    h = norm(cfg, x, params["ln_f_w"], params.get("ln_f_b"))
-    cols = params["unembed"][:, ids].T if "unembed" in params else params["embed"][ids]      # [b, d]
-    logit = jnp.sum(h * cols.astype(h.dtype), axis=-1)
-    if cfg.final_softcap is not None:
-        logit = jnp.tanh(logit / cfg.final_softcap) * cfg.final_softcap
-    return logit
-
-
-def _metric_at(cfg, params, x_last, answer, distractor):
-    """Logit difference per row from final residuals at the metric positions x_last [b, d]."""
-    return _answer_logits(cfg, params, x_last, answer) - _answer_logits(cfg, params, x_last, distractor)
-
-
 def _at_last(x, last):
     """x [b, s, ...] -> x[row, last[row]] [b, ...]."""
     return x[jnp.arange(x.shape[0]), last]
-
-
-def _final_site(cfg) -> str:
-    return block_site(cfg.n_layers - 1, "hook_resid_post")
 
 
 @partial(jax.jit, static_argnames=("capture",))
 def _baseline(model, tokens, last, answer, distractor, *, capture):
     """One unedited run: the captured sites and the metric per row [b]."""
     out = model.run(tokens, capture=capture, logits=False)
-    x = _at_last(out.cache[_final_site(model.config)], last)
-    return out.cache, _metric_at(model.config, model.params, x, answer, distractor)
+    x = _at_last(out.cache[final_site(model)], last)
+    return out.cache, residual_logit_diff(model.config, model.params, x, answer, distractor)
 
 
 def _head_run(model, site, z_clean, resid_pre, z_corr, mask, last, answer, distractor):
     """The metric per row [b] with the heads in `mask` [H] patched to z_corr at `site`, from that
     layer's z onwards (everything before it is clean)."""
-    final = _final_site(model.config)
+    final = final_site(model)
     out = model.run_suffix(Prefix(site, z_clean, resid_pre), edits=(PatchHeads(site, z_corr, mask),),
                            capture=(final,))
-    return _metric_at(model.config, model.params, _at_last(out.cache[final], last), answer, distractor)
+    return residual_logit_diff(model.config, model.params, _at_last(out.cache[final], last), answer, distractor)
 
 
 @partial(jax.jit, static_argnames=("site",))
@@ -215,7 +197,7 @@ def _layer_path(model, layer, z_clean, z_corr, x_last, answer, distractor):
     def one(mask):
         z = jnp.where(mask[:, None], z_corr, z_clean)
         delta = _attn_out(cfg, params["blocks"], layer, z) - base
-        return _metric_at(cfg, params, x_last + delta, answer, distractor)
+        return residual_logit_diff(cfg, params, x_last + delta, answer, distractor)
     return jax.vmap(one)(jnp.eye(z_clean.shape[1], dtype=bool))
 
 
@@ -263,7 +245,7 @@ def head_patching(model, clean, corrupted, last, answer, distractor, *, batch_si
     L, H = cfg.n_layers, cfg.n_heads
     z_sites = tuple(block_site(l, _Z) for l in range(L))
     pre_sites = tuple(block_site(l, "hook_resid_pre") for l in range(L))
-    capture = z_sites + pre_sites + (_final_site(cfg),)
+    capture = z_sites + pre_sites + (final_site(model),)
     act_sum, path_sum = np.zeros((L, H)), np.zeros((L, H))
     clean_sum = corr_sum = 0.0
     for rows, idx in _batches(n, batch_size):
@@ -274,7 +256,7 @@ def head_patching(model, clean, corrupted, last, answer, distractor, *, batch_si
         c_metric, r_metric = np.asarray(c_metric, np.float64), np.asarray(r_metric, np.float64)
         clean_sum += float(weight @ c_metric)
         corr_sum += float(weight @ r_metric)
-        x_last = _at_last(c_cache[_final_site(cfg)], lb)
+        x_last = _at_last(c_cache[final_site(model)], lb)
         for l in range(L):
             zc, zr = c_cache[z_sites[l]], r_cache[z_sites[l]]
             patched = _layer_activation(model, zc, c_cache[pre_sites[l]], zr, lb, ab, db, site=z_sites[l])

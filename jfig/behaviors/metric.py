@@ -15,12 +15,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models.forward import unembed
+from ..models.layers import norm
+from ..sites import block_site
 from .suite import SuiteTokens
 
 
 def final_site(model) -> str:
     """The site whose activations the unembedding reads (built-in models)."""
-    return f"blocks.{model.config.n_layers - 1}.hook_resid_post"
+    return block_site(model.config.n_layers - 1, "hook_resid_post")
+
+
+def answer_logits(cfg, params, x, ids) -> jax.Array:
+    """Logits [b] of the tokens `ids` [b] from final residuals x [b, d], as the unembedding computes them
+    (final norm, the ids' unembedding columns only, soft-cap)."""
+    h = norm(cfg, x, params["ln_f_w"], params.get("ln_f_b"))
+    cols = params["unembed"][:, ids].T if "unembed" in params else params["embed"][ids]      # [b, d]
+    logit = jnp.sum(h * cols.astype(h.dtype), axis=-1)
+    if cfg.final_softcap is not None:
+        logit = jnp.tanh(logit / cfg.final_softcap) * cfg.final_softcap
+    return logit
+
+
+def residual_logit_diff(cfg, params, x_last, answer, distractor) -> jax.Array:
+    """[b]: logit(answer) - logit(distractor) from the final residuals at the metric positions x_last [b, d]."""
+    return answer_logits(cfg, params, x_last, answer) - answer_logits(cfg, params, x_last, distractor)
 
 
 def last_logits(model, tokens, last, edits=()) -> jax.Array:
@@ -34,10 +52,15 @@ def last_logits(model, tokens, last, edits=()) -> jax.Array:
 
 
 def logit_diff(model, tokens, last, answer, distractor, edits=()) -> jax.Array:
-    """[n]: logit(answer) - logit(distractor) at each row's last prompt token."""
-    logits = last_logits(model, tokens, last, edits)
-    rows = jnp.arange(logits.shape[0])
-    return logits[rows, answer] - logits[rows, distractor]
+    """[n]: logit(answer) - logit(distractor) at each row's last prompt token (built-in models unembed
+    only the two tokens' columns)."""
+    rows = jnp.arange(tokens.shape[0])
+    if model.config is None:
+        logits = model.run(tokens, edits=edits).logits[rows, last]
+        return logits[rows, answer] - logits[rows, distractor]
+    site = final_site(model)
+    x = model.run(tokens, edits=edits, capture=(site,), logits=False).cache[site]   # [n, w, d]
+    return residual_logit_diff(model.config, model.params, x[rows, last], answer, distractor)
 
 
 class Baseline(NamedTuple):

@@ -15,7 +15,8 @@ import itertools
 import numpy as np
 import pyarrow.compute as pc
 
-from .subgraph import NodeIndex, edge_arrays, internal_fraction, khop_subgraph
+from ..graph import NodeIndex
+from .subgraph import edge_arrays, internal_fraction, khop_subgraph
 
 
 def _node_rates(graph) -> dict:
@@ -47,7 +48,7 @@ def random_seed_sets(graph, seeds, n: int, *, pool: int = 10, seed: int = 0) -> 
 def self_containment(graph, subgraph_nodes, seeds, k: int, *, n_null: int = 50, pool: int = 10, seed: int = 0,
                      min_weight: float = 0.0, per_node: int | None = 10) -> dict:
     """Internal fraction of the subgraph vs k-hop subgraphs from matched random seeds."""
-    index = NodeIndex(graph)
+    index = NodeIndex.from_graph(graph)
     arrays = edge_arrays(graph, index)
     observed = internal_fraction(graph, subgraph_nodes, index, arrays)
     null = np.asarray([internal_fraction(graph, khop_subgraph(graph, r, k, min_weight=min_weight, per_node=per_node).nodes, index, arrays)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import JfigError
-from ..sites import sort_sites
+from ..graph import NodeIndex
 
 
 @dataclass(frozen=True)
@@ -41,32 +41,16 @@ class Subgraph:
         return {s: sorted(v) for s, v in out.items()}
 
 
-class NodeIndex:
-    """Integer ids for (site, feature) pairs of a graph: site index * stride + feature."""
-
-    def __init__(self, graph):
-        self.sites = sort_sites(set(graph.nodes["site"].to_pylist()))
-        self.site_id = {s: i for i, s in enumerate(self.sites)}
-        self.stride = int(pc.max(graph.nodes["feature"]).as_py() or 0) + 1
-        self.nodes = self.encode(graph.nodes["site"].to_pylist(), graph.nodes["feature"].to_numpy())
-
-    def encode(self, sites, features) -> np.ndarray:
-        ids = np.asarray([self.site_id.get(s, -1) for s in sites], np.int64)
-        return np.where(ids < 0, -1, ids * self.stride + np.asarray(features, np.int64))
-
-    def decode(self, ids) -> list:
-        return [(self.sites[int(i) // self.stride], int(i) % self.stride) for i in ids]
-
-
 def edge_arrays(graph, index: NodeIndex, min_weight: float = 0.0):
-    """(source, target, modulator, keep, |weight|) arrays over the edge rows; modulator -1 on first-order
-    rows, keep = a gating row or |weight| >= min_weight."""
+    """(source, target, modulator, keep, |weight|) node-index arrays over the edge rows; modulator -1 on
+    first-order rows, keep = a gating row or |weight| >= min_weight."""
     e = graph.edges
-    src = index.encode(e["source_site"].to_pylist(), e["source"].to_numpy())
-    tgt = index.encode(e["target_site"].to_pylist(), e["target"].to_numpy())
+    src = index.index_of(e["source_site"].to_numpy(), e["source"].to_numpy())
+    tgt = index.index_of(e["target_site"].to_numpy(), e["target"].to_numpy())
     gating = np.asarray(pc.equal(e["kind"], "gating").to_numpy(zero_copy_only=False), bool)
-    msite = e["modulator_site"].to_pylist()
-    mod = np.where(gating, index.encode([m or "" for m in msite], e["modulator"].fill_null(0).to_numpy()), -1)
+    mod = np.full(len(src), -1, np.int64)
+    mod[gating] = index.index_of(np.asarray(e["modulator_site"].to_numpy(), object)[gating],
+                                 np.asarray(e["modulator"].to_numpy())[gating])
     strength = np.abs(e["weight"].to_numpy())
     keep = gating | (strength >= min_weight)
     return src, tgt, mod, keep, strength
@@ -92,9 +76,9 @@ def khop_subgraph(graph, seeds, k: int = 2, *, min_weight: float = 0.0, per_node
         raise JfigError(f"per_node must be >= 1 edges (or None for all), got {per_node}")
     if not seeds:
         raise JfigError("a behaviour subgraph needs at least one seed feature")
-    index = NodeIndex(graph)
-    seed_ids = index.encode([s for s, _ in seeds], [f for _, f in seeds])
-    missing = [seeds[i] for i in np.flatnonzero(~np.isin(seed_ids, index.nodes))]
+    index = NodeIndex.from_graph(graph)
+    seed_ids = index.lookup([s for s, _ in seeds], [f for _, f in seeds])
+    missing = [seeds[i] for i in np.flatnonzero(seed_ids < 0)]
     if missing:
         raise JfigError(f"seed feature(s) {missing[:5]} are not nodes of the graph (sites {index.sites})")
     src, tgt, mod, keep, strength = edge_arrays(graph, index, min_weight)
@@ -120,18 +104,18 @@ def khop_subgraph(graph, seeds, k: int = 2, *, min_weight: float = 0.0, per_node
     ids = np.fromiter(hop, np.int64, len(hop))
     e_src, e_tgt, e_mod, _, _ = edge_arrays(graph, index)
     inside = np.isin(e_src, ids) & np.isin(e_tgt, ids) & ((e_mod < 0) | np.isin(e_mod, ids))
-    order = np.argsort(ids, kind="stable")
-    nodes = tuple(index.decode(ids[order]))
-    return Subgraph(nodes, {n: hop[int(i)] for n, i in zip(nodes, ids[order])},
-                    graph.edges.filter(pa.array(inside)))
+    ids = np.sort(ids)                                              # node indices run in forward order
+    keys = index.keys
+    nodes = tuple(keys[i] for i in ids)
+    return Subgraph(nodes, {n: hop[int(i)] for n, i in zip(nodes, ids)}, graph.edges.filter(pa.array(inside)))
 
 
 def internal_fraction(graph, nodes, index: NodeIndex | None = None, arrays=None) -> float:
     """Share of the first-order edges touching `nodes` that lie inside them: internal / (internal +
     boundary). 1 = a subgraph with no edges to the rest of the graph."""
-    index = index or NodeIndex(graph)
+    index = index or NodeIndex.from_graph(graph)
     src, tgt, mod = (arrays if arrays is not None else edge_arrays(graph, index))[:3]
-    ids = index.encode([s for s, _ in nodes], [f for _, f in nodes])
+    ids = index.locate(nodes)
     first = mod < 0
     a, b = np.isin(src[first], ids), np.isin(tgt[first], ids)
     touching = int((a | b).sum())

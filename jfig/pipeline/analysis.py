@@ -13,6 +13,7 @@ from ..errors import JfigError
 from ..graph import load_graph
 from ..models.registry import load_model
 from ..saes import default_saes, load_sae
+from .behavior import check_graph_dir
 from .config import load_config
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,7 @@ def run_analysis(graph_dir, out_dir, *, seed: int = 0, null_samples: int = 20, c
     check_options(null_samples, community_nulls)      # every option is checked before any work
     if hub_sequences < 1 or hubs_k < 1 or matched < 1:
         raise JfigError(f"hub_sequences, hubs_k and matched must be >= 1, got {hub_sequences}, {hubs_k}, {matched}")
-    graph_dir = Path(graph_dir)
-    if not (graph_dir / "manifest.json").exists():
-        raise JfigError(f"{graph_dir} is not a graph folder (no manifest.json); expected the folder a build wrote "
-                        f"its graph to, e.g. OUT/graph")
+    graph_dir = check_graph_dir(graph_dir)
     if config is not None and demo:
         raise JfigError("give either a build config for the hub test or --hub-test-demo, not both")
     graph = load_graph(graph_dir)

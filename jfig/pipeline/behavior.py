@@ -39,16 +39,17 @@ def cached_saes_for(model, manifest: dict) -> list:
     return [found[s] for s in want]
 
 
-def graph_saes(model, graph_dir: Path, sae_paths) -> list:
-    """SAEs from --sae paths, else those of the graph in graph_dir (from the cache)."""
+def graph_saes(model, graph, sae_paths) -> list:
+    """SAEs from --sae paths, else those the (loaded) graph was built with, from the cache."""
     if sae_paths:
         return [load_sae(p) for p in sae_paths]
-    if graph_dir is None:
+    if graph is None:
         raise JfigError("pass the SAEs with --sae PATH or a graph folder with --graph DIR")
-    return cached_saes_for(model, load_graph(graph_dir).manifest)
+    return cached_saes_for(model, graph.manifest)
 
 
 def check_graph_dir(graph_dir) -> Path:
+    """graph_dir as a Path, or JfigError when it holds no graph (no manifest.json)."""
     graph_dir = Path(graph_dir)
     if not (graph_dir / "manifest.json").exists():
         raise JfigError(f"{graph_dir} is not a graph folder (no manifest.json); expected the folder a build wrote its "
@@ -66,7 +67,7 @@ def run_behavior(name: str, graph_dir, out_dir, *, model_name: str = "smollm2-13
     graph_dir = check_graph_dir(graph_dir)
     graph = load_graph(graph_dir)
     model = load_model(model_name)
-    saes = graph_saes(model, graph_dir, sae_paths)
+    saes = graph_saes(model, graph, sae_paths)
     circuit = behavior_subgraph(model, saes, graph, suite, k, n=n, seed=seed, **options)
     circuit.write(out_dir)
     return circuit
