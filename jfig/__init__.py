@@ -3,7 +3,7 @@
 Curated public API; see docs/ (quickstart, guide, concepts, measure, atlas, graph_format).
 The packages follow the pipeline, each importing only those before it:
 models -> data -> saes -> atlas -> measure -> candidates / stats -> graph -> analysis | behaviors | steering
--> pipeline -> cli.
+-> explorer -> pipeline -> cli.
 """
 from . import data, edits, errors, sites
 from .analysis import Analysis, EstimatorComparison, analyze, compare_estimators
@@ -12,7 +12,8 @@ from .behaviors import BehaviorCircuit, BehaviorSuite, behavior_subgraph, behavi
 from .candidates import Candidates, select_candidates
 from .edits import Ablate, Clamp, Compose, Patch, PatchHeads, SetFeatures, ShiftFeatures, Steer
 from .errors import FormatError, JfigError, OptionError, ShapeError, SiteError
-from .graph import InteractionGraph, load_graph
+from .explorer import attribution_json, explorer_payload, render_page
+from .graph import GraphDiff, InteractionGraph, diff_graphs, load_graph
 from .measure import Effects, GatingEffects, feature_importance, measure_effects, measure_gating, weight_effects
 from .models.config import ModelConfig
 from .models.model import Model, Prefix, RunOutput
@@ -27,11 +28,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Ablate", "Analysis", "Atlas", "BehaviorCircuit", "BehaviorSuite", "BuildOptions", "Candidates", "Clamp",
     "Compose", "DEFAULT_MODEL", "Effects",
-    "EstimatorComparison", "FormatError", "GatingEffects", "InteractionGraph", "JfigError", "Model", "ModelConfig",
+    "EstimatorComparison", "FormatError", "GatingEffects", "GraphDiff", "InteractionGraph", "JfigError", "Model", "ModelConfig",
     "OptionError", "Patch", "PatchHeads", "Prefix", "RunOutput", "SAE", "SetFeatures", "ShapeError", "ShiftFeatures", "SiteError",
     "Steer", "Tokenizer",
-    "__version__", "analyze", "behavior_subgraph", "behavior_suite", "build_atlas", "build_graph", "compare_estimators", "data", "default_saes", "edits", "errors",
+    "__version__", "analyze", "attribution_json", "behavior_subgraph", "behavior_suite", "build_atlas", "build_graph", "compare_estimators", "data", "default_saes", "diff_graphs", "edits", "errors", "explorer_payload",
     "feature_importance", "load_graph", "load_model", "load_sae", "load_suite", "measure_effects", "measure_gating",
-    "observe_cascade", "predict_cascade",
+    "observe_cascade", "predict_cascade", "render_page",
     "sae_metrics", "save_sae", "select_candidates", "sites", "train_sae", "weight_effects",
 ]

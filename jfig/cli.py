@@ -21,6 +21,7 @@ from .models.registry import load_model
 from .data import BEHAVIORS
 from .pipeline import dry_run, load_config, run_analysis, run_build, run_demo, summarize
 from .pipeline.behavior import check_graph_dir, graph_saes, parse_feature, run_behavior, steered_generation
+from .pipeline.view import ViewSources, prepare_server, run_diff, run_export_attribution, run_view
 from .saes import load_sae
 from .saes.defaults import default_saes, metrics_table
 
@@ -192,6 +193,53 @@ def cmd_steer(args) -> int:
     return 0
 
 
+def _sources(args) -> ViewSources:
+    return ViewSources(graph=args.graph, model=None if args.no_model else args.model, saes=tuple(args.sae),
+                       atlas=args.atlas, use_atlas=not args.no_atlas, labels=args.labels,
+                       behaviors=tuple(args.behavior), compare=getattr(args, "compare", None), title=args.title)
+
+
+def cmd_view(args) -> int:
+    """The explorer page of a graph, one self-contained HTML file."""
+    out = run_view(_sources(args), args.out, open_page=not args.no_open)
+    print(f"explorer page written to {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """The explorer page served with a live model (the steering simulator)."""
+    server = prepare_server(_sources(args), host=args.host, port=args.port)
+    print(f"jfig explorer at {server.url} (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_export_attribution(args) -> int:
+    """One prompt's slice of a graph as attribution-graph JSON."""
+    src = ViewSources(graph=args.graph, model=args.model, saes=tuple(args.sae))
+    data = run_export_attribution(src, args.prompt, args.out, n_logits=args.logits)
+    n_feat = sum(n["feature_type"] != "embedding" and n["feature_type"] != "logit" for n in data["nodes"])
+    print(f"{n_feat} feature nodes and {len(data['links'])} links on {len(data['metadata']['prompt_tokens'])} "
+          f"tokens written to {args.out}")
+    for note in data["metadata"]["info"]["left out"]:
+        print(f"left out: {note}")
+    return 0
+
+
+def cmd_diff(args) -> int:
+    """Edges gained, lost and sign-flipped between two graphs of the same SAEs."""
+    diff = run_diff(args.a, args.b, args.out)
+    print(f"A = {args.a}, B = {args.b}: {diff.summary()}")
+    for note in diff.notes:
+        print(f"note: {note}")
+    if args.out:
+        print(f"edge table written to {args.out}")
+    return 0
+
+
 def cmd_saes(args) -> int:
     """Train (or load from the cache) the default SAEs and print their quality metrics."""
     model = _load(args.model)
@@ -290,6 +338,48 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--model", default="smollm2-135m")
     st.add_argument("--max-new-tokens", type=int, default=32)
     st.set_defaults(fn=cmd_steer)
+    def explorer_args(sp):
+        sp.add_argument("graph", help="graph folder (OUT/graph of a build or demo)")
+        sp.add_argument("--model", default="smollm2-135m", help="the model the graph was built on (token strings, "
+                                                                "logit lens)")
+        sp.add_argument("--sae", action="append", default=[], help="SAE folder (repeatable; default: the graph's "
+                                                                   "SAEs from jfig's cache)")
+        sp.add_argument("--atlas", default=None, help="atlas folder (default: the one beside the graph, if any)")
+        sp.add_argument("--no-atlas", action="store_true", help="no contexts with marked tokens, no histograms")
+        sp.add_argument("--labels", default=None, metavar="CSV", help="feature labels: columns site,feature,label "
+                                                                       "(or feature=SITE#ID,label)")
+        sp.add_argument("--behavior", action="append", default=[], metavar="DIR",
+                        help="a behaviour circuit folder written by `jfig behavior` (repeatable)")
+        sp.add_argument("--title", default=None)
+
+    v = sub.add_parser("view", help="the graph explorer: one self-contained HTML page (works offline)")
+    explorer_args(v)
+    v.add_argument("--no-model", action="store_true", help="do not load the model (no token strings, no logit lens)")
+    v.add_argument("--compare", default=None, metavar="GRAPH_DIR",
+                   help="a second graph of the same SAEs: show edges gained, lost and sign-flipped")
+    v.add_argument("--out", default=None, help="HTML file to write (default: explorer.html beside the graph folder)")
+    v.add_argument("--no-open", action="store_true", help="do not open the page in a browser")
+    v.set_defaults(fn=cmd_view)
+    sv = sub.add_parser("serve", help="the graph explorer from a local server, with the steering simulator")
+    explorer_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8050, help="port (default 8050; 0: any free port)")
+    sv.set_defaults(fn=cmd_serve, no_model=False)
+    ea = sub.add_parser("export-attribution", help="one prompt's slice of a graph as attribution-graph JSON (the "
+                                                   "format circuit-tracer's and Neuronpedia's graph viewers read)")
+    ea.add_argument("graph", help="graph folder (OUT/graph of a build or demo)")
+    ea.add_argument("--prompt", required=True)
+    ea.add_argument("--out", required=True, help="JSON file to write")
+    ea.add_argument("--model", default="smollm2-135m", help="the model the graph was built on")
+    ea.add_argument("--sae", action="append", default=[], help="SAE folder (repeatable; default: the graph's SAEs "
+                                                               "from jfig's cache)")
+    ea.add_argument("--logits", type=int, default=5, help="logit nodes: the likeliest next tokens")
+    ea.set_defaults(fn=cmd_export_attribution)
+    df = sub.add_parser("diff", help="edges gained, lost and sign-flipped between two graphs of the same SAEs")
+    df.add_argument("a", help="graph folder A")
+    df.add_argument("b", help="graph folder B")
+    df.add_argument("--out", default=None, help="CSV file for the edge table (one row per edge of either graph)")
+    df.set_defaults(fn=cmd_diff)
     r = sub.add_parser("run", help="next-token prediction and most active SAE features for prompts")
     common(r)
     r.add_argument("prompt", nargs="*", help="prompt text (default: a few demo prompts)")
