@@ -1,0 +1,124 @@
+"""`jfig view`, `jfig serve`, `jfig diff` and `jfig export-attribution` on the tiny model folder, and
+their errors (a missing or corrupt graph folder, a model that is not the graph's, a bad labels file)."""
+import csv
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import jfig
+from jfig.cli import main
+from jfig.data import tokens_from
+from jfig.pipeline.view import ViewSources, prepare_server
+from tests.support.graphs import graph_from_edges
+from tests.support.tiny_project import SAE_SITES
+
+
+@pytest.fixture(scope="module")
+def built(project, tmp_path_factory):
+    """A graph over the tiny project's SAE sites in OUT/graph, with an atlas in OUT/atlas."""
+    root, model = project
+    out = tmp_path_factory.mktemp("view") / "out"
+    saes = [jfig.load_sae(root / "saes" / "l0"), jfig.load_sae(root / "saes" / "l2")]
+    jfig.build_atlas(model, saes, tokens_from(str(root / "texts"), model, 16, max_tokens=16 * 16)).save(out / "atlas")
+    rng = np.random.default_rng(2)
+    pairs = rng.choice(256, 24, replace=False)
+    g = graph_from_edges(list(SAE_SITES), [0] * 24, pairs // 16, [1] * 24, pairs % 16, rng.choice([-1, 1], 24),
+                         n_features=16)
+    g.save(out / "graph")
+    return root, out
+
+
+def page_payload(path) -> dict:
+    html = path.read_text()
+    return json.loads(re.search(r'<script id="jfig-data" type="application/json">(.*?)</script>', html, re.S).group(1))
+
+
+def model_args(root):
+    return ["--model", str(root / "model"), "--sae", str(root / "saes" / "l0"), "--sae", str(root / "saes" / "l2")]
+
+
+def test_view_writes_one_page_with_cards(built, tmp_path, capsys):
+    root, out = built
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"site,feature,label\n{SAE_SITES[0]},2,a label\n")
+    page = tmp_path / "page.html"
+    assert main(["view", str(out / "graph"), *model_args(root), "--labels", str(labels), "--out", str(page),
+                 "--no-open"]) == 0
+    assert f"explorer page written to {page}" in capsys.readouterr().out
+    p = page_payload(page)
+    assert p["mode"] == "static" and len(p["edges"]["source"]) == 24
+    assert p["cards"]["contexts"][0] and p["cards"]["logit_top"][0] and p["cards"]["histogram"][0]
+    assert "a label" in p["nodes"]["label"]
+    # without the model: no token strings, no logit lens, and the page says so
+    assert main(["view", str(out / "graph"), "--no-model", "--out", str(page), "--no-open"]) == 0
+    p = page_payload(page)
+    assert "logit_top" not in p["cards"] and any("logit lens" in n for n in p["notes"])
+    # the default place: beside the graph folder
+    assert main(["view", str(out / "graph"), "--no-model", "--no-open"]) == 0
+    assert (out / "explorer.html").exists()
+
+
+def test_view_errors(built, tmp_path, capsys):
+    root, out = built
+    assert main(["view", str(tmp_path / "nothing"), "--no-model", "--no-open"]) == 2
+    assert "is not a graph folder (no manifest.json)" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    shutil.copytree(out / "graph", bad)
+    (bad / "edges.parquet").write_bytes(b"garbage")
+    page = tmp_path / "page.html"
+    assert main(["view", str(bad), "--no-model", "--out", str(page), "--no-open"]) == 2
+    assert "not a readable Parquet file" in capsys.readouterr().err and not page.exists()
+    other = tmp_path / "other"
+    g = jfig.load_graph(out / "graph")
+    jfig.InteractionGraph.from_tables(g.nodes, g.edges, {**g.manifest, "model": {
+        "name": "SmolLM2-135M", "n_layers": 30, "d_model": 576}}).save(other)
+    assert main(["view", str(other), *model_args(root), "--out", str(page), "--no-open"]) == 2
+    assert "the graph was built on SmolLM2-135M (30 layers, d_model 576)" in capsys.readouterr().err
+    assert main(["view", str(out / "graph"), "--no-model", "--labels", str(tmp_path / "none.csv"), "--no-open"]) == 2
+    assert "labels file" in capsys.readouterr().err
+    assert main(["view", str(out / "graph"), "--no-model", "--behavior", str(tmp_path), "--no-open"]) == 2
+    assert "holds no circuit.json" in capsys.readouterr().err
+    assert main(["view", str(out / "graph"), "--no-model", "--out", str(tmp_path), "--no-open"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not page.exists()
+
+
+def test_serve_prepares_a_live_page_and_checks_its_inputs(built, capsys):
+    root, out = built
+    src = ViewSources(graph=str(out / "graph"), model=str(root / "model"),
+                      saes=(str(root / "saes" / "l0"), str(root / "saes" / "l2")))
+    server = prepare_server(src, port=0)
+    try:
+        assert b'"mode":"live"' in server.page and set(server.api) == {"/api/steer", "/api/attribution"}
+    finally:
+        server.server_close()
+    assert main(["serve", str(out / "graph"), "--model", str(root / "model"), "--port", "70000"]) == 2
+    assert "--port must be 0..65535" in capsys.readouterr().err
+    # the graph's SAEs are not in jfig's cache under this model: serve needs them, and says so
+    assert main(["serve", str(out / "graph"), "--model", str(root / "model"), "--port", "0"]) == 2
+    assert "the graph's manifest lists no SAEs" in capsys.readouterr().err
+
+
+def test_diff_and_attribution_export(built, tmp_path, capsys):
+    root, out = built
+    g = jfig.load_graph(out / "graph")
+    rows = g.edges.to_pylist()
+    rows[0].update(kind="inhibitory" if rows[0]["kind"] == "excitatory" else "excitatory", weight=-rows[0]["weight"])
+    b = tmp_path / "b"
+    jfig.InteractionGraph.from_tables(g.nodes, jfig.graph.graph.pa.Table.from_pylist(rows[:-2]), g.manifest).save(b)
+    table = tmp_path / "diff.csv"
+    assert main(["diff", str(out / "graph"), str(b), "--out", str(table)]) == 0
+    assert "21 same, 0 gained, 2 lost, 1 sign-flipped" in capsys.readouterr().out
+    with open(table, newline="") as fh:
+        t = list(csv.DictReader(fh))
+    assert len(t) == 24 and [r["status"] for r in t].count("lost") == 2 and t[0]["status"] == "flipped"
+    assert main(["diff", str(out / "graph"), str(tmp_path / "nothing")]) == 2
+    slice_file = tmp_path / "slice.json"
+    assert main(["export-attribution", str(out / "graph"), *model_args(root), "--prompt", "alpha beta gamma",
+                 "--out", str(slice_file)]) == 0
+    assert "feature nodes and" in capsys.readouterr().out
+    data = json.loads(slice_file.read_text())
+    assert data["metadata"]["slug"] == "slice" and data["metadata"]["prompt"] == "alpha beta gamma"
