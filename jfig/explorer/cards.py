@@ -17,13 +17,15 @@ from ..errors import FormatError, JfigError
 MAX_BINS = 32
 
 
-def atlas_cards(atlas, keys, *, max_contexts: int = 8) -> tuple[list, list, list[str]]:
-    """(contexts, histograms, notes) of the nodes `keys` [(site, feature)] from an Atlas.
+def atlas_cards(atlas, keys, *, max_contexts: int = 8) -> tuple[list, list, list, list[str]]:
+    """(contexts, histograms, levels, notes) of the nodes `keys` [(site, feature)] from an Atlas.
 
     contexts: per node a list of {"tokens": [int] (-1 past either end), "at": index of the activating
     token, "activation"}, strongest first; histograms: {"edges", "counts"} of the non-zero activations
-    (the atlas's log-spaced bins, trimmed to the occupied range and merged to at most MAX_BINS)."""
-    contexts, hists = [None] * len(keys), [None] * len(keys)
+    (the atlas's log-spaced bins, trimmed to the occupied range and merged to at most MAX_BINS);
+    levels: the 10th, 50th and 90th percentiles of the non-zero activations (the clamp levels)."""
+    contexts, hists, levels = [None] * len(keys), [None] * len(keys), [None] * len(keys)
+    quantiles = {s: atlas.alpha_levels(s) for s in {s for s, _ in keys} if s in atlas.sites}
     at = int(atlas.settings["context"][0])
     lo, hi = atlas.settings["hist_range"]
     missing = sorted({s for s, _ in keys if s not in atlas.sites})
@@ -34,9 +36,11 @@ def atlas_cards(atlas, keys, *, max_contexts: int = 8) -> tuple[list, list, list
         vals, toks = st["ctx_val"][feature], st["ctx_tok"][feature]
         contexts[i] = [{"tokens": t.tolist(), "at": at, "activation": round(float(v), 5)}
                        for v, t in zip(vals[:max_contexts], toks[:max_contexts]) if v > 0]
+        q = quantiles[site][feature]
+        levels[i] = None if np.isnan(q).any() else [float(f"{v:.5g}") for v in q]
         hists[i] = histogram(st["hist"][feature], float(st["vmin"][feature]), float(st["vmax"][feature]), lo, hi)
     notes = [f"the atlas has no statistics for site(s) {missing}: no contexts or histograms there"] if missing else []
-    return contexts, hists, notes
+    return contexts, hists, levels, notes
 
 
 def histogram(counts: np.ndarray, vmin: float, vmax: float, lo: float, hi: float) -> dict | None:

@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 
 from ..errors import JfigError, OptionError
 from ..graph import InteractionGraph, NodeIndex, diff_graphs
-from ..sites import parse_site
+from ..sites import site_layer
 from .cards import atlas_cards, load_labels, logit_lens, text_contexts, token_strings, unembedding
 from .layout import barycentre_order
 from .page import PAYLOAD_FORMAT, PAYLOAD_VERSION
@@ -93,9 +93,10 @@ def finite_or_none(v):
     return None if v is None or not math.isfinite(v) else float(v)
 
 
-def compare_edges(graph, other) -> tuple[InteractionGraph, dict, dict]:
+def compare_edges(graph, other, names=None) -> tuple[InteractionGraph, dict, dict]:
     """(the union graph to lay out, per-edge extra columns status/weight_b in the union's edge order,
-    the compare summary) for graph A = `graph` against B = `other`."""
+    the compare summary) for graph A = `graph` against B = `other`, named `names` (default: the
+    manifests' model names)."""
     diff = diff_graphs(graph, other)
     t = diff.table
     nodes = {}
@@ -133,9 +134,9 @@ def compare_edges(graph, other) -> tuple[InteractionGraph, dict, dict]:
                                          edges, graph.manifest)
     extra = {"status": [STATUS_CODES[s] for s in t["status"].to_pylist()], "weight_b": finite(
         [np.nan if w is None else w for w in weight_b])}
-    summary = {"a": graph.manifest.get("title") or (graph.manifest.get("model") or {}).get("name") or "A",
-               "b": other.manifest.get("title") or (other.manifest.get("model") or {}).get("name") or "B",
-               "counts": diff.counts, "notes": diff.notes}
+    a, b = names or ((graph.manifest.get("model") or {}).get("name") or "A",
+                     (other.manifest.get("model") or {}).get("name") or "B")
+    summary = {"a": str(a), "b": str(b), "counts": diff.counts, "notes": diff.notes}
     return union, extra, summary
 
 
@@ -225,7 +226,7 @@ def graph_meta(graph) -> dict:
 
 
 def explorer_payload(graph, *, atlas=None, model=None, saes=None, labels=None, circuits=(), compare=None,
-                     title: str | None = None, mode: str = "static", top_logits: int = 10,
+                     compare_names: tuple[str, str] | None = None, title: str | None = None, mode: str = "static", top_logits: int = 10,
                      max_contexts: int = 8) -> dict:
     """The explorer page's data for `graph` (format: docs/explorer_payload.md).
 
@@ -233,7 +234,8 @@ def explorer_payload(graph, *, atlas=None, model=None, saes=None, labels=None, c
     jfig Model (token strings; with `saes`, the logit lens of each node's decoder direction); saes:
     the graph's SAEs (list or {site: SAE}); labels: {(site, feature): text} or a CSV path (columns
     site,feature,label or feature=SITE#ID,label); circuits: BehaviorCircuits or folders written by
-    `jfig behavior`; compare: a second InteractionGraph of the same SAEs (edges gained, lost, flipped);
+    `jfig behavior`; compare: a second InteractionGraph of the same SAEs (edges gained, lost, flipped),
+    compare_names: what to call the two graphs (default: their models' names);
     mode: 'static' (a file) or 'live' (served by `jfig serve`, with the steering simulator).
     Every input is checked before any work; what cannot be shown is listed in the payload's notes.
     """
@@ -245,7 +247,7 @@ def explorer_payload(graph, *, atlas=None, model=None, saes=None, labels=None, c
     if compare is not None:
         if not isinstance(compare, InteractionGraph):
             raise JfigError(f"compare= needs an InteractionGraph, got {type(compare).__name__}")
-        graph, extra, summary = compare_edges(graph, compare)
+        graph, extra, summary = compare_edges(graph, compare, compare_names)
     index = NodeIndex.from_graph(graph)
     keys = index.keys
     nodes = node_table(graph, index, labels)
@@ -264,7 +266,8 @@ def explorer_payload(graph, *, atlas=None, model=None, saes=None, labels=None, c
                        + np.bincount(mod[mod >= 0], minlength=len(index))).tolist()
     cards, vocab = {}, {}
     if atlas is not None:
-        cards["contexts"], cards["histogram"], more = atlas_cards(atlas, keys, max_contexts=max_contexts)
+        cards["contexts"], cards["histogram"], cards["levels"], more = atlas_cards(atlas, keys,
+                                                                                  max_contexts=max_contexts)
         notes += more
         if model is None or getattr(model, "tokenizer", None) is None:
             notes.append("no tokenizer (no model given): contexts show token ids")
@@ -295,7 +298,7 @@ def explorer_payload(graph, *, atlas=None, model=None, saes=None, labels=None, c
         ids = [t for c in cards.get("contexts") or [] if c for x in c if "tokens" in x for t in x["tokens"]]
         ids += [t for col in ("logit_top", "logit_bottom") for c in cards.get(col) or [] if c for t, _ in c]
         vocab = token_strings(tokenizer, ids)
-    layers = [parse_site(s).layer for s in index.sites]
+    layers = [site_layer(s, index.sites) for s in index.sites]
     return {"format": PAYLOAD_FORMAT, "version": PAYLOAD_VERSION,
             "title": title or f"jfig graph: {graph_meta(graph).get('model', 'model')}",
             "mode": mode, "meta": graph_meta(graph), "notes": notes,

@@ -96,8 +96,9 @@ def load_parts(src: ViewSources, *, need_saes: bool):
                 log.warning("no logit lens: %s", e)
     elif need_saes:
         raise JfigError("jfig serve needs the graph's model for the steering simulator; pass --model")
+    names = (str(graph_dir), str(src.compare)) if compare is not None else None
     kwargs = dict(atlas=atlas, model=model, saes=saes, labels=labels, circuits=list(src.behaviors),
-                  compare=compare, title=src.title)
+                  compare=compare, compare_names=names, title=src.title)
     return graph, kwargs, model, saes
 
 

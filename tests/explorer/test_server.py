@@ -13,6 +13,7 @@ import jfig
 from jfig.explorer import explorer_payload, simulate_steering
 from jfig.explorer.server import make_server
 from jfig.steering import cascade_nodes
+from tests.explorer.reference import reference_steering
 
 PROMPT = "alpha beta gamma the sequence"
 
@@ -53,48 +54,21 @@ def test_page_is_served_live(server):
 
 
 def test_steering_numbers_are_the_model_and_the_graph(server, tiny):
-    model, saes, graph = tiny["model"], {s.site: s for s in tiny["saes"]}, tiny["graph"]
-    e = strongest_source(graph)
+    e = strongest_source(tiny["graph"])
     site, feature, value = e["source_site"], e["source"], 3.0
     status, ans = post(server, "api/steer", {"site": site, "feature": feature, "value": value, "prompt": PROMPT,
                                              "max_new_tokens": 5})
     assert status == 200, ans
-    tokens = np.asarray([[model.tokenizer.bos_id] + model.tokenizer.encode(PROMPT, add_bos=False)], np.int32)
-    mask = np.ones(tokens.shape, bool)
-    mask[:, 0] = False
-    assert ans["tokens"] == int(mask.sum())
-    # observed: a direct clamped run against a clean one, encoded at the later site, averaged over the mask
-    later = "blocks.2.hook_resid_post"
-    clean = np.asarray(saes[later].encode(model.run(tokens, capture=(later,)).cache[later]))
-    edit = jfig.Clamp(saes[site], feature, value, positions=mask)
-    steered = np.asarray(saes[later].encode(model.run(tokens, edits=(edit,), capture=(later,)).cache[later]))
-    observed = (steered - clean)[mask].mean(0)
-    # predicted: predict_cascade from the per-token clamp deltas, bounded below by the clean activations
-    f0 = np.asarray(saes[site].encode(model.run(tokens, capture=(site,)).cache[site]))[..., feature][mask]
-    nodes = cascade_nodes(graph)
-    base = np.stack([clean[..., f][mask] if s == later else
-                     np.asarray(saes[s].encode(model.run(tokens, capture=(s,)).cache[s]))[..., f][mask]
-                     for s, f in nodes], axis=1)
-    predicted = jfig.predict_cascade(graph, {(site, feature): value - f0}, baseline=base)
+    ref = reference_steering(tiny, site, feature, value, PROMPT, 5)
+    assert ans["tokens"] == ref["tokens"]
     rows = {(r["site"], r["feature"]): r for r in ans["rows"]}
     assert len(rows) >= 3
-    for (s, f), r in rows.items():
-        assert s == later
-        assert r["observed"] == pytest.approx(float(observed[f]), abs=1e-5)
-        want = float(np.mean(predicted[(s, f)])) if (s, f) in predicted else 0.0
-        assert r["predicted"] == pytest.approx(want, abs=1e-6)
-        assert r["node"] == (nodes.index((s, f)) if (s, f) in nodes else -1)
-    # the fit is over every later node
-    p = np.asarray([float(np.mean(predicted.get((later, f), 0.0))) for f in range(16)])
-    o = observed[:16]
-    r2 = 1 - np.sum((o - p) ** 2) / np.sum((o - o.mean()) ** 2)
-    assert ans["fit"]["n"] == 16 and ans["fit"]["r2"] == pytest.approx(r2, rel=1e-6)
-    # texts: greedy continuations, the clamp acting on every position but the first
-    gen_mask = np.ones(tokens.shape[1] + 5, bool)
-    gen_mask[0] = False
-    want = model.generate(tokens, 5, edits=(jfig.Clamp(saes[site], feature, value, positions=gen_mask),))
-    assert ans["steered_text"] == model.tokenizer.decode([int(t) for t in want[0, tokens.shape[1]:]])
-    assert ans["clean_text"] == model.tokenizer.decode([int(t) for t in model.generate(tokens, 5)[0, tokens.shape[1]:]])
+    for key, r in rows.items():
+        assert r["observed"] == pytest.approx(ref["observed"][key], abs=1e-5)
+        assert r["predicted"] == pytest.approx(ref["predicted"][key], abs=1e-6)
+        assert r["node"] == ref["node"][key]
+    assert ans["fit"]["n"] == 16 and ans["fit"]["r2"] == pytest.approx(ref["r2"], rel=1e-6)
+    assert (ans["clean_text"], ans["steered_text"]) == (ref["clean_text"], ref["steered_text"])
 
 
 def test_attribution_endpoint(server):
