@@ -1162,47 +1162,34 @@
     const btn = $("steer-run");
     btn.disabled = true;
     steerStatus("running: clamping " + body.site + "#" + body.feature + " to " + body.value + " \u2026");
+    const data = await postLive("api/steer", body, "steering");
+    btn.disabled = selectedNode < 0;
+    if (!data) return;
+    showSteer(data);
+    steerStatus("done: " + (data.rows || []).length + " later features changed (" + (data.tokens != null ? data.tokens + " tokens" : "") + ")");
+  }
+  // POST a JSON body to the live server: the answer, or null after showing what failed
+  async function postLive(path, body, what) {
+    let msg;
     try {
-      const r = await fetch("api/steer", { method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(body) });
+      const r = await fetch(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
       let data = null;
       try { data = await r.json(); } catch (err) { data = null; }
-      if (!r.ok || !data || data.error) {
-        const msg = "steering failed: " + ((data && data.error) || ("HTTP " + r.status + " " + r.statusText));
-        steerStatus(msg, true);
-        showError(msg);
-        return;
-      }
-      showSteer(data);
-      steerStatus("done: " + (data.rows || []).length + " later features changed (" + (data.tokens != null ? data.tokens + " tokens" : "") + ")");
+      if (r.ok && data && !data.error) return data;
+      msg = what + " failed: " + ((data && data.error) || ("HTTP " + r.status + " " + r.statusText));
     } catch (err) {
-      const msg = "steering failed: " + err.message;
-      steerStatus(msg, true);
-      showError(msg);
-    } finally {
-      btn.disabled = selectedNode < 0;
+      msg = what + " failed: " + err.message;
     }
+    steerStatus(msg, true);
+    showError(msg);
+    return null;
   }
   async function exportAttribution() {
-    const prompt = $("steer-prompt").value;
     steerStatus("building the attribution graph of the prompt \u2026");
-    try {
-      const r = await fetch("api/attribution", { method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ prompt: prompt }) });
-      let data = null;
-      try { data = await r.json(); } catch (err) { data = null; }
-      if (!r.ok || !data || data.error) {
-        const msg = "attribution export failed: " + ((data && data.error) || ("HTTP " + r.status + " " + r.statusText));
-        steerStatus(msg, true);
-        showError(msg);
-        return;
-      }
-      download(new Blob([JSON.stringify(data)], { type: "application/json" }), "jfig-attribution.json");
-      steerStatus("attribution graph: " + data.nodes.length + " nodes, " + data.links.length + " links (circuit-tracer / Neuronpedia format)");
-    } catch (err) {
-      steerStatus("attribution export failed: " + err.message, true);
-      showError("attribution export failed: " + err.message);
-    }
+    const data = await postLive("api/attribution", { prompt: $("steer-prompt").value }, "attribution export");
+    if (!data) return;
+    download(new Blob([JSON.stringify(data)], { type: "application/json" }), "jfig-attribution.json");
+    steerStatus("attribution graph: " + data.nodes.length + " nodes, " + data.links.length + " links (circuit-tracer / Neuronpedia format)");
   }
   function initSteer() {
     if (!LIVE) {
