@@ -12,6 +12,7 @@ import pyarrow.csv as pacsv
 
 from ..errors import JfigError, OptionError
 from ..graph import InteractionGraph, NodeIndex, diff_graphs
+from ..graph.diff import KEY_COLUMNS
 from ..sites import site_layer
 from .cards import atlas_cards, load_labels, logit_lens, text_contexts, token_strings, unembedding
 from .layout import barycentre_order
@@ -23,9 +24,14 @@ STATUS_CODES = {"same": 0, "gained": 1, "lost": 2, "flipped": 3}
 MODES = ("static", "live")
 
 
+def finite_or_none(v):
+    """A float, or None for a missing, NaN or infinite value (JSON has neither)."""
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
 def finite(values) -> list:
-    """Floats with NaN and infinities as None (JSON has neither)."""
-    return [None if v is None or not math.isfinite(v) else float(v) for v in values]
+    """Floats with None, NaN and infinities as None."""
+    return [finite_or_none(v) for v in values]
 
 
 def check_inputs(graph, atlas, model, saes, mode) -> dict:
@@ -72,25 +78,19 @@ def edge_columns(edges, index: NodeIndex) -> tuple[dict, list[str], np.ndarray]:
     """(columnar edges sorted by |weight| descending, estimator names, the order applied)."""
     src = index.index_of(edges["source_site"].to_pylist(), edges["source"].to_numpy())
     tgt = index.index_of(edges["target_site"].to_pylist(), edges["target"].to_numpy())
-    mod_site = edges["modulator_site"].to_pylist()
     mod_feat = [-1 if m is None else m for m in edges["modulator"].to_pylist()]
-    mod = index.lookup([m or "" for m in mod_site], mod_feat) if len(mod_site) else np.zeros(0, np.int64)
+    mod = index.lookup([m or "" for m in edges["modulator_site"].to_pylist()], mod_feat)
     weight = edges["weight"].to_numpy(zero_copy_only=False).astype(np.float64)
     order = np.argsort(-np.abs(weight), kind="stable")
     estimators = sorted(set(edges["estimator"].to_pylist()))
-    est = np.asarray([estimators.index(e) for e in edges["estimator"].to_pylist()], np.int64)
-    kind = np.asarray([KIND_CODES[k] for k in edges["kind"].to_pylist()], np.int64)
-    cols = {"source": src[order].tolist(), "target": tgt[order].tolist(), "kind": kind[order].tolist() if len(kind) else [],
-            "weight": finite(weight[order]), "p_value": finite(np.asarray(finite(edges["p_value"].to_pylist()), object)[order]
-                                                              if len(order) else []),
-            "q_value": finite(np.asarray(finite(edges["q_value"].to_pylist()), object)[order] if len(order) else []),
-            "n": np.asarray(edges["n"].to_pylist(), np.int64)[order].tolist() if len(order) else [],
-            "estimator": est[order].tolist() if len(est) else [], "modulator": np.asarray(mod, np.int64)[order].tolist()}
+    codes = {"kind": [KIND_CODES[k] for k in edges["kind"].to_pylist()],
+             "estimator": [estimators.index(e) for e in edges["estimator"].to_pylist()],
+             "n": edges["n"].to_pylist(), "p_value": finite(edges["p_value"].to_pylist()),
+             "q_value": finite(edges["q_value"].to_pylist())}
+    cols = {"source": src[order].tolist(), "target": tgt[order].tolist(), "weight": finite(weight[order]),
+            "modulator": np.asarray(mod, np.int64)[order].tolist(),
+            **{name: [values[i] for i in order] for name, values in codes.items()}}
     return cols, estimators, order
-
-
-def finite_or_none(v):
-    return None if v is None or not math.isfinite(v) else float(v)
 
 
 def compare_edges(graph, other, names=None) -> tuple[InteractionGraph, dict, dict]:
@@ -119,21 +119,18 @@ def compare_edges(graph, other, names=None) -> tuple[InteractionGraph, dict, dic
         "target_layer": [layer[s] for s in t["target_site"].to_pylist()],
         "modulator_site": t["modulator_site"].to_pylist(), "modulator": t["modulator"].to_pylist()}
     # n and estimator of the union rows come from whichever graph holds them
-    for g, side in ((other, "b"), (graph, "a")):
-        key_rows = {k: r for r, k in enumerate(zip(*(g.edges[c].to_pylist() for c in
-                                                     ("source_site", "source", "target_site", "target",
-                                                      "modulator_site", "modulator", "positions"))))}
-        keys = zip(*(t[c].to_pylist() for c in ("source_site", "source", "target_site", "target", "modulator_site",
-                                                 "modulator", "positions")))
+    for g in (other, graph):
+        key_rows = {k: r for r, k in enumerate(zip(*(g.edges[c].to_pylist() for c in KEY_COLUMNS)))}
+        keys = zip(*(t[c].to_pylist() for c in KEY_COLUMNS))
         g_n, g_est = g.edges["n"].to_pylist(), g.edges["estimator"].to_pylist()
         for i, k in enumerate(keys):
             if k in key_rows:
                 edges["n"][i], edges["estimator"][i] = g_n[key_rows[k]], g_est[key_rows[k]]
+    saes = {s["site"]: s for g in (other, graph) for s in g.manifest.get("saes", [])}      # A's first
     union = InteractionGraph.from_tables({c: [r[c] for r in nodes.values()] for c in
                                           ("site", "feature", "layer", "firing_rate", "label", "top_contexts")},
-                                         edges, graph.manifest)
-    extra = {"status": [STATUS_CODES[s] for s in t["status"].to_pylist()], "weight_b": finite(
-        [np.nan if w is None else w for w in weight_b])}
+                                         edges, {**graph.manifest, "saes": list(saes.values())})
+    extra = {"status": [STATUS_CODES[s] for s in t["status"].to_pylist()], "weight_b": finite(weight_b)}
     a, b = names or ((graph.manifest.get("model") or {}).get("name") or "A",
                      (other.manifest.get("model") or {}).get("name") or "B")
     summary = {"a": str(a), "b": str(b), "counts": diff.counts, "notes": diff.notes}

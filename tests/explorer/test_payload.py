@@ -189,3 +189,18 @@ def test_bad_inputs_are_named_before_any_work(tiny):
         explorer_payload(elsewhere, atlas=tiny["atlas"])
     with pytest.raises(jfig.JfigError, match="a circuit must be"):
         explorer_payload(graph, circuits=[3])
+
+
+def test_compare_with_a_site_only_in_one_graph():
+    sites = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+
+    def graph(n_sites, src, tgt):
+        g = graph_from_edges(sites[:n_sites], [0] * len(src), src, [n_sites - 1] * len(tgt), tgt, [1] * len(src),
+                             n_features=4)
+        return jfig.InteractionGraph.from_tables(g.nodes, g.edges, {
+            **g.manifest, "saes": [{"site": s, "d_sae": 4} for s in sites[:n_sites]]})
+    a, b = graph(2, [1], [2]), graph(3, [1, 3], [2, 0])
+    p = explorer_payload(a, compare=b, compare_names=("base", "tuned"))
+    assert [s["name"] for s in p["sites"]] == sites and len(p["nodes"]["feature"]) == 12
+    assert p["compare"]["a"] == "base" and p["compare"]["counts"] == {"same": 0, "gained": 2, "lost": 1, "flipped": 0}
+    assert any("sites only in graph B" in n for n in p["compare"]["notes"])

@@ -1,6 +1,6 @@
 /* jfig explorer: an interactive view of one feature interaction graph.
    Everything comes from the JSON payload in #jfig-data (docs/explorer_payload.md); nothing is fetched
-   except POST api/steer when the page is served live. Plain JavaScript, no libraries. */
+   except the POSTs to api/steer and api/attribution when the page is served live. Plain JavaScript, no libraries. */
 (function () {
   "use strict";
 
