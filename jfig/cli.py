@@ -83,6 +83,8 @@ def cmd_demo(args) -> int:
     print(summarize(graph))
     print(f"\ngraph written to {Path(args.out) / 'graph'} (nodes.parquet, edges.parquet, manifest.json); "
           f"total {time.time() - t0:.0f} s")
+    print(f"look at it: jfig view {Path(args.out) / 'graph'}   (or jfig serve {Path(args.out) / 'graph'} to steer "
+          f"features); analyse it: jfig analyze {Path(args.out) / 'graph'} --out {Path(args.out) / 'analysis'}")
     return 0
 
 
