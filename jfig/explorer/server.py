@@ -74,7 +74,10 @@ class ExplorerHandler(BaseHTTPRequestHandler):
             self.answer_json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {path}; POST to one of "
                                                              f"{sorted(self.server.api)}"})
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
         if not 0 < length <= MAX_BODY:
             self.answer_json(HTTPStatus.BAD_REQUEST, {"error": f"a request body of 1 byte to {MAX_BODY} bytes is "
                                                                f"expected, got {length}"})
