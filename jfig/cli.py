@@ -348,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "SAEs from jfig's cache)")
         sp.add_argument("--atlas", default=None, help="atlas folder (default: the one beside the graph, if any)")
         sp.add_argument("--no-atlas", action="store_true", help="no contexts with marked tokens, no histograms")
-        sp.add_argument("--labels", default=None, metavar="CSV", help="feature labels: columns site,feature,label "
-                                                                       "(or feature=SITE#ID,label)")
+        sp.add_argument("--labels", default=None, metavar="FILE", help="feature labels: a CSV with columns "
+                        "site,feature,label (or feature=SITE#ID,label), or a Neuronpedia explanation export (.json)")
         sp.add_argument("--behavior", action="append", default=[], metavar="DIR",
                         help="a behaviour circuit folder written by `jfig behavior` (repeatable)")
         sp.add_argument("--title", default=None)

@@ -16,12 +16,14 @@ by `jit`, `grad` or `vmap` are checked for shape and dtype alone.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from treescope import repr_lib
 
 from .errors import ShapeError, SiteError
 from .sites import parse_site
@@ -148,6 +150,16 @@ def where_positions(positions, new, x, pos_axis):
 
 class Edit(eqx.Module):
     """Base class. Subclasses have a `site` and implement `apply(x) -> x` (same shape)."""
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        """Notebook display (treescope): the fields, an SAE shown by its site and width only."""
+        fields = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if hasattr(v, "W_dec") and hasattr(v, "site"):           # an SAE: not its weight matrices
+                v = f"SAE at {v.site} ({v.architecture}, {v.d_in} -> {v.d_sae})"
+            fields[f.name] = v
+        return repr_lib.render_object_constructor(type(self), fields, path=None, subtree_renderer=subtree_renderer)
 
     def apply(self, x, pos_axis: int = 1):
         raise NotImplementedError

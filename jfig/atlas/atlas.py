@@ -19,6 +19,7 @@ import networkx as nx
 import numpy as np
 import pyarrow as pa
 from scipy import stats as sps
+from treescope import repr_lib
 
 from ..errors import JfigError, ShapeError, SiteError
 from .accumulator import AtlasAccumulator, finalize_site
@@ -69,6 +70,13 @@ class Atlas:
     def __repr__(self) -> str:
         return (f"Atlas({len(self.sites)} sites, {len(self.pairs)} site pairs, {self.n_tokens} tokens, "
                 f"window={self.settings['window']}, position_window={self.settings['position_window']})")
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        """Notebook display (treescope): sites, widths, tracked features, pairs and settings."""
+        summary = {"sites": {s: f"d_sae {self.d_sae[s]}, {len(self.features[s])} tracked" for s in self.sites},
+                   "pairs": [f"{a} -> {b}" for a, b in self.pairs], "n_tokens": self.n_tokens,
+                   "n_sequences": self.n_sequences, "settings": self.settings, "corpus_hash": self.corpus_hash}
+        return repr_lib.render_object_constructor(type(self), summary, path=None, subtree_renderer=subtree_renderer)
 
     # ------------------------------------------------------------------ per feature
     def stats(self, site: str) -> dict:

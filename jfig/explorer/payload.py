@@ -229,8 +229,9 @@ def explorer_payload(graph, *, atlas=None, model=None, saes=None, labels=None, c
 
     atlas: the build's Atlas (top contexts with the token marked, activation histograms); model: a
     jfig Model (token strings; with `saes`, the logit lens of each node's decoder direction); saes:
-    the graph's SAEs (list or {site: SAE}); labels: {(site, feature): text} or a CSV path (columns
-    site,feature,label or feature=SITE#ID,label); circuits: BehaviorCircuits or folders written by
+    the graph's SAEs (list or {site: SAE}; those with a Neuronpedia id link each card to its page);
+    labels: {(site, feature): text}, a CSV path (columns site,feature,label or feature=SITE#ID,label)
+    or a Neuronpedia explanation export (.json, for SAEs with Neuronpedia ids); circuits: BehaviorCircuits or folders written by
     `jfig behavior`; compare: a second InteractionGraph of the same SAEs (edges gained, lost, flipped),
     compare_names: what to call the two graphs (default: their models' names);
     mode: 'static' (a file) or 'live' (served by `jfig serve`, with the steering simulator).
@@ -239,7 +240,8 @@ def explorer_payload(graph, *, atlas=None, model=None, saes=None, labels=None, c
     by_site = check_inputs(graph, atlas, model, saes, mode)
     if top_logits < 1 or max_contexts < 1:
         raise OptionError(f"top_logits and max_contexts must be >= 1, got {top_logits} and {max_contexts}")
-    labels = load_labels(labels) if isinstance(labels, (str, Path)) else dict(labels or {})
+    neuronpedia = {sae.meta["neuronpedia_id"]: site for site, sae in by_site.items() if sae.meta.get("neuronpedia_id")}
+    labels = load_labels(labels, neuronpedia) if isinstance(labels, (str, Path)) else dict(labels or {})
     notes, extra, summary = [], {}, None
     if compare is not None:
         if not isinstance(compare, InteractionGraph):
@@ -296,10 +298,12 @@ def explorer_payload(graph, *, atlas=None, model=None, saes=None, labels=None, c
         ids += [t for col in ("logit_top", "logit_bottom") for c in cards.get(col) or [] if c for t, _ in c]
         vocab = token_strings(tokenizer, ids)
     layers = [site_layer(s, index.sites) for s in index.sites]
+    neuronpedia_of = {site: np_id for np_id, site in neuronpedia.items()}
     return {"format": PAYLOAD_FORMAT, "version": PAYLOAD_VERSION,
             "title": title or f"jfig graph: {graph_meta(graph).get('model', 'model')}",
             "mode": mode, "meta": graph_meta(graph), "notes": notes,
-            "sites": [{"name": s, "layer": int(layer)} for s, layer in zip(index.sites, layers)],
+            "sites": [{"name": s, "layer": int(layer), "neuronpedia": neuronpedia_of.get(s)}
+                      for s, layer in zip(index.sites, layers)],
             "nodes": nodes, "estimators": estimators, "edges": edges, "cards": cards, "vocab": vocab,
             "circuits": circuit_list, "compare": summary}
 

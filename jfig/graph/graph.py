@@ -16,8 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import networkx as nx
+from treescope import repr_lib
 
 from ..errors import FormatError, JfigError
+from ..sites import sort_sites
 from .export import write_graphml, write_node_link_json
 from .storage import MANIFEST_KEYS, STORAGE_KEYS, read_graph_folder, write_graph_folder
 
@@ -174,6 +176,19 @@ class InteractionGraph:
 
     def __repr__(self) -> str:
         return self.summary().splitlines()[0]
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        """Notebook display (treescope): counts per site and kind and the strongest edges, not two tables."""
+        counts = {r["values"]: r["counts"] for r in pc.value_counts(self.nodes["site"]).to_pylist()}
+        sites = sort_sites(list(counts))
+        strongest = [f"{r['source_site']}#{r['source']} -> {r['target_site']}#{r['target']}: {r['kind']} "
+                     f"{r['weight']:.3g}" + (f" (modulator {r['modulator_site']}#{r['modulator']})"
+                                              if r["modulator"] is not None else "")
+                     for r in self.strongest(5).to_pylist()]
+        summary = {"n_nodes": self.n_nodes, "n_edges": self.n_edges, "edges_by_kind": self.edges_by_kind(),
+                   "nodes_per_site": {s: counts[s] for s in sites}, "strongest_edges": strongest,
+                   "model": self.manifest.get("model"), "options": self.manifest.get("options") or {}}
+        return repr_lib.render_object_constructor(type(self), summary, path=None, subtree_renderer=subtree_renderer)
 
     # ---- views and files ------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from treescope import repr_lib
 
 from ..errors import JfigError, SiteError
 from ..models.validation import check_features
@@ -98,6 +99,15 @@ class Effects:
     pair_weight: np.ndarray | None = None     # [n_sources, M, n_targets] with inputs="target_active"
     target_active: np.ndarray | None = None   # [n_sources, n_targets]: fraction of inputs with the target active
                                               # in the clean run (NaN where the method made no clean run)
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        """Notebook display (treescope): method, sources and targets by site, then the arrays."""
+        by_site = lambda fl: {s: int(np.sum(np.asarray(fl.sites) == s)) for s in dict.fromkeys(fl.sites)}  # noqa: E731
+        summary = {"method": self.method, "positions": self.positions,
+                   "sources": by_site(self.sources), "targets": by_site(self.targets), "mean": self.mean,
+                   "var": self.var, "n": self.n, "alphas": self.alphas, "per_input": self.per_input,
+                   "options": self.options}
+        return repr_lib.render_object_constructor(type(self), summary, path=None, subtree_renderer=subtree_renderer)
 
     @property
     def weights(self) -> np.ndarray | None:

@@ -76,7 +76,9 @@ def load_parts(src: ViewSources, *, need_saes: bool):
     graph_dir = check_sources(src)
     graph = load_graph(graph_dir)
     compare = load_graph(check_graph_dir(src.compare)) if src.compare is not None else None
-    labels = load_labels(src.labels) if src.labels is not None else None
+    labels = src.labels                 # a Neuronpedia export (.json) needs the SAEs' ids: read with them
+    if labels is not None and Path(labels).suffix.lower() != ".json":
+        labels = load_labels(labels)    # a CSV is read (and any bad line reported) before the model loads
     atlas_path = Path(src.atlas) if src.atlas else (find_atlas(graph_dir) if src.use_atlas else None)
     atlas = Atlas.load(atlas_path) if atlas_path is not None else None
     if atlas is not None:

@@ -26,6 +26,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from treescope import repr_lib
 
 from jfig.errors import JfigError, ShapeError
 
@@ -103,6 +104,16 @@ class SAE(eqx.Module):
         self.validate()
 
     # ------------------------------------------------------------------ configuration
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        """Notebook display (treescope): site, architecture and width first, then the arrays."""
+        head = {"site": self.site, "architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae}
+        if self.k is not None:
+            head["k"] = self.k
+        arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("site", "architecture", "k")}
+        return repr_lib.render_object_constructor(type(self), {**head, **arrays}, path=None,
+                                                  subtree_renderer=subtree_renderer)
 
     @property
     def d_in(self) -> int:

@@ -646,6 +646,18 @@ def test_steering_panel_with_a_canned_answer(page_for, graph):
         server.server_close()
 
 
+def test_card_links_to_neuronpedia_when_the_sae_has_an_id(page_for, graph):
+    payload = make_payload(graph)
+    payload["sites"][1]["neuronpedia"] = "toy-model/1-res-jb"
+    o = page_for(payload)
+    page = o.page
+    page.evaluate(f"jfigExplorer.select({node_index(payload, SITES[1], 4)})")
+    assert page.get_attribute("#card-neuronpedia", "href") == "https://neuronpedia.org/toy-model/1-res-jb/4"
+    page.evaluate(f"jfigExplorer.select({node_index(payload, SITES[0], 4)})")
+    assert page.locator("#card-neuronpedia").count() == 0
+    o.assert_no_errors()
+
+
 # ---------------------------------------------------------------- scale: 100,000 edges
 
 def test_scale_100k_edges(page_for):

@@ -1,5 +1,6 @@
 """The explorer's data (explorer_payload) against the graph, the atlas and the model it comes from, and
 the page it is embedded in (render_page)."""
+import dataclasses
 import json
 import re
 
@@ -204,3 +205,27 @@ def test_compare_with_a_site_only_in_one_graph():
     assert [s["name"] for s in p["sites"]] == sites and len(p["nodes"]["feature"]) == 12
     assert p["compare"]["a"] == "base" and p["compare"]["counts"] == {"same": 0, "gained": 2, "lost": 1, "flipped": 0}
     assert any("sites only in graph B" in n for n in p["compare"]["notes"])
+
+
+def test_neuronpedia_ids_link_cards_and_their_exports_label_features(tiny, tmp_path):
+    saes = [dataclasses.replace(s, metadata={**s.meta, "neuronpedia_id": f"toy/{i}-res"})
+            for i, s in enumerate(tiny["saes"])]
+    export = tmp_path / "explanations.json"
+    export.write_text(json.dumps([
+        {"modelId": "toy", "layer": "1-res", "index": "4", "description": "commas", "typeName": "oai_token-act-pair"},
+        {"modelId": "toy", "layer": "0-res", "index": "7", "description": "the word alpha"},
+        {"modelId": "toy", "layer": "0-res", "index": "7", "description": "a second explanation"}]))
+    p = explorer_payload(tiny["graph"], saes=saes, labels=export)
+    assert [s["neuronpedia"] for s in p["sites"]] == ["toy/0-res", "toy/1-res"]
+    label = {(p["sites"][s]["name"], f): lab for s, f, lab in
+             zip(p["nodes"]["site"], p["nodes"]["feature"], p["nodes"]["label"]) if lab}
+    assert label == {(SAE_SITES[1], 4): "commas", (SAE_SITES[0], 7): "the word alpha"}
+    # without the SAEs' ids the export cannot be placed
+    with pytest.raises(jfig.JfigError, match="Neuronpedia SAE 'toy/1-res', which none of the graph's SAEs is"):
+        explorer_payload(tiny["graph"], saes=tiny["saes"], labels=export)
+    export.write_text(json.dumps([{"modelId": "toy", "layer": "0-res", "index": "x", "description": "d"}]))
+    with pytest.raises(jfig.FormatError, match="item 0: index 'x' is not an integer"):
+        explorer_payload(tiny["graph"], saes=saes, labels=export)
+    export.write_text(json.dumps({"explanations": []}))
+    with pytest.raises(jfig.FormatError, match="a JSON list of explanations"):
+        explorer_payload(tiny["graph"], saes=saes, labels=export)

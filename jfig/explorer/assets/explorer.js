@@ -850,6 +850,13 @@
     meta.appendChild(el("span", null, "firing rate " + fmtRate(nRate[i])));
     meta.appendChild(document.createTextNode(" "));
     meta.appendChild(el("span", null, "degree " + nDeg[i]));
+    const np = SITES[nSite[i]] && SITES[nSite[i]].neuronpedia;
+    if (typeof np === "string" && np) {           // a link, not a fetch: the page stays offline
+      meta.appendChild(document.createTextNode(" "));
+      const a = el("a", { id: "card-neuronpedia", href: "https://neuronpedia.org/" + np + "/" + nFeat[i],
+        target: "_blank", rel: "noopener" }, "Neuronpedia " + np + "/" + nFeat[i]);
+      meta.appendChild(a);
+    }
     const lv = cardField("levels", i);
     if (Array.isArray(lv) && lv.length === 3) {
       meta.appendChild(document.createTextNode(" "));
