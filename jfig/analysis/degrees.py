@@ -49,6 +49,19 @@ def continuous_fit(x: np.ndarray) -> "powerlaw.Fit":
     return powerlaw.Fit(x, xmin=best, discrete=False, verbose=False)
 
 
+def fit_tail(deg: np.ndarray, weighted: bool):
+    """(fit, (R, p) against the log-normal, (R, p) against the exponential), or None when powerlaw
+    cannot compare the tail it chose (a tail of one distinct value: "No data points in defined range")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with np.errstate(all="ignore"):
+            try:
+                fit = continuous_fit(deg) if weighted else powerlaw.Fit(deg, discrete=True, verbose=False)
+                return fit, _compare(fit, "lognormal"), _compare(fit, "exponential")
+            except ValueError:
+                return None
+
+
 def _compare(fit, other: str) -> tuple[float, float]:
     r, p = fit.distribution_compare("power_law", other, normalized_ratio=True)
     return float(r), float(p)
@@ -69,12 +82,9 @@ def degree_fits(edges: SignedEdges) -> pa.Table:
                        max_degree=float(deg.max(initial=0)),
                        alpha=np.nan, xmin=np.nan, n_tail=0, r_lognormal=np.nan, p_lognormal=np.nan,
                        r_exponential=np.nan, p_exponential=np.nan, vs_lognormal="no fit", vs_exponential="no fit")
-            if len(deg) >= MIN_NODES and len(np.unique(deg)) > 1:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    with np.errstate(all="ignore"):
-                        fit = continuous_fit(deg) if weighted else powerlaw.Fit(deg, discrete=True, verbose=False)
-                        (r_ln, p_ln), (r_ex, p_ex) = _compare(fit, "lognormal"), _compare(fit, "exponential")
+            fitted = fit_tail(deg, weighted) if len(deg) >= MIN_NODES and len(np.unique(deg)) > 1 else None
+            if fitted is not None:
+                fit, (r_ln, p_ln), (r_ex, p_ex) = fitted
                 row.update(alpha=float(fit.power_law.alpha), xmin=float(fit.power_law.xmin),
                            n_tail=int((deg >= fit.power_law.xmin).sum()), r_lognormal=r_ln, p_lognormal=p_ln,
                            r_exponential=r_ex, p_exponential=p_ex,

@@ -52,3 +52,12 @@ def test_weighted_degrees_fit_strengths():
     plain, weighted = sorted(rows, key=lambda r: r["weighted"])
     assert plain["vs_exponential"] == "no fit" and weighted["weighted"]
     assert weighted["vs_exponential"] == "power law" and 2.0 < weighted["alpha"] < 3.0
+
+
+def test_a_tail_powerlaw_cannot_compare_is_no_fit_not_a_crash():
+    """Ten sources, nine of degree 1 and one of degree 2: powerlaw picks the tail {2} and cannot compare
+    it ("No data points in defined range"); the row says so instead of raising."""
+    rng = np.random.default_rng(0)
+    g = graph_with_out_degrees(np.array([1] * 9 + [2]), rng)
+    r = row(degree_fits(g), "out", "all")
+    assert r["n_nodes"] == 10 and r["vs_lognormal"] == "no fit" and np.isnan(r["alpha"])
