@@ -1,4 +1,5 @@
-"""Read and write SAEs: SAELens folders (v6 and pre-6.0), Gemma Scope ``params.npz``, jfig's own.
+"""Read and write SAEs: SAELens folders (v6 and pre-6.0), Gemma Scope ``params.npz``, jfig's own; and
+SAEs by release name (SAELens registry, Gemma Scope) from the local Hugging Face cache.
 
 jfig's native format *is* a SAELens v6 folder (``cfg.json``, ``sae_weights.safetensors``, optional
 ``sparsity.safetensors``) whose ``cfg.json`` metadata carries a few extra ``jfig_*`` keys, so
@@ -23,7 +24,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jfig.errors import FormatError
+from jfig.errors import FormatError, OptionError
+from jfig.models.hub_cache import DEFAULT_REVISION
+from jfig.saes.registry import GEMMA_SCOPE_FORMAT, locate_sae
 from jfig.saes.sae import SAE, fold_activation_norm_scaling_factor
 
 CFG_FILE = "cfg.json"
@@ -42,6 +45,11 @@ _UNSUPPORTED = {
 _CORE_KEYS = {"d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
               "reshape_activations", "architecture", "k", "rescale_acts_by_decoder_norm",
               "finetuning_scaling_factor", "metadata"}
+# SAELens's LLM_METADATA_KEYS: registry config overrides of these keys land in the cfg's metadata.
+_METADATA_KEYS = {"model_name", "hook_name", "model_class_name", "hook_head_index", "model_from_pretrained_kwargs",
+                  "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice",
+                  "dataset_path", "sae_lens_version", "sae_lens_training_version", "hook_name_out",
+                  "hook_head_index_out"}
 # Sites in the residual basis, which TransformerLens's center_writing_weights centres.
 _RESID_SITE = re.compile(r"hook_embed|hook_pos_embed|blocks\.\d+\.(hook_resid_(pre|mid|post)|hook_attn_out|hook_mlp_out)")
 # Gemma-2 attention widths: d_in -> (n_heads, d_head) for the 2b, 9b and 27b Gemma Scope att SAEs.
@@ -51,12 +59,24 @@ _GEMMA2_HOOK_Z = {2048: (8, 256), 4096: (16, 256), 4608: (32, 128)}
 # ---------------------------------------------------------------------------------- load
 
 
-def load_sae(path, *, site: str | None = None, dtype=jnp.float32, hook_z_shape: tuple[int, int] | None = None,
+def load_sae(path=None, *, release: str | None = None, sae_id: str | None = None, revision: str = DEFAULT_REVISION,
+             registry=None, site: str | None = None, dtype=jnp.float32, hook_z_shape: tuple[int, int] | None = None,
              norm_scaling_factor: float | None = None) -> SAE:
-    """Load an SAE from a SAELens folder, a Gemma Scope ``params.npz``, or a folder jfig saved.
+    """Load an SAE from a SAELens folder, a Gemma Scope ``params.npz``, or a folder jfig saved; or by
+    release name from the local Hugging Face cache.
 
     ``path``: a folder with ``cfg.json`` + ``sae_weights.safetensors``; a ``.safetensors`` file or
     ``cfg.json`` inside such a folder; a ``params.npz`` file, or a folder holding one.
+
+    ``release`` and ``sae_id`` (instead of ``path``): a release of SAELens's registry
+    (``sae_lens/pretrained_saes.yaml`` when sae-lens is installed, or the file ``registry`` /
+    ``$JFIG_SAE_REGISTRY`` names), e.g. ``"gpt2-small-res-jb"`` / ``"blocks.8.hook_resid_pre"`` or
+    ``"gemma-scope-2b-pt-res-canonical"`` / ``"layer_0/width_16k/canonical"``; a Gemma Scope release
+    without the registry (``"gemma-scope-2b-pt-res"`` / ``"layer_3/width_16k/average_l0_71"``); or a
+    repo id ``"org/name"`` with ``sae_id`` the folder in it. The files come from the local Hugging Face
+    cache at ``revision``; nothing is downloaded, and a FormatError says which files to fetch and
+    where to put them (docs/loading.md). The registry's norm scaling factor, Neuronpedia id and config
+    overrides apply as in SAELens; a Gemma Scope SAE's site is fixed by its release.
 
     ``site`` overrides the hook name from the config (SAELens ``metadata.hook_name``, pre-6.0
     ``hook_name``/``hook_point``) or the Gemma Scope path. ``dtype`` is the array dtype (None: the
@@ -79,6 +99,18 @@ def load_sae(path, *, site: str | None = None, dtype=jnp.float32, hook_z_shape: 
 
     Raises FormatError naming the file and field for anything missing, corrupt or unsupported.
     """
+    if release is not None or sae_id is not None:
+        if path is not None:
+            raise OptionError("load_sae takes a path or release= with sae_id=, not both", "release")
+        if release is None or sae_id is None:
+            raise OptionError(f"load_sae by name needs both release= and sae_id= (got release={release!r}, "
+                              f"sae_id={sae_id!r})", "sae_id" if sae_id is None else "release")
+        return _load_release(release, sae_id, revision, registry, site, dtype, hook_z_shape, norm_scaling_factor)
+    if path is None:
+        raise OptionError("load_sae needs a path, or release= and sae_id=", "path")
+    if revision != DEFAULT_REVISION or registry is not None:
+        raise OptionError("revision= and registry= apply to load_sae(release=..., sae_id=...), not to a path",
+                          "revision" if revision != DEFAULT_REVISION else "registry")
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file or folder; expected a SAELens folder (cfg.json + "
@@ -100,6 +132,17 @@ def load_sae(path, *, site: str | None = None, dtype=jnp.float32, hook_z_shape: 
                              norm_scaling_factor)
     raise FormatError(f"{path}: unknown SAE file type; expected a folder, a .safetensors file beside a "
                       f"cfg.json, or a Gemma Scope params.npz")
+
+
+def _load_release(release, sae_id, revision, registry, site, dtype, hook_z_shape, norm_scaling_factor) -> SAE:
+    source, file = locate_sae(release, sae_id, revision=revision, registry=registry)
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    extra = {"neuronpedia_id": source.neuronpedia_id} if source.neuronpedia_id else {}
+    if source.format == GEMMA_SCOPE_FORMAT:
+        return _load_gemma_scope(file, site or source.site, dtype, hook_z_shape, extra)
+    overrides = {**(source.config_overrides or {}), **extra}
+    factor = norm_scaling_factor if norm_scaling_factor is not None else source.norm_scaling_factor
+    return _load_saelens(file.parent, file.parent / WEIGHTS_FILE, site, dtype, hook_z_shape, factor, overrides)
 
 
 def load_sparsity(path) -> np.ndarray | None:
@@ -197,11 +240,21 @@ def _check_shape(file: Path, name: str, array: np.ndarray, want: tuple) -> None:
                           f"from d_in/d_sae")
 
 
-def _load_saelens(folder: Path, weights_file: Path, site, dtype, hook_z_shape, norm_scaling_factor) -> SAE:
+def _load_saelens(folder: Path, weights_file: Path, site, dtype, hook_z_shape, norm_scaling_factor,
+                  overrides: dict | None = None) -> SAE:
     cfg_file = folder / CFG_FILE
     cfg = _read_json(cfg_file)
-    if _is_pre_6(cfg):
+    pre_6 = _is_pre_6(cfg)
+    if overrides:  # a registry's config_overrides (+ neuronpedia_id), applied as SAELens does
+        cfg.update(overrides)
+    if pre_6:
         cfg = _upgrade_pre_6(cfg, cfg_file)
+    elif overrides:  # v6 configs keep metadata apart: the overrides' metadata keys go there
+        metadata = dict(cfg.get("metadata") or {})
+        for key in overrides:
+            if key in _METADATA_KEYS:
+                metadata.setdefault(key, cfg.pop(key))
+        cfg["metadata"] = metadata
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
             raise FormatError(f"{cfg_file}: required field {key!r} is {cfg.get(key, 'missing')!r}; "
@@ -291,8 +344,16 @@ def _build(tensors: dict, dtype, **static) -> SAE:
 
 
 def _gemma_scope_site(file: Path) -> tuple[str | None, bool]:
-    """(site or None, is_embedding) from a path like ``gemma-scope-2b-pt-res/layer_3/.../params.npz``."""
-    parts = file.resolve().parts[:-1]
+    """(site or None, is_embedding) from a path like ``gemma-scope-2b-pt-res/layer_3/.../params.npz``.
+
+    The path as given is read first: in the Hugging Face cache ``params.npz`` is a link into
+    ``blobs/``, so only the link's own path names the release and layer. A path that says nothing
+    is read again with its links resolved."""
+    site, embedding = _gemma_scope_site_of(Path(os.path.abspath(file)).parts[:-1])
+    return (site, embedding) if site else _gemma_scope_site_of(file.resolve().parts[:-1])
+
+
+def _gemma_scope_site_of(parts: tuple[str, ...]) -> tuple[str | None, bool]:
     if "embedding" in parts:  # Gemma Scope: embedding/width_4k/average_l0_N/params.npz
         return "hook_embed", True
     layer_at = [i for i, part in enumerate(parts) if re.fullmatch(r"layer_\d+", part)]
@@ -310,7 +371,7 @@ def _gemma_scope_site(file: Path) -> tuple[str | None, bool]:
     return None, False
 
 
-def _load_gemma_scope(file: Path, site, dtype, hook_z_shape) -> SAE:
+def _load_gemma_scope(file: Path, site, dtype, hook_z_shape, extra_metadata: dict | None = None) -> SAE:
     if "transcoder" in str(file).lower():
         raise FormatError(f"{file}: Gemma Scope transcoders are not supported yet")
     try:
@@ -343,7 +404,7 @@ def _load_gemma_scope(file: Path, site, dtype, hook_z_shape) -> SAE:
     reshape = site.endswith("hook_z")
     if reshape and hook_z_shape is None and re.search(r"gemma-scope-(2b|9b|27b)", str(file)):
         hook_z_shape = _GEMMA2_HOOK_Z.get(d_in)
-    meta = {"hook_name": site, "source_format": "gemma_scope", "prepend_bos": True}
+    meta = {"hook_name": site, "source_format": "gemma_scope", "prepend_bos": True, **(extra_metadata or {})}
     return _build(tensors, dtype or jnp.float32, site=site, architecture="jumprelu", apply_b_dec_to_input=False,
                   reshape_hook_z=reshape, hook_z_shape=tuple(hook_z_shape) if reshape and hook_z_shape else None,
                   metadata=meta)
