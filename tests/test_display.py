@@ -41,3 +41,14 @@ def test_graph_atlas_and_effects():
     text = treescope.render_to_text(eff)
     assert "method='jacobian'" in text and "sources={'blocks.0.hook_resid_post': 2}" in text
     assert "mean=<np.ndarray float" in text or "mean=<" in text
+
+
+def test_model():
+    text = treescope.render_to_text(tiny_model("llama"))
+    assert text.startswith("Model(\n") and "family='llama'" in text and "n_layers=4" in text
+    assert "sites='" in text and "hook_embed ... blocks.3.hook_resid_post" in text
+    assert "'embed': <jax.Array float32(" in text
+    fn = jfig.Model.from_function(lambda p, t, hook: hook(SITES[0], t[..., None] * 1.0), {}, sites=(SITES[0],),
+                                  vocab_size=4)
+    text = treescope.render_to_text(fn)
+    assert "wraps='test_model.<locals>.<lambda>'" in text and "vocab_size=4" in text

@@ -12,10 +12,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from treescope import repr_lib
 
 from ..edits import Edit
 from ..errors import JfigError, ShapeError, SiteError
 from ..sites import NEEDS_RESID_MID, NEEDS_RESID_PRE, RESIDUAL_STAGES, block_site, model_sites, parse_site
+from .adapters import flax_parts, penzai_parts
 from .config import ModelConfig
 from .forward import KVCache, StopRun, empty_cache, forward
 from .generate import generate
@@ -120,6 +122,50 @@ class Model(eqx.Module):
             raise SiteError("from_function needs the tuple of site names the function calls hook() at")
         return cls(params=params, config=None, tokenizer=tokenizer, sites=tuple(sites), apply_fn=apply,
                    site_widths=tuple(sorted((site_widths or {}).items())), n_vocab=vocab_size)
+
+    @classmethod
+    def from_flax(cls, module, params_or_state=None, *, sites, site_order=None, tokenizer=None,
+                  call_kwargs=None) -> "Model":
+        """Wrap a flax NNX or Linen module `module(tokens) -> logits [batch, seq, vocab]`.
+
+        sites: {jfig site name: submodule path or predicate (path, module) -> bool}; the hook replaces
+        that submodule's `__call__` output, e.g. {"blocks.3.hook_resid_post": "layers.3"} (NNX) or
+        "layers_3" (Linen). params_or_state: NNX, None (the module's own state) or an nnx.State like
+        it; Linen, the variables from `module.init`. Names that are not TransformerLens names need
+        `site_order` (forward order). Runs as a `from_function` model (no prefix / run_suffix /
+        generate). See docs/adapters.md.
+        """
+        w = flax_parts(module, params_or_state, sites=sites, site_order=site_order, call_kwargs=call_kwargs)
+        return cls.from_function(w.apply, w.params, sites=w.sites, tokenizer=tokenizer, vocab_size=w.vocab_size,
+                                 site_widths=w.site_widths)
+
+    @classmethod
+    def from_penzai(cls, model, *, sites=None, site_order=None, tokenizer=None) -> "Model":
+        """Wrap a penzai model called as `model(tokens)` on named tokens ("batch", "seq"), such as a
+        `TransformerLM`.
+
+        sites: None (for penzai's transformers: hook_embed and each block's resid_pre, attn_out,
+        resid_mid, mlp.hook_post, mlp_out, resid_post) or {jfig site name: selector function
+        model -> pz.Selection of one layer, or a keypath string; `(spec, "input")` hooks the layer's
+        input}. Runs as a `from_function` model. See docs/adapters.md.
+        """
+        w = penzai_parts(model, sites=sites, site_order=site_order)
+        return cls.from_function(w.apply, w.params, sites=w.sites, tokenizer=tokenizer, vocab_size=w.vocab_size,
+                                 site_widths=w.site_widths)
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        """Notebook display (treescope): what the model is and where it can be edited, then its parameters."""
+        cfg = self.config
+        head = ({"name": cfg.name, "family": cfg.family, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
+                 "n_heads": cfg.n_heads, "vocab_size": cfg.vocab_size} if cfg is not None
+                else {"wraps": getattr(self.apply_fn, "__qualname__", type(self.apply_fn).__name__),
+                      "vocab_size": self.n_vocab})
+        sites = (f"{len(self.sites)} sites, {self.sites[0]} ... {self.sites[-1]}" if len(self.sites) > 2
+                 else list(self.sites))
+        tokenizer = None if self.tokenizer is None else type(self.tokenizer).__name__
+        return repr_lib.render_object_constructor(
+            type(self), {**head, "sites": sites, "tokenizer": tokenizer, "params": self.params}, path=None,
+            subtree_renderer=subtree_renderer)
 
     # ---------------------------------------------------------------- checks
     @property
