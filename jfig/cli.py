@@ -21,7 +21,7 @@ from .models.registry import load_model
 from .data import BEHAVIORS
 from .pipeline import dry_run, load_config, run_analysis, run_build, run_demo, summarize
 from .pipeline.behavior import check_graph_dir, graph_saes, parse_feature, run_behavior, steered_generation
-from .pipeline.view import ViewSources, prepare_server, run_diff, run_export_attribution, run_view
+from .pipeline.view import ViewSources, prepare_server, run_diff, run_export_attribution, run_label, run_view
 from .saes import load_sae
 from .saes.defaults import default_saes, metrics_table
 
@@ -231,6 +231,13 @@ def cmd_export_attribution(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    """Feature labels into a graph's node table."""
+    folder, n = run_label(args.graph, args.labels, args.out, sources=args.source)
+    print(f"{n} nodes labelled; graph written to {folder}")
+    return 0
+
+
 def cmd_diff(args) -> int:
     """Edges gained, lost and sign-flipped between two graphs of the same SAEs."""
     diff = run_diff(args.a, args.b, args.out)
@@ -377,6 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "from jfig's cache)")
     ea.add_argument("--logits", type=int, default=5, help="logit nodes: the likeliest next tokens")
     ea.set_defaults(fn=cmd_export_attribution)
+    lb = sub.add_parser("label", help="put feature labels (a CSV or a Neuronpedia explanation export) into a "
+                                      "graph's node table")
+    lb.add_argument("graph", help="graph folder")
+    lb.add_argument("--labels", required=True, metavar="FILE",
+                    help="CSV with columns site,feature,label (or feature=SITE#ID,label), or a Neuronpedia export (.json)")
+    lb.add_argument("--source", action="append", default=[], metavar="NEURONPEDIA_ID=SITE",
+                    help="which site a Neuronpedia SAE reads, e.g. gpt2-small/6-res-jb=blocks.6.hook_resid_pre "
+                         "(repeatable; needed for a .json export)")
+    lb.add_argument("--out", default=None, help="folder for the labelled graph (default: replace GRAPH)")
+    lb.set_defaults(fn=cmd_label)
     df = sub.add_parser("diff", help="edges gained, lost and sign-flipped between two graphs of the same SAEs")
     df.add_argument("a", help="graph folder A")
     df.add_argument("b", help="graph folder B")

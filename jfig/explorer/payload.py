@@ -13,8 +13,9 @@ import pyarrow.csv as pacsv
 from ..errors import JfigError, OptionError
 from ..graph import InteractionGraph, NodeIndex, diff_graphs
 from ..graph.diff import KEY_COLUMNS
+from ..graph.labels import load_labels
 from ..sites import site_layer
-from .cards import atlas_cards, load_labels, logit_lens, text_contexts, token_strings, unembedding
+from .cards import atlas_cards, logit_lens, text_contexts, token_strings, unembedding
 from .layout import barycentre_order
 from .page import PAYLOAD_FORMAT, PAYLOAD_VERSION
 

@@ -161,6 +161,22 @@ class InteractionGraph:
         picked = {"sites": sites, "features": features, "kinds": kinds}
         return InteractionGraph(nodes, e.filter(ok), {**self.manifest, "subgraph": picked})
 
+    def with_labels(self, labels) -> "InteractionGraph":
+        """A copy whose node table's `label` column holds `labels` ({(site, feature): text}, e.g. from
+        `jfig.graph.load_labels`) where given; other nodes keep their label. JfigError when no label
+        names a node of the graph (a mismatched file)."""
+        labels = {(str(s), int(f)): (None if t is None else str(t)) for (s, f), t in dict(labels).items()}
+        keys = list(zip(self.nodes["site"].to_pylist(), self.nodes["feature"].to_pylist()))
+        hit = sum(k in labels for k in keys)
+        if labels and not hit:
+            some = next(iter(labels))
+            raise JfigError(f"none of the {len(labels)} labels names a node of this graph (e.g. {some[0]}#{some[1]}; "
+                            f"the graph's sites are {sorted(set(s for s, _ in keys))})")
+        old = self.nodes["label"].to_pylist()
+        new = pa.array([labels.get(k, o) for k, o in zip(keys, old)], pa.string())
+        nodes = self.nodes.set_column(self.nodes.schema.get_field_index("label"), "label", new)
+        return InteractionGraph(nodes, self.edges, self.manifest)
+
     def summary(self) -> str:
         """A few lines: nodes per site, edges by kind, and edge counts per (source layer -> target layer)."""
         sites = pc.value_counts(self.nodes["site"]).to_pylist()

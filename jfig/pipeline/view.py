@@ -15,9 +15,9 @@ import pyarrow.csv as pacsv
 from ..atlas import Atlas
 from ..errors import JfigError
 from ..data.files import atomic_write_json, atomic_write_text
-from ..explorer import attribution_json, explorer_payload, load_labels, render_page
+from ..explorer import attribution_json, explorer_payload, render_page
 from ..explorer.server import ExplorerServer, make_server
-from ..graph import GraphDiff, diff_graphs, load_graph
+from ..graph import GraphDiff, diff_graphs, load_graph, load_labels
 from ..models.registry import load_model
 from ..saes import load_sae
 from .analysis import find_atlas
@@ -165,3 +165,27 @@ def run_export_attribution(src: ViewSources, prompt: str, out, *, n_logits: int 
     data = attribution_json(model, saes, graph, prompt, slug=Path(out).stem, n_logits=n_logits)
     atomic_write_json(out, data)
     return data
+
+
+def parse_sources(specs) -> dict[str, str]:
+    """{Neuronpedia SAE id: site} from ["gpt2-small/6-res-jb=blocks.6.hook_resid_pre", ...]."""
+    out = {}
+    for spec in specs:
+        np_id, sep, site = str(spec).partition("=")
+        if not sep or "/" not in np_id or not site:
+            raise JfigError(f"--source {spec!r}: expected NEURONPEDIA_ID=SITE, e.g. gpt2-small/6-res-jb=blocks.6.hook_resid_pre")
+        out[np_id.strip()] = site.strip()
+    return out
+
+
+def run_label(graph_dir, labels, out=None, *, sources=()) -> tuple[Path, int]:
+    """Write the graph with the labels of `labels` (a CSV, or a Neuronpedia export whose SAEs `sources`
+    maps to sites) in its node table, to `out` (default: the graph folder itself, replaced whole);
+    returns (folder, number of nodes labelled)."""
+    graph_dir = check_graph_dir(graph_dir)
+    mapping = parse_sources(sources)
+    table = load_labels(labels, mapping)
+    graph = load_graph(graph_dir).with_labels(table)
+    target = Path(out) if out is not None else graph_dir
+    graph.save(target)
+    return target, sum(1 for k in zip(graph.nodes["site"].to_pylist(), graph.nodes["feature"].to_pylist()) if k in table)
