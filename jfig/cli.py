@@ -22,7 +22,7 @@ from .data import BEHAVIORS
 from .pipeline import dry_run, load_config, run_analysis, run_build, run_demo, summarize
 from .pipeline.behavior import check_graph_dir, graph_saes, parse_feature, run_behavior, steered_generation
 from .pipeline.view import ViewSources, prepare_server, run_diff, run_export_attribution, run_label, run_view
-from .saes import load_sae
+from .saes import load_sae_ref
 from .saes.defaults import default_saes, metrics_table
 
 STEER_PROMPTS = ("The capital of France is", "My favourite hobby is", "Once upon a time,")
@@ -61,7 +61,7 @@ def _show_prompt(model, prompt: str, saes, top: int) -> None:
 
 def cmd_run(args) -> int:
     model = _load(args.model)
-    saes = [load_sae(p) for p in args.sae]
+    saes = [load_sae_ref(p) for p in args.sae]
     for prompt in args.prompt or DEMO_PROMPTS:
         _show_prompt(model, prompt, saes, args.top)
     return 0
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument("--out", default=None, help="folder for report.md, circuit.json, subgraph_edges.csv "
                                                 "(default behavior-NAME)")
     bh.add_argument("--model", default="smollm2-135m", help="the model the graph was built on")
-    bh.add_argument("--sae", action="append", default=[], help="SAE folder (repeatable; default: the graph's SAEs "
+    bh.add_argument("--sae", action="append", default=[], help="SAE folder or RELEASE:SAE_ID (repeatable; default: the graph's SAEs "
                                                                "from jfig's cache)")
     bh.add_argument("--n", type=int, default=48, help="prompts of a built-in suite")
     bh.add_argument("--k", type=int, default=2, help="hops up and down from the seeds")
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     st.add_argument("--chat", action="store_true", help="render prompts as a user turn of the chat template")
     st.add_argument("--graph", default=None, help="graph folder: use its SAEs and check the feature is in it")
-    st.add_argument("--sae", action="append", default=[], help="SAE folder (repeatable)")
+    st.add_argument("--sae", action="append", default=[], help="SAE folder or RELEASE:SAE_ID (repeatable)")
     st.add_argument("--model", default="smollm2-135m")
     st.add_argument("--max-new-tokens", type=int, default=32)
     st.set_defaults(fn=cmd_steer)
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("graph", help="graph folder (OUT/graph of a build or demo)")
         sp.add_argument("--model", default="smollm2-135m", help="the model the graph was built on (token strings, "
                                                                 "logit lens)")
-        sp.add_argument("--sae", action="append", default=[], help="SAE folder (repeatable; default: the graph's "
+        sp.add_argument("--sae", action="append", default=[], help="SAE folder or RELEASE:SAE_ID (repeatable; default: the graph's "
                                                                    "SAEs from jfig's cache)")
         sp.add_argument("--atlas", default=None, help="atlas folder (default: the one beside the graph, if any)")
         sp.add_argument("--no-atlas", action="store_true", help="no contexts with marked tokens, no histograms")
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     ea.add_argument("--prompt", required=True)
     ea.add_argument("--out", required=True, help="JSON file to write")
     ea.add_argument("--model", default="smollm2-135m", help="the model the graph was built on")
-    ea.add_argument("--sae", action="append", default=[], help="SAE folder (repeatable; default: the graph's SAEs "
+    ea.add_argument("--sae", action="append", default=[], help="SAE folder or RELEASE:SAE_ID (repeatable; default: the graph's SAEs "
                                                                "from jfig's cache)")
     ea.add_argument("--logits", type=int, default=5, help="logit nodes: the likeliest next tokens")
     ea.set_defaults(fn=cmd_export_attribution)

@@ -10,7 +10,7 @@ from ..edits import Clamp, Steer
 from ..errors import JfigError
 from ..graph import load_graph
 from ..models.registry import load_model
-from ..saes import load_sae
+from ..saes import load_sae, load_sae_ref
 from ..saes.defaults import cache_root, model_id
 from .build import sae_fingerprint
 
@@ -42,7 +42,7 @@ def cached_saes_for(model, manifest: dict) -> list:
 def graph_saes(model, graph, sae_paths) -> list:
     """SAEs from --sae paths, else those the (loaded) graph was built with, from the cache."""
     if sae_paths:
-        return [load_sae(p) for p in sae_paths]
+        return [load_sae_ref(p) for p in sae_paths]
     if graph is None:
         raise JfigError("pass the SAEs with --sae PATH or a graph folder with --graph DIR")
     return cached_saes_for(model, graph.manifest)

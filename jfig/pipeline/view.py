@@ -19,7 +19,7 @@ from ..explorer import attribution_json, explorer_payload, render_page
 from ..explorer.server import ExplorerServer, make_server
 from ..graph import GraphDiff, diff_graphs, load_graph, load_labels
 from ..models.registry import load_model
-from ..saes import load_sae
+from ..saes import load_sae_ref
 from .analysis import find_atlas
 from .behavior import cached_saes_for, check_graph_dir
 
@@ -54,8 +54,8 @@ def check_sources(src: ViewSources) -> Path:
     if src.atlas is not None and not (Path(src.atlas) / "manifest.json").is_file():
         raise JfigError(f"{src.atlas} is not an atlas folder (no manifest.json)")
     for p in src.saes:
-        if not Path(p).exists():
-            raise JfigError(f"SAE path {p} does not exist")
+        if not Path(p).exists() and ":" not in str(p):
+            raise JfigError(f"SAE {p} is neither an existing path nor RELEASE:SAE_ID")
     return graph_dir
 
 
@@ -88,7 +88,7 @@ def load_parts(src: ViewSources, *, need_saes: bool):
         model = load_model(src.model)
         check_model(model, graph.manifest)
         if src.saes:
-            saes = [load_sae(p) for p in src.saes]
+            saes = [load_sae_ref(p) for p in src.saes]
         else:
             try:
                 saes = cached_saes_for(model, graph.manifest)
@@ -161,7 +161,7 @@ def run_export_attribution(src: ViewSources, prompt: str, out, *, n_logits: int 
     graph = load_graph(graph_dir)
     model = load_model(src.model)
     check_model(model, graph.manifest)
-    saes = [load_sae(p) for p in src.saes] if src.saes else cached_saes_for(model, graph.manifest)
+    saes = [load_sae_ref(p) for p in src.saes] if src.saes else cached_saes_for(model, graph.manifest)
     data = attribution_json(model, saes, graph, prompt, slug=Path(out).stem, n_logits=n_logits)
     atomic_write_json(out, data)
     return data

@@ -21,13 +21,15 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jfig.errors import FormatError, OptionError
+from jfig.errors import FormatError, JfigError, OptionError, SiteError
 from jfig.models.hub_cache import DEFAULT_REVISION
 from jfig.saes.registry import GEMMA_SCOPE_FORMAT, locate_sae
 from jfig.saes.sae import SAE, fold_activation_norm_scaling_factor
+from jfig.saes.transcoder import Transcoder, input_site, output_site
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -37,10 +39,14 @@ SAE_LENS_VERSION = "6.0.0"
 _DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 _UNSUPPORTED = {
     "gated": "gated SAEs are not supported yet",
-    "transcoder": "transcoders are not supported yet",
-    "skip_transcoder": "skip transcoders are not supported yet",
-    "jumprelu_transcoder": "JumpReLU transcoders are not supported yet",
+    **{arch: "transcoders are not supported by load_sae: a transcoder reads one site and writes another; "
+             "load it with load_transcoders (a list of jfig.saes.Transcoder)"
+       for arch in ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")},
 }
+# SAELens transcoder architectures: (activation, skip connection).
+_TRANSCODER_ARCHS = {"transcoder": ("relu", False), "skip_transcoder": ("relu", True),
+                     "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
+CT_CONFIG_FILE = "config.yaml"
 # Pre-6.0 keys that stay top-level; every other leftover key moves into metadata.
 _CORE_KEYS = {"d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
               "reshape_activations", "architecture", "k", "rescale_acts_by_decoder_norm",
@@ -57,6 +63,19 @@ _GEMMA2_HOOK_Z = {2048: (8, 256), 4096: (16, 256), 4608: (32, 128)}
 
 
 # ---------------------------------------------------------------------------------- load
+
+
+def load_sae_ref(ref) -> SAE:
+    """An SAE from a command-line reference: an existing path, or RELEASE:SAE_ID (a release name and
+    the SAE's id in it, e.g. gemma-scope-2b-pt-res:layer_3/width_16k/average_l0_14), from the cache."""
+    text = str(ref)
+    if Path(text).exists():
+        return load_sae(text)
+    release, sep, sae_id = text.partition(":")
+    if not sep or not release or not sae_id:
+        raise JfigError(f"SAE {text!r} is neither an existing path nor RELEASE:SAE_ID (e.g. "
+                        f"gemma-scope-2b-pt-res:layer_3/width_16k/average_l0_14)")
+    return load_sae(release=release, sae_id=sae_id)
 
 
 def load_sae(path=None, *, release: str | None = None, sae_id: str | None = None, revision: str = DEFAULT_REVISION,
@@ -121,6 +140,9 @@ def load_sae(path=None, *, release: str | None = None, sae_id: str | None = None
             return _load_saelens(path, path / WEIGHTS_FILE, site, dtype, hook_z_shape, norm_scaling_factor)
         if (path / "params.npz").exists():
             return _load_gemma_scope(path / "params.npz", site, dtype, hook_z_shape)
+        if (path / CT_CONFIG_FILE).exists():
+            raise FormatError(f"{path}: a circuit-tracer transcoder folder ({CT_CONFIG_FILE}); load it with "
+                              f"load_transcoders, not load_sae")
         raise FormatError(f"{path}: folder has neither {CFG_FILE} + {WEIGHTS_FILE} (SAELens) nor params.npz "
                           f"(Gemma Scope)")
     if path.suffix == ".npz":
@@ -471,3 +493,229 @@ def save_sae(sae: SAE, path, *, sparsity=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+# ---------------------------------------------------------------------------------- transcoders
+
+
+def load_transcoders(path, *, dtype=jnp.float32, model=None) -> list[Transcoder]:
+    """Load transcoders: a list of :class:`~jfig.saes.transcoder.Transcoder`, one per layer (one
+    for a SAELens folder).
+
+    ``path``: a SAELens transcoder folder (``cfg.json`` with architecture ``transcoder``,
+    ``skip_transcoder``, ``jumprelu_transcoder`` or ``jumprelu_skip_transcoder``, metadata
+    ``hook_name`` / ``hook_name_out``; or a ``cfg.json`` / ``.safetensors`` inside one), or a
+    circuit-tracer folder (``config.yaml`` with ``model_kind: transcoder_set`` and
+    ``layer_{i}.safetensors`` for i = 0..n-1, or a ``transcoders`` list of local files). Weights are
+    stored in jfig's orientation (``x @ W``): circuit-tracer's ``W_enc`` (d_tc, d_model) and every
+    ``W_skip`` (used as ``x @ W_skip.T``) are transposed on load. circuit-tracer's JumpReLU keeps
+    ``pre`` above the threshold (no relu); SAELens's keeps ``relu(pre)``.
+
+    ``model``: a built-in jfig Model whose second norm the transcoders reading ``ln2.hook_normalized``
+    or ``mlp.hook_in`` apply (see :meth:`Transcoder.with_input_norm`); without it they must be
+    given one before they encode. Cross-layer transcoders (``model_kind: cross_layer_transcoder``)
+    are not supported yet: a FormatError says so.
+
+    ``load_sae`` refuses transcoder folders and points here.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: no such file or folder; expected a SAELens transcoder folder (cfg.json) or "
+                          f"a circuit-tracer folder ({CT_CONFIG_FILE})")
+    dtype = jnp.dtype(dtype) if dtype is not None else None
+    if path.is_file():
+        if path.name == CT_CONFIG_FILE:
+            path = path.parent
+        elif path.name == CFG_FILE or path.suffix == ".safetensors":
+            path = path.parent
+    if (path / CFG_FILE).exists():
+        out = [_load_saelens_transcoder(path, dtype)]
+    elif (path / CT_CONFIG_FILE).exists():
+        out = _load_ct_transcoders(path, dtype)
+    else:
+        raise FormatError(f"{path}: folder has neither {CFG_FILE} (SAELens transcoder) nor {CT_CONFIG_FILE} "
+                          f"(circuit-tracer transcoders)")
+    return out if model is None else [t.with_input_norm(model) for t in out]
+
+
+def _load_saelens_transcoder(folder: Path, dtype) -> Transcoder:
+    cfg_file = folder / CFG_FILE
+    cfg = _read_json(cfg_file)
+    arch = cfg.get("architecture")
+    if arch not in _TRANSCODER_ARCHS:
+        raise FormatError(f"{cfg_file}: field 'architecture' is {arch!r}; a transcoder has one of "
+                          f"{sorted(_TRANSCODER_ARCHS)} (load SAEs with load_sae)")
+    activation, skip = _TRANSCODER_ARCHS[arch]
+    for key in ("d_in", "d_sae"):
+        if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
+            raise FormatError(f"{cfg_file}: required field {key!r} is {cfg.get(key, 'missing')!r}; "
+                              f"expected a positive int")
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    d_out = cfg.get("d_out", d_in)
+    if cfg.get("apply_b_dec_to_input"):
+        raise FormatError(f"{cfg_file}: field 'apply_b_dec_to_input' is true; transcoders require false")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in (None, False, "none"):
+        raise FormatError(f"{cfg_file}: field 'normalize_activations' is {norm!r}; transcoders are supported "
+                          f"with 'none' only")
+    metadata = dict(cfg.get("metadata") or {})
+    read, write = metadata.get("hook_name") or cfg.get("hook_name"), \
+        metadata.get("hook_name_out") or cfg.get("hook_name_out")
+    if not read or not write:
+        raise FormatError(f"{cfg_file}: a transcoder needs metadata.hook_name and metadata.hook_name_out; "
+                          f"got {read!r} and {write!r}")
+    weights_file = folder / WEIGHTS_FILE
+    tensors = _read_safetensors(weights_file, required=("W_enc", "b_enc", "W_dec", "b_dec"))
+    if activation == "jumprelu" and "threshold" not in tensors:
+        if "log_threshold" not in tensors:
+            raise FormatError(f"{weights_file}: tensor 'threshold' is missing; a {arch} needs it ([{d_sae}])")
+        tensors["threshold"] = np.exp(tensors.pop("log_threshold").astype(np.float32))
+    if skip and "W_skip" not in tensors:
+        raise FormatError(f"{weights_file}: tensor 'W_skip' is missing; a {arch} needs it ([{d_out}, {d_in}])")
+    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+    if activation == "jumprelu":
+        if tensors["threshold"].size == 1:
+            tensors["threshold"] = np.broadcast_to(tensors["threshold"].reshape(()), (d_sae,))
+        want["threshold"] = (d_sae,)
+    if skip:
+        want["W_skip"] = (d_out, d_in)
+    for name, shape in want.items():
+        if tuple(tensors[name].shape) != shape:
+            raise FormatError(f"{weights_file}: tensor {name!r} has shape {list(tensors[name].shape)}; expected "
+                              f"{list(shape)} from d_in/d_sae/d_out")
+    dtype = dtype if dtype is not None else _parse_dtype(cfg.get("dtype"), cfg_file)
+    arrays = {name: jnp.asarray(np.asarray(tensors[name]), dtype=dtype)
+              for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if skip:
+        arrays["W_skip"] = jnp.asarray(np.asarray(tensors["W_skip"]).T, dtype=dtype)
+    if activation == "jumprelu":
+        arrays["threshold"] = jnp.asarray(np.asarray(tensors["threshold"]), dtype=dtype)
+    metadata.update({"source_format": "saelens", "architecture": arch})
+    _check_hooks(read, write, cfg_file)
+    return Transcoder(**arrays, read_site=read, write_site=write, architecture=activation, jump="saelens",
+                      metadata=metadata)
+
+
+def _check_hooks(read: str, write: str, where: Path) -> None:
+    """Both hooks name sites jfig can read and edit, or a FormatError naming the file."""
+    try:
+        input_site(read)
+        output_site(write)
+    except SiteError as e:
+        raise FormatError(f"{where}: {e}") from e
+
+
+def _ct_hook(hook, layer: int, cfg_file: Path, key: str) -> str:
+    if not isinstance(hook, str) or not hook:
+        raise FormatError(f"{cfg_file}: field {key!r} is {hook!r}; expected a hook name such as "
+                          f"'ln2.hook_normalized' or 'hook_mlp_out'")
+    return hook if hook.startswith("blocks.") else f"blocks.{layer}.{hook}"
+
+
+def _load_ct_transcoders(folder: Path, dtype) -> list[Transcoder]:
+    cfg_file = folder / CT_CONFIG_FILE
+    try:
+        cfg = yaml.safe_load(cfg_file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise FormatError(f"{cfg_file}: not valid YAML ({e})") from e
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{cfg_file}: expected a mapping, got {type(cfg).__name__}")
+    kind = cfg.get("model_kind", "transcoder_set")
+    if kind == "cross_layer_transcoder":
+        raise FormatError(f"{cfg_file}: model_kind 'cross_layer_transcoder': cross-layer transcoders (a feature "
+                          f"read at layer i writes to layers i..n-1) are not supported yet; per-layer "
+                          f"transcoders (model_kind 'transcoder_set') are")
+    if kind != "transcoder_set":
+        raise FormatError(f"{cfg_file}: field 'model_kind' is {kind!r}; expected 'transcoder_set' or "
+                          f"'cross_layer_transcoder'")
+    listed = cfg.get("transcoders")
+    if listed:
+        files = []
+        for entry in listed:
+            if not isinstance(entry, str):
+                raise FormatError(f"{cfg_file}: 'transcoders' entry {entry!r} is not a path; the older "
+                                  f"[{{id, layer, filepath}}] layout is not supported")
+            if entry.startswith(("hf://", "http://", "https://")):
+                raise FormatError(f"{cfg_file}: transcoder {entry!r} is remote; jfig downloads nothing: fetch "
+                                  f"the files and list local paths (or put layer_{{i}}.safetensors beside "
+                                  f"{CT_CONFIG_FILE})")
+            file = Path(entry) if Path(entry).is_absolute() else folder / entry
+            if file.suffix != ".safetensors":
+                raise FormatError(f"{cfg_file}: transcoder file {entry!r} is not a .safetensors file "
+                                  f"(circuit-tracer npz transcoders are not supported yet)")
+            files.append(file)
+    else:
+        found = {}
+        for file in folder.glob("layer_*.safetensors"):
+            m = re.fullmatch(r"layer_(\d+)\.safetensors", file.name)
+            if m:
+                found[int(m.group(1))] = file
+        if not found:
+            raise FormatError(f"{folder}: no layer_{{i}}.safetensors files beside {CT_CONFIG_FILE}")
+        missing = sorted(set(range(max(found) + 1)) - set(found))
+        if missing:
+            raise FormatError(f"{folder}: layer files must run layer_0 .. layer_{max(found)}; missing "
+                              f"layer_{missing[0]}.safetensors")
+        files = [found[i] for i in range(len(found))]
+    activation = cfg.get("activation")
+    if activation not in (None, "relu", "jumprelu", "topk"):
+        raise FormatError(f"{cfg_file}: field 'activation' is {activation!r}; expected 'relu', 'jumprelu', "
+                          f"'topk' or absent")
+    return [_load_ct_layer(file, layer, cfg, cfg_file, activation, dtype or jnp.float32)
+            for layer, file in enumerate(files)]
+
+
+def _load_ct_layer(file: Path, layer: int, cfg: dict, cfg_file: Path, activation, dtype) -> Transcoder:
+    tensors = _read_safetensors(file, required=("W_enc", "b_enc", "W_dec", "b_dec"))
+    if tensors["W_enc"].ndim != 2:
+        raise FormatError(f"{file}: tensor 'W_enc' has shape {list(tensors['W_enc'].shape)}; expected "
+                          f"[d_tc, d_model]")
+    d_tc, d_in = tensors["W_enc"].shape
+    if tensors["W_dec"].ndim != 2 or tensors["W_dec"].shape[0] != d_tc:
+        raise FormatError(f"{file}: tensor 'W_dec' has shape {list(tensors['W_dec'].shape)}; expected "
+                          f"[{d_tc}, d_model]")
+    d_out = tensors["W_dec"].shape[1]
+    threshold = tensors.get("activation_function.threshold", tensors.get("threshold"))
+    if activation is None:
+        activation = "jumprelu" if threshold is not None else "relu"
+    k = None
+    if activation == "topk":
+        k = cfg.get("k")
+        if k is None and "k" in tensors:
+            k = int(np.asarray(tensors["k"]).reshape(()))
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise FormatError(f"{cfg_file}: a topk transcoder needs an int 'k' (in the config or as tensor 'k' "
+                              f"in {file.name}); got {k!r}")
+    if activation == "jumprelu":
+        if threshold is None:
+            raise FormatError(f"{file}: tensor 'activation_function.threshold' is missing; a jumprelu transcoder "
+                              f"needs it ([{d_tc}])")
+        threshold = np.asarray(threshold)
+        if threshold.size == 1:
+            threshold = np.broadcast_to(threshold.reshape(()), (d_tc,))
+        elif threshold.size == d_tc:
+            threshold = threshold.reshape(d_tc)
+        else:
+            raise FormatError(f"{file}: tensor 'activation_function.threshold' has shape {list(threshold.shape)}; "
+                              f"expected [{d_tc}]")
+    want = {"b_enc": (d_tc,), "b_dec": (d_out,)}
+    if "W_skip" in tensors:
+        want["W_skip"] = (d_out, d_in)
+    for name, shape in want.items():
+        if tuple(tensors[name].shape) != shape:
+            raise FormatError(f"{file}: tensor {name!r} has shape {list(tensors[name].shape)}; expected {list(shape)}")
+    arrays = {"W_enc": np.asarray(tensors["W_enc"]).T, "b_enc": tensors["b_enc"], "W_dec": tensors["W_dec"],
+              "b_dec": tensors["b_dec"]}
+    if "W_skip" in tensors:
+        arrays["W_skip"] = np.asarray(tensors["W_skip"]).T
+    if activation == "jumprelu":
+        arrays["threshold"] = threshold
+    arrays = {name: jnp.asarray(np.asarray(a), dtype=dtype) for name, a in arrays.items()}
+    read = _ct_hook(cfg.get("feature_input_hook"), layer, cfg_file, "feature_input_hook")
+    write = _ct_hook(cfg.get("feature_output_hook"), layer, cfg_file, "feature_output_hook")
+    _check_hooks(read, write, cfg_file)
+    meta = {"source_format": "circuit_tracer", "layer": layer, "file": file.name}
+    if cfg.get("model_name"):
+        meta["model_name"] = cfg["model_name"]
+    return Transcoder(**arrays, read_site=read, write_site=write, architecture=activation, k=k,
+                      jump="circuit_tracer", metadata=meta)

@@ -5,14 +5,16 @@ import json
 import math
 import sys
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import save as safetensors_bytes
 
+import jfig
 import jfig.saes.registry as registry
 from jfig.errors import FormatError, OptionError
 from jfig.models.hub_cache import NotInCacheError
-from jfig.saes import fold_activation_norm_scaling_factor, load_sae
+from jfig.saes import fold_activation_norm_scaling_factor, load_sae, load_sae_ref
 from jfig.saes.registry import REGISTRY_ENV, locate_sae, resolve_sae, sae_lens_registry_file
 
 from tests.support.fake_hub import add_snapshot, use_cache
@@ -387,3 +389,15 @@ def test_locate_returns_the_cached_file(hub):
     snapshot = add_snapshot(hub, "google/gemma-scope-2b-pt-res", {f"{GS_ID}/params.npz": data})
     source, file = locate_sae("gemma-scope-2b-pt-res", GS_ID)
     assert file == snapshot / GS_ID / "params.npz" and file.is_symlink()
+
+
+def test_command_line_references(tmp_path, monkeypatch):
+    """--sae takes a path or RELEASE:SAE_ID; anything else is named."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    sae = jfig.SAE.init_random(jax.random.PRNGKey(0), 8, 4, "blocks.0.hook_resid_post")
+    jfig.save_sae(sae, tmp_path / "s")
+    assert load_sae_ref(tmp_path / "s").site == "blocks.0.hook_resid_post"
+    with pytest.raises(jfig.JfigError, match="neither an existing path nor RELEASE:SAE_ID"):
+        load_sae_ref(tmp_path / "missing")
+    with pytest.raises(NotInCacheError, match="gemma-scope-2b-pt-res"):
+        load_sae_ref("gemma-scope-2b-pt-res:layer_3/width_16k/average_l0_14")
