@@ -346,6 +346,80 @@ class ShiftFeatures(SAEEdit):
         return x + _feature_edit_delta(self.sae, x, lambda f: f + self.delta.astype(f.dtype))
 
 
+class ClampTranscoder(Edit):
+    """Clamp a transcoder feature where the transcoder writes, keeping its error:
+    x' = x + (value - current) · W_dec[feature] at the write site (``transcoder.out_site``).
+
+    ``current`` is the feature's activation f_i(x_in) in this run, [batch, seq] for one feature or
+    [batch, seq, n] for ``feature`` [n]: an edit sees one site, and x_in (the read site) comes
+    earlier, so it is computed beforehand. :meth:`from_run` computes it exactly, running the
+    model with the other edits up to the read site (the clamp changes nothing before the write
+    site, so that is the x_in the edited run sees). `value` broadcasts as for :class:`Clamp`. A
+    skip connection is unaffected: it depends on x_in only. `out` (static) picks which of the
+    transcoder's ``out_sites`` this edit writes (a cross-layer transcoder writes several).
+    """
+
+    transcoder: Any
+    feature: jax.Array
+    value: jax.Array
+    current: jax.Array
+    positions: jax.Array | None = None
+    out: int = eqx.field(static=True, default=0)
+
+    def __init__(self, transcoder, feature, value, current, positions=None, out: int = 0):
+        self.transcoder = transcoder
+        self.out = int(out)
+        if not 0 <= self.out < len(transcoder.out_sites):
+            raise ShapeError(f"ClampTranscoder: out {out} is out of range for a transcoder writing "
+                             f"{len(transcoder.out_sites)} site(s)")
+        self.feature = as_features(feature, f"ClampTranscoder at {transcoder.out_sites[self.out]}")
+        self.value = as_values(value)
+        self.current = as_values(current)
+        self.positions = as_positions(positions)
+
+    @property
+    def site(self) -> str:
+        return self.transcoder.out_sites[self.out]
+
+    @classmethod
+    def from_run(cls, model, tokens, transcoder, feature, value, positions=None, edits=()):
+        """The clamp with ``current`` read from ``model`` on ``tokens`` with ``edits`` (the other
+        edits of the run the clamp will join): capture the read site, encode, take the feature.
+        A cross-layer transcoder gets a Compose of one clamp per written site."""
+        site = transcoder.site
+        acts = model.run(tokens, edits=edits, capture=(site,), stop_at=site, logits=False).cache[site]
+        current = jnp.take(transcoder.encode(acts), as_features(feature, f"ClampTranscoder at {site}"), axis=-1)
+        clamps = [cls(transcoder, feature, value, current, positions, out=k)
+                  for k in range(len(transcoder.out_sites))]
+        return clamps[0] if len(clamps) == 1 else Compose(*clamps)
+
+    def check(self, shape, pos_axis: int = 1) -> None:
+        super().check(shape, pos_axis)
+        _check_feature_range(self.label, self.feature, self.transcoder.d_sae)
+        if shape is not None and len(shape) and shape[-1] is not None and shape[-1] != self.transcoder.d_out:
+            raise ShapeError(f"{self.label}: the transcoder writes d_out {self.transcoder.d_out}, the site is "
+                             f"{shape[-1]} wide")
+        lead = tuple(shape[:-1]) if _known(shape) else None
+        if lead is None:
+            return
+        want = lead if self.feature.ndim == 0 else lead + tuple(self.feature.shape)
+        for name, leaf in (("value", self.value), ("current", self.current)):
+            if not _broadcasts_to(tuple(leaf.shape), want):
+                raise ShapeError(f"{self.label}: {name} shape {tuple(leaf.shape)} does not broadcast to {want}")
+
+    def apply(self, x, pos_axis: int = 1):
+        self.check(x.shape, pos_axis)
+        feats = jnp.atleast_1d(self.feature)
+        lead = x.shape[:-1]
+        want = lead + ((1,) if self.feature.ndim == 0 else tuple(feats.shape))
+        cur, val = self.current.astype(x.dtype), self.value.astype(x.dtype)
+        if self.feature.ndim == 0:
+            cur, val = jnp.broadcast_to(cur, lead)[..., None], jnp.broadcast_to(val, lead)[..., None]
+        change = jnp.broadcast_to(val, want) - jnp.broadcast_to(cur, want)          # [..., n]
+        rows = jnp.take(self.transcoder.decoder_rows(self.out), feats, axis=0).astype(x.dtype)   # [n, d_out]
+        return where_positions(self.positions, x + jnp.einsum("...n,nd->...d", change, rows), x, pos_axis)
+
+
 class SiteEdit(Edit):
     """An edit of a site's activations, named by `site_name` (static: part of the jit cache key)."""
 

@@ -621,10 +621,12 @@ def _load_ct_transcoders(folder: Path, dtype) -> list[Transcoder]:
     if not isinstance(cfg, dict):
         raise FormatError(f"{cfg_file}: expected a mapping, got {type(cfg).__name__}")
     kind = cfg.get("model_kind", "transcoder_set")
+    activation = cfg.get("activation")
+    if activation not in (None, "relu", "jumprelu", "topk"):
+        raise FormatError(f"{cfg_file}: field 'activation' is {activation!r}; expected 'relu', 'jumprelu', "
+                          f"'topk' or absent")
     if kind == "cross_layer_transcoder":
-        raise FormatError(f"{cfg_file}: model_kind 'cross_layer_transcoder': cross-layer transcoders (a feature "
-                          f"read at layer i writes to layers i..n-1) are not supported yet; per-layer "
-                          f"transcoders (model_kind 'transcoder_set') are")
+        return _load_ct_clt(folder, cfg, cfg_file, activation, dtype or jnp.float32)
     if kind != "transcoder_set":
         raise FormatError(f"{cfg_file}: field 'model_kind' is {kind!r}; expected 'transcoder_set' or "
                           f"'cross_layer_transcoder'")
@@ -645,28 +647,57 @@ def _load_ct_transcoders(folder: Path, dtype) -> list[Transcoder]:
                                   f"(circuit-tracer npz transcoders are not supported yet)")
             files.append(file)
     else:
-        found = {}
-        for file in folder.glob("layer_*.safetensors"):
-            m = re.fullmatch(r"layer_(\d+)\.safetensors", file.name)
-            if m:
-                found[int(m.group(1))] = file
-        if not found:
-            raise FormatError(f"{folder}: no layer_{{i}}.safetensors files beside {CT_CONFIG_FILE}")
-        missing = sorted(set(range(max(found) + 1)) - set(found))
-        if missing:
-            raise FormatError(f"{folder}: layer files must run layer_0 .. layer_{max(found)}; missing "
-                              f"layer_{missing[0]}.safetensors")
-        files = [found[i] for i in range(len(found))]
-    activation = cfg.get("activation")
-    if activation not in (None, "relu", "jumprelu", "topk"):
-        raise FormatError(f"{cfg_file}: field 'activation' is {activation!r}; expected 'relu', 'jumprelu', "
-                          f"'topk' or absent")
+        files = _numbered(folder, "layer_")
     return [_load_ct_layer(file, layer, cfg, cfg_file, activation, dtype or jnp.float32)
             for layer, file in enumerate(files)]
 
 
-def _load_ct_layer(file: Path, layer: int, cfg: dict, cfg_file: Path, activation, dtype) -> Transcoder:
-    tensors = _read_safetensors(file, required=("W_enc", "b_enc", "W_dec", "b_dec"))
+def _numbered(folder: Path, prefix: str) -> list[Path]:
+    """``{prefix}0.safetensors`` .. ``{prefix}{n-1}.safetensors`` in ``folder``, contiguous."""
+    found = {}
+    for file in folder.glob(f"{prefix}*.safetensors"):
+        m = re.fullmatch(rf"{re.escape(prefix)}(\d+)\.safetensors", file.name)
+        if m:
+            found[int(m.group(1))] = file
+    if not found:
+        raise FormatError(f"{folder}: no {prefix}{{i}}.safetensors files beside {CT_CONFIG_FILE}")
+    missing = sorted(set(range(max(found) + 1)) - set(found))
+    if missing:
+        raise FormatError(f"{folder}: files must run {prefix}0 .. {prefix}{max(found)}; missing "
+                          f"{prefix}{missing[0]}.safetensors")
+    return [found[i] for i in range(len(found))]
+
+
+def _load_ct_clt(folder: Path, cfg: dict, cfg_file: Path, activation, dtype) -> list[Transcoder]:
+    """A circuit-tracer cross-layer transcoder: one Transcoder per read layer i, writing layers i..n-1."""
+    enc_files = _numbered(folder, "W_enc_")
+    n = len(enc_files)
+    out = []
+    for i, enc_file in enumerate(enc_files):
+        dec_file = folder / f"W_dec_{i}.safetensors"
+        enc = _read_safetensors(enc_file, required=(f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"))
+        dec = _read_safetensors(dec_file, required=(f"W_dec_{i}",))
+        tensors = {"W_enc": enc[f"W_enc_{i}"], "b_enc": enc[f"b_enc_{i}"], "b_dec": enc[f"b_dec_{i}"]}
+        if f"threshold_{i}" in enc:
+            tensors["activation_function.threshold"] = enc[f"threshold_{i}"]
+        W_dec = dec[f"W_dec_{i}"]
+        d_tc = tensors["W_enc"].shape[0] if tensors["W_enc"].ndim == 2 else None
+        if W_dec.ndim != 3 or W_dec.shape[0] != d_tc or W_dec.shape[1] != n - i:
+            raise FormatError(f"{dec_file}: tensor 'W_dec_{i}' has shape {list(W_dec.shape)}; expected "
+                              f"[{d_tc}, {n - i}, d_model] (d_tc, the layers {i}..{n - 1} it writes, d_model)")
+        tensors["W_dec"] = W_dec[:, 0]
+        later = W_dec[:, 1:] if n - i > 1 else None
+        out.append(_load_ct_layer(enc_file, i, cfg, cfg_file, activation, dtype, tensors=tensors, later=later,
+                                  n_layers=n))
+    return out
+
+
+def _load_ct_layer(file: Path, layer: int, cfg: dict, cfg_file: Path, activation, dtype, *, tensors=None,
+                   later=None, n_layers=None) -> Transcoder:
+    """One per-layer transcoder (``tensors`` from ``file``, or given: a cross-layer transcoder's read
+    layer, with ``later`` [d_tc, n_layers - layer - 1, d_model] its writes to the later layers)."""
+    if tensors is None:
+        tensors = _read_safetensors(file, required=("W_enc", "b_enc", "W_dec", "b_dec"))
     if tensors["W_enc"].ndim != 2:
         raise FormatError(f"{file}: tensor 'W_enc' has shape {list(tensors['W_enc'].shape)}; expected "
                           f"[d_tc, d_model]")
@@ -710,12 +741,19 @@ def _load_ct_layer(file: Path, layer: int, cfg: dict, cfg_file: Path, activation
         arrays["W_skip"] = np.asarray(tensors["W_skip"]).T
     if activation == "jumprelu":
         arrays["threshold"] = threshold
+    later_sites = ()
+    if later is not None:
+        arrays["W_dec_later"] = later
+        later_sites = tuple(_ct_hook(cfg.get("feature_output_hook"), j, cfg_file, "feature_output_hook")
+                            for j in range(layer + 1, n_layers))
     arrays = {name: jnp.asarray(np.asarray(a), dtype=dtype) for name, a in arrays.items()}
     read = _ct_hook(cfg.get("feature_input_hook"), layer, cfg_file, "feature_input_hook")
     write = _ct_hook(cfg.get("feature_output_hook"), layer, cfg_file, "feature_output_hook")
     _check_hooks(read, write, cfg_file)
     meta = {"source_format": "circuit_tracer", "layer": layer, "file": file.name}
+    if n_layers is not None:
+        meta["cross_layer"] = True
     if cfg.get("model_name"):
         meta["model_name"] = cfg["model_name"]
     return Transcoder(**arrays, read_site=read, write_site=write, architecture=activation, k=k,
-                      jump="circuit_tracer", metadata=meta)
+                      jump="circuit_tracer", later_sites=later_sites, metadata=meta)
