@@ -10,7 +10,7 @@ from .analysis import Analysis, EstimatorComparison, analyze, compare_estimators
 from .atlas import Atlas, build_atlas
 from .behaviors import BehaviorCircuit, BehaviorSuite, behavior_subgraph, behavior_suite, load_suite
 from .candidates import Candidates, select_candidates
-from .edits import Ablate, Clamp, Compose, Patch, PatchHeads, SetFeatures, ShiftFeatures, Steer
+from .edits import Ablate, Clamp, ClampTranscoder, Compose, Patch, PatchHeads, SetFeatures, ShiftFeatures, Steer
 from .errors import FormatError, JfigError, OptionError, ShapeError, SiteError
 from .explorer import attribution_json, explorer_payload, render_page
 from .graph import GraphDiff, InteractionGraph, diff_graphs, load_graph
@@ -20,19 +20,20 @@ from .models.model import Model, Prefix, RunOutput
 from .models.registry import DEFAULT_MODEL, load_model
 from .models.tokenizer import Tokenizer
 from .pipeline import BuildOptions, build_graph
-from .saes import SAE, default_saes, load_sae, sae_metrics, save_sae, train_sae
+from .saes import SAE, Transcoder, default_saes, load_sae, load_transcoders, sae_metrics, save_sae, train_sae
 from .steering import observe_cascade, predict_cascade
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Ablate", "Analysis", "Atlas", "BehaviorCircuit", "BehaviorSuite", "BuildOptions", "Candidates", "Clamp",
+    "ClampTranscoder", "Transcoder",
     "Compose", "DEFAULT_MODEL", "Effects",
     "EstimatorComparison", "FormatError", "GatingEffects", "GraphDiff", "InteractionGraph", "JfigError", "Model", "ModelConfig",
     "OptionError", "Patch", "PatchHeads", "Prefix", "RunOutput", "SAE", "SetFeatures", "ShapeError", "ShiftFeatures", "SiteError",
     "Steer", "Tokenizer",
     "__version__", "analyze", "attribution_json", "behavior_subgraph", "behavior_suite", "build_atlas", "build_graph", "compare_estimators", "data", "default_saes", "diff_graphs", "edits", "errors", "explorer_payload",
-    "feature_importance", "load_graph", "load_model", "load_sae", "load_suite", "measure_effects", "measure_gating",
+    "feature_importance", "load_graph", "load_model", "load_sae", "load_suite", "load_transcoders", "measure_effects", "measure_gating",
     "observe_cascade", "predict_cascade", "render_page",
     "sae_metrics", "save_sae", "select_candidates", "sites", "train_sae", "weight_effects",
 ]
