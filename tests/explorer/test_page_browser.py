@@ -10,6 +10,7 @@ import http.server
 import json
 import math
 import os
+import re
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -129,7 +130,10 @@ def test_template_is_safe_to_inline():
     assert "</style" not in css.lower()
     page = render_page(make_payload(small_graph(), title="a </script> title"))
     assert page.count("<script") == 2 and page.lower().count("</script>") == 2
-    assert "https://" not in js and "http://" not in js.replace("http://www.w3.org/2000/svg", "")
+    # the one web address is the base of the card's link to Neuronpedia (a link the user follows, not a fetch)
+    assert "https://" not in js.replace('"https://neuronpedia.org/"', "")
+    assert "http://" not in js.replace("http://www.w3.org/2000/svg", "")
+    assert all(call.startswith('fetch(path') for call in re.findall(r"fetch\([^,)]*", js)), "fetches go to api/ only"
 
 
 # ---------------------------------------------------------------- rendering and the card
