@@ -51,6 +51,11 @@ def freeze_metadata(meta: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((str(k), json.dumps(v, sort_keys=True)) for k, v in dict(meta).items()))
 
 
+def thaw_metadata(frozen: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """The dict `freeze_metadata` froze (a fresh one each call)."""
+    return {key: json.loads(value) for key, value in frozen}
+
+
 def _row_norms(W_dec: jax.Array) -> jax.Array:
     return jnp.linalg.norm(W_dec, axis=-1)  # [d_sae]
 
@@ -126,7 +131,7 @@ class SAE(eqx.Module):
     @property
     def meta(self) -> dict[str, Any]:
         """The metadata as a fresh dict (SAELens cfg ``metadata``: model_name, hook_name, ...)."""
-        return {key: json.loads(value) for key, value in self.metadata}
+        return thaw_metadata(self.metadata)
 
     @property
     def needs_stats(self) -> bool:

@@ -21,7 +21,6 @@ with that norm applied first. The norm's weights belong to the model, so such a 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import equinox as eqx
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 
 from jfig.errors import JfigError, ShapeError, SiteError
 from jfig.models.layers import norm as model_norm
-from jfig.saes.sae import freeze_metadata
+from jfig.saes.sae import freeze_metadata, thaw_metadata
 from jfig.sites import parse_site
 
 ARCHITECTURES = ("relu", "jumprelu", "topk")
@@ -174,7 +173,8 @@ class Transcoder(eqx.Module):
 
     @property
     def meta(self) -> dict[str, Any]:
-        return {key: json.loads(value) for key, value in self.metadata}
+        """The metadata as a fresh dict."""
+        return thaw_metadata(self.metadata)
 
     def validate(self) -> "Transcoder":
         """Check the configuration and that the array shapes agree; raise ShapeError or JfigError."""
