@@ -1,12 +1,14 @@
 """Co-activation atlas throughput on the default model. Prints a table.
 
     python benchmarks/bench_atlas.py [--batch 8] [--seq 128] [--batches 4] [--methods sparse,dense]
+                                     [--model M | --random-weights]
 
 Three random TopK SAEs (d_sae 4096, k 32) at residual sites of layers 8, 10 and 12 (all six site
 pairs inside the default window of 5 layers, every feature tracked). Rows: the bare forward pass
 plus SAE encoding (what any atlas must pay), then one row per pair-counting method: tokens/s of
 the whole jitted atlas step (forward, encode, per-feature statistics, top contexts and pair
-counts), timed after compilation.
+counts), timed after compilation. `--random-weights` times a random-weight model of the same shape
+(benchmarks/random_checkpoint.py) where the GGUF file is not installed.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jfig
-from jfig.atlas_stats import AtlasAccumulator
+from jfig.atlas import AtlasAccumulator
+from random_checkpoint import add_model_args, describe, model_arg
 
 SITES = ("blocks.8.hook_resid_post", "blocks.10.hook_resid_post", "blocks.12.hook_resid_post")
 
@@ -50,8 +53,10 @@ def main():
     ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--methods", default="sparse,dense")
+    add_model_args(ap)
     a = ap.parse_args()
-    model = jfig.load_model("smollm2-135m")
+    name = model_arg(a)
+    model = jfig.load_model(name)
     saes = tuple(jfig.SAE.init_random(jax.random.PRNGKey(i), model.config.d_model, a.d_sae, s, "topk", k=a.k)
                  for i, s in enumerate(SITES))
     rng = np.random.default_rng(0)
@@ -78,10 +83,11 @@ def main():
         jax.block_until_ready(acc.state)
         rows.append((f"atlas step, method={method} (compile {compile_s:.1f} s)", (time.perf_counter() - t) / a.batches,
                      f"{acc.nbytes() / 2**20:.0f}"))
+        print(f"{rows[-1][0]}: {rows[-1][1]:.3f} s/batch", flush=True)
 
     print(f"machine: {cpu_name()} ({os.cpu_count()} cores), {jax.devices()[0].device_kind} "
           f"({jax.device_count()} device, {jax.default_backend()}), jax {jax.__version__}")
-    print(f"settings: smollm2-135m, sites {', '.join(SITES)}; TopK SAEs d_sae {a.d_sae}, k {a.k}; "
+    print(f"settings: {describe(name)}, sites {', '.join(SITES)}; TopK SAEs d_sae {a.d_sae}, k {a.k}; "
           f"batch {a.batch} x seq {a.seq} = {n_tok} tokens; window 5 (6 site pairs), position_window 0; "
           f"{a.batches} timed batches")
     print(f"{'what':52s} {'s/batch':>9s} {'tokens/s':>10s} {'state MiB':>10s}")

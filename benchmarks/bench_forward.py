@@ -1,9 +1,11 @@
 """Forward-pass and clamp-sweep throughput of the default model. Prints a table.
 
-    python benchmarks/bench_forward.py [--batch 8] [--seq 64] [--reps 5]
+    python benchmarks/bench_forward.py [--batch 8] [--seq 64] [--reps 5] [--model M | --random-weights]
 
 Rows: a full forward (logits), a forward stopped at a site, and a vmapped clamp sweep on a
-cached prefix (suffix from layer 8 to layer 12), each timed after compilation.
+cached prefix (suffix from layer 8 to layer 12), each timed after compilation. `--random-weights`
+times a random-weight model of the same shape (benchmarks/random_checkpoint.py) where the GGUF file
+is not installed.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jfig
+from random_checkpoint import add_model_args, describe, model_arg
 
 
 def timeit(fn, reps: int) -> float:
@@ -32,8 +35,10 @@ def main():
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--sources", type=int, default=32)
+    add_model_args(ap)
     a = ap.parse_args()
-    model = jfig.load_model("smollm2-135m")
+    name = model_arg(a)
+    model = jfig.load_model(name)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, model.config.vocab_size, (a.batch, a.seq)), jnp.int32)
     src, tgt = "blocks.8.hook_resid_post", "blocks.12.hook_resid_post"
@@ -57,7 +62,7 @@ def main():
          a.sources * a.batch, "source x input"),
     ]
     print(f"machine: {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, "
-          f"jax {jax.__version__}; batch {a.batch}, seq {a.seq}")
+          f"jax {jax.__version__}; batch {a.batch}, seq {a.seq}; model {describe(name)}")
     print(f"{'what':40s} {'seconds':>9s} {'rate':>14s}")
     for name, sec, n, unit in rows:
         print(f"{name:40s} {sec:9.4f} {n / sec:10.1f} {unit}/s")
