@@ -3,11 +3,12 @@
 Curated public API; see docs/ (quickstart, guide, concepts, measure, atlas, graph_format).
 The packages follow the pipeline, each importing only those before it:
 models -> data -> saes -> atlas -> measure -> candidates / stats -> graph -> analysis | behaviors | steering
--> explorer -> pipeline -> cli.
+| attribution -> explorer -> pipeline -> cli.
 """
 from . import data, edits, errors, sites
 from .analysis import Analysis, EstimatorComparison, analyze, compare_estimators
 from .atlas import Atlas, build_atlas
+from .attribution import AttributionGraph, attribution_graph
 from .behaviors import BehaviorCircuit, BehaviorSuite, behavior_subgraph, behavior_suite, load_suite
 from .candidates import Candidates, select_candidates
 from .edits import Ablate, Clamp, ClampTranscoder, Compose, Patch, PatchHeads, SetFeatures, ShiftFeatures, Steer
@@ -26,13 +27,13 @@ from .steering import observe_cascade, predict_cascade
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ablate", "Analysis", "Atlas", "BehaviorCircuit", "BehaviorSuite", "BuildOptions", "Candidates", "Clamp",
+    "Ablate", "Analysis", "Atlas", "AttributionGraph", "BehaviorCircuit", "BehaviorSuite", "BuildOptions", "Candidates", "Clamp",
     "ClampTranscoder", "Transcoder",
     "Compose", "DEFAULT_MODEL", "Effects",
     "EstimatorComparison", "FormatError", "GatingEffects", "GraphDiff", "InteractionGraph", "JfigError", "Model", "ModelConfig",
     "OptionError", "Patch", "PatchHeads", "Prefix", "RunOutput", "SAE", "SetFeatures", "ShapeError", "ShiftFeatures", "SiteError",
     "Steer", "Tokenizer",
-    "__version__", "analyze", "attribution_json", "behavior_subgraph", "behavior_suite", "build_atlas", "build_graph", "compare_estimators", "data", "default_saes", "diff_graphs", "edits", "errors", "explorer_payload",
+    "__version__", "analyze", "attribution_graph", "attribution_json", "behavior_subgraph", "behavior_suite", "build_atlas", "build_graph", "compare_estimators", "data", "default_saes", "diff_graphs", "edits", "errors", "explorer_payload",
     "feature_importance", "load_graph", "load_model", "load_sae", "load_suite", "load_transcoders", "measure_effects", "measure_gating",
     "observe_cascade", "predict_cascade", "render_page",
     "sae_metrics", "save_sae", "select_candidates", "sites", "train_sae", "weight_effects",
