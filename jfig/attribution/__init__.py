@@ -6,7 +6,7 @@ from .attribute import attribution_graph
 from .graph import LINK_SCHEMA, AttributionGraph
 from .influence import PruneResult, graph_scores, prune
 from .prompt import prompt_ids
-from .viewer import cantor, error_node, feature_node, graph_file, logit_node, token_node
+from .viewer import cantor, error_node, feature_node, graph_file, logit_id, logit_node, token_node
 
 __all__ = ["AttributionGraph", "LINK_SCHEMA", "PruneResult", "attribution_graph", "cantor", "error_node",
-           "feature_node", "graph_file", "graph_scores", "logit_node", "prompt_ids", "prune", "token_node"]
+           "feature_node", "graph_file", "graph_scores", "logit_id", "logit_node", "prompt_ids", "prune", "token_node"]

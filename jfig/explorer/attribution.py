@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..attribution import feature_node, graph_file, logit_id, logit_node, token_node
 from ..errors import JfigError
 from ..graph import NodeIndex
 from ..sites import block_site, parse_site
 from .cards import unembedding
 from .simulate import prompt_tokens
-
-
-def cantor(layer: int, feature: int) -> int:
-    """The viewer's feature number for (layer, feature): (l+f)(l+f+1)/2 + f."""
-    return (layer + feature) * (layer + feature + 1) // 2 + feature
 
 
 def site_layers(sites) -> tuple[dict[str, int], str | None]:
@@ -97,7 +93,7 @@ def attribution_json(model, saes, graph, prompt: str, *, slug: str = "jfig-slice
     prob /= prob.sum()
     top = np.argsort(-prob)[:n_logits]
     scale = final_norm_scale(model, np.asarray(out.cache[last_site])[0, -1])
-    logit_ids = {int(v): f"{n_layers + 1}_{int(v)}_{seq - 1}" for v in top}
+    logit_ids = {int(v): logit_id(seq - 1, int(v), n_layers) for v in top}
     last = seq - 1
     for site in index.sites:
         feats = index.node_feature[np.asarray(index.sites, object)[index.node_site] == site]
@@ -113,33 +109,16 @@ def attribution_json(model, saes, graph, prompt: str, *, slug: str = "jfig-slice
     labels = {(s, f): lab for s, f, lab in zip(*(graph.nodes[c].to_pylist() for c in ("site", "feature", "label")))
               if lab}
     for site, f, p in sorted(used, key=lambda u: (layers[u[0]], u[2], u[1])):
-        label = labels.get((site, f))
-        nodes.append({"node_id": fid(site, f, p), "feature": cantor(layers[site], f), "layer": str(layers[site]),
-                      "ctx_idx": p, "feature_type": "cross layer transcoder", "token_prob": 0.0,
-                      "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
-                      "jsNodeId": f"{layers[site]}_{f}-0", "clerp": label or f"{site}#{f}",
-                      "influence": None, "activation": float(acts[site][p, f])})
-    for p in range(seq):
-        t = int(tokens[0, p])
-        nodes.append({"node_id": f"E_{t}_{p}", "feature": p, "layer": "E", "ctx_idx": p,
-                      "feature_type": "embedding", "token_prob": 0.0, "is_target_logit": False, "run_idx": 0,
-                      "reverse_ctx_idx": 0, "jsNodeId": f"E_{t}-{p}", "clerp": "", "influence": None,
-                      "activation": None})
-    for rank, v in enumerate(top.tolist()):
-        nodes.append({"node_id": logit_ids[v], "feature": v, "layer": str(n_layers + 1), "ctx_idx": last,
-                      "feature_type": "logit", "token_prob": float(prob[v]), "is_target_logit": rank == 0,
-                      "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": f"L_{v}-{last}",
-                      "clerp": f'Output "{tok.decode([v])}" (p={prob[v]:.3f})', "influence": None,
-                      "activation": None})
+        nodes.append(feature_node(layers[site], f, p, activation=float(acts[site][p, f]),
+                                  clerp=labels.get((site, f)) or f"{site}#{f}"))
+    nodes += [token_node(p, int(tokens[0, p])) for p in range(seq)]
+    nodes += [logit_node(last, v, tok.decode([v]), n_layers, prob=float(prob[v]), target=rank == 0)
+              for rank, v in enumerate(top.tolist())]
     left_out = [f"{int((~same).sum())} graph edges measured at later positions or gating hyperedges "
                 f"(the format links one position to one position)"] if (~same).any() else []
     info = {"creator": "jfig", "source": "a corpus-wide interaction graph sliced to one prompt",
             "link weights": "edge slope x source activation; into logits: activation x direct path",
             "sites": {str(layers[s]): s for s in index.sites}, "left out": left_out + ([layer_note] if layer_note else [])}
     model_name = (graph.manifest.get("model") or {}).get("name") or "model"
-    return {"metadata": {"slug": slug, "scan": f"jfig-{model_name}", "transcoder_list": [],
-                         "prompt_tokens": words, "prompt": prompt, "node_threshold": None, "schema_version": 1,
-                         "info": info},
-            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-            "nodes": nodes, "links": links}
-
+    return graph_file(slug=slug, scan=f"jfig-{model_name}", prompt_tokens=words, prompt=prompt, nodes=nodes,
+                      links=links, info=info)

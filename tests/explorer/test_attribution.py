@@ -7,7 +7,8 @@ import pytest
 
 import jfig
 from jfig.explorer import attribution_json
-from jfig.explorer.attribution import cantor, site_layers
+from jfig.attribution import cantor
+from jfig.explorer.attribution import site_layers
 from jfig.models.layers import norm
 from tests.support.graphs import graph_from_edges
 
