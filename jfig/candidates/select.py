@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from ..errors import JfigError, ShapeError
 from ..models.validation import saes_by_site
-from ..saes.geometry import alignment_applies, decoder_alignment
+from ..saes.geometry import decoder_alignment, dictionaries_aligned
 from ..sites import parse_site
 from .report import Candidates, Report, SourceCandidates
 
@@ -82,9 +82,9 @@ def select_candidates(atlas, saes, *, effects: Mapping[str, np.ndarray] | None =
         keep = high | low
         fa, fb = atlas.features[a][ra], atlas.features[b][rb]
         dot = cos = np.full(co.shape, np.nan)
-        applies = alignment_applies(a, b) and saes[a].d_in == saes[b].d_in and (
-            alignment_window is None or layer[b] - layer[a] <= alignment_window)
-        if alignment_applies(a, b) and saes[a].d_in == saes[b].d_in:
+        aligned = dictionaries_aligned(saes[a], saes[b])
+        applies = aligned and (alignment_window is None or layer[b] - layer[a] <= alignment_window)
+        if aligned:
             dot, cos = decoder_alignment(saes[a], saes[b], fa, fb)
         if applies and min_alignment is not None:
             thr = 2.0 / math.sqrt(saes[b].d_in) if min_alignment == "auto" else float(min_alignment)

@@ -8,6 +8,7 @@ from .importance import (IMPORTANCE_KINDS, ablation_effects, attribution_by_site
                          feature_importance, feature_importance_by_site)
 from .prefix import CleanPrefix, activation_sd, clean_prefix, clean_prefix_bytes
 from .select import AUTO_INPUTS, affordable_inputs
+from .sources import TranscoderSource, check_dictionaries, prefix_sites
 from .types import Effects, FeatureList, feature_list
 from .weights import weight_effects
 
@@ -15,4 +16,4 @@ __all__ = ["AUTO_INPUTS", "CLAMP_AT", "CleanPrefix", "Effects", "FeatureList", "
            "IMPORTANCE_KINDS", "INPUT_MODES", "METHODS", "POSITION_MODES", "READS", "ablation_effects",
            "activation_sd", "affordable_inputs", "alignment_applies", "attribution_by_site", "attribution_effects", "clean_prefix",
            "clean_prefix_bytes", "decoder_alignment", "feature_importance", "feature_importance_by_site", "feature_list", "measure_effects",
-           "measure_gating", "weight_effects"]
+           "measure_gating", "weight_effects", "TranscoderSource", "check_dictionaries", "prefix_sites"]

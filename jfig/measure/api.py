@@ -16,11 +16,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..data.progress import progress_bar
 from ..errors import JfigError, ShapeError
-from ..models.validation import check_saes
 from ..sites import site_key
 from .engine import CLAMP_AT, INPUT_MODES, METHODS, POSITION_MODES, READS, Plan, chunk_effects
 from .prefix import CleanPrefix, prefix_pass
 from .reverse import reverse_effects
+from .sources import check_dictionaries, clamp_source, edit_site, later_sites
 from .select import auto_chunk, bytes_per_source, choose_inputs, nonzero_quantiles
 from .types import Effects, FeatureList, feature_list, store_stats
 
@@ -108,11 +108,12 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
     for name, value, allowed in (("clamp_at", clamp_at, CLAMP_AT), ("read", read, READS), ("inputs", inputs, INPUT_MODES)):
         if value not in allowed:
             raise JfigError(f"unknown {name} {value!r}; expected one of {allowed}")
-    saes = check_saes(model, saes)
+    saes = check_dictionaries(model, saes)
     src = feature_list(sources, saes)
     if len(src) == 0:
         raise JfigError("no source features given")
-    tgt = feature_list(targets, saes) if targets is not None else default_targets(saes, src.unique_sites())
+    tgt = feature_list(targets, saes) if targets is not None else default_targets(
+        saes, [edit_site(saes[s]) for s in src.unique_sites()])
     tokens = model.check_tokens(tokens)
     builtin = model.apply_fn is None
     n_dev = devices if devices is not None else len(jax.local_devices())
@@ -128,7 +129,8 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
     bar = progress_bar(len(src), desc=f"measure {method}", unit="src", enabled=progress)
     for site in sorted(src.unique_sites(), key=site_key):
         rows = src.at(site)
-        tsites = tuple(s for s in tgt.unique_sites() if site_key(s) >= site_key(site))
+        start = edit_site(saes[site])          # a transcoder's features are clamped where it writes
+        tsites = tuple(s for s in tgt.unique_sites() if site_key(s) >= site_key(start))
         if not tsites:
             bar.update(len(rows))
             continue
@@ -136,12 +138,18 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         tcols_idx = [tgt.at(s) for s in tsites]
         tcols = tuple(jnp.asarray(tgt.features[c], jnp.int32) for c in tcols_idx)
         tgt_saes = tuple(saes[s] for s in tsites)
-        plan = Plan(site, tsites, method, positions, clamp_at, builtin, direction, read, inputs, sparse)
+        source = clamp_source(saes[site], tsites[-1])
+        plan = Plan(start, tsites, method, positions, clamp_at, builtin, direction, read, inputs, sparse)
         feats = src.features[rows]
         n_t = sum(len(c) for c in tcols_idx)
         use_reverse = method.startswith("jacobian") and direction == "decoder" and inputs == "source" and (
             mode == "reverse" or (mode == "auto" and n_t * tokens.shape[1] < len(rows)))
-        acts, resid, vals, kv = prefix_pass(model, saes[site], feats, tokens, batch_size, builtin,
+        if use_reverse and later_sites(source):
+            if mode == "reverse":
+                raise JfigError(f"mode='reverse' does not support the cross-layer transcoder at {site} as a source "
+                                f"(it writes {len(later_sites(source)) + 1} sites); use mode='forward' or 'auto'")
+            use_reverse = False
+        acts, resid, vals, kv = prefix_pass(model, source, feats, tokens, batch_size, builtin,
                                             cache=plan.position_sparse and not use_reverse, clean=clean)
         vals_np = np.asarray(vals)
         atlas_q = atlas.alpha_levels(site)[feats] if atlas is not None else None   # [n, 3]: 10/50/90 %
@@ -159,7 +167,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
         toks_all = None if builtin else tokens
         order = np.concatenate([np.concatenate(tcols_idx)])
         if use_reverse:
-            n, mu, m2, e, wv = reverse_effects(model, plan, saes[site], tgt_saes, tcols, acts, resid, toks_all, vals,
+            n, mu, m2, e, wv = reverse_effects(model, plan, source, tgt_saes, tcols, acts, resid, toks_all, vals,
                                                feats, idx, wgt, batch=min(8, batch_size))
             store_stats(mean, var, count, rows, order, n, mu, m2)
             if keep_per_input:
@@ -173,7 +181,7 @@ def measure_effects(model, saes, sources, tokens, *, method: str = "clamp", posi
             wpad = wgt[pad] * (np.arange(c) < len(sl))[:, None]
             args = _mesh_put([jnp.asarray(idx[pad]), jnp.asarray(wpad), jnp.asarray(pad, jnp.int32),
                               jnp.asarray(feats[pad], jnp.int32), jnp.asarray(lo[pad]), jnp.asarray(hi[pad])], n_dev)
-            n, mu, m2, e, w2, frac = chunk_effects(model, plan, saes[site], tgt_saes, tcols, acts, resid, toks_all,
+            n, mu, m2, e, w2, frac = chunk_effects(model, plan, source, tgt_saes, tcols, acts, resid, toks_all,
                                                    vals, *args, keep_per_input, kv, jnp.asarray(seed, jnp.int32))
             n, mu, m2 = np.asarray(n)[: len(sl)], np.asarray(mu)[: len(sl)], np.asarray(m2)[: len(sl)]
             r = rows[sl]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from ..edits import Steer
 from ..models.model import Prefix
+from .sources import later_sites
 
 METHODS = ("clamp", "ablate", "mean_ablate", "jacobian", "jacobian_direct")
 POSITION_MODES = ("same", "later", "all")
@@ -108,17 +109,21 @@ def read_targets(plan: Plan, saes: tuple, tcols: tuple, cache: dict, rmask):
     return jnp.concatenate(vals, axis=-1), jnp.concatenate(act, axis=-1).astype(jnp.float32)
 
 
-def run_targets(model, plan: Plan, acts, resid, tokens, delta, kv=None, positions=None):
-    """Target-site activations after adding `delta` [M, S, d] at the source site. Position-sparse
-    (kv: the clean KVCache [L, M, T, g, e], positions [M, S] the absolute positions of the S rows):
-    only those rows run, attending to the cached keys/values of earlier positions."""
+def run_targets(model, plan: Plan, acts, resid, tokens, delta, kv=None, positions=None, later=()):
+    """Target-site activations after adding `delta` [M, S, d] at the source site (and each (site, delta)
+    of `later`, a cross-layer transcoder's writes further on). Position-sparse (kv: the clean KVCache
+    [L, M, T, g, e], positions [M, S] the absolute positions of the S rows): only those rows run,
+    attending to the cached keys/values of earlier positions."""
+    extra = tuple(Steer(site, d, 1.0) for site, d in later)
     if plan.builtin:
-        out = model.run_suffix(Prefix(plan.source_site, acts + delta, resid, kv), capture=plan.target_sites,
-                               stop_at=plan.stop_site, freeze=plan.freeze, positions=positions)
+        out = model.run_suffix(Prefix(plan.source_site, acts + delta, resid, kv), edits=extra,
+                               capture=plan.target_sites, stop_at=plan.stop_site, freeze=plan.freeze,
+                               positions=positions)
     else:
-        out = model.run(tokens, edits=(Steer(plan.source_site, delta, 1.0),), capture=plan.target_sites,
+        out = model.run(tokens, edits=(Steer(plan.source_site, delta, 1.0),) + extra, capture=plan.target_sites,
                         stop_at=plan.stop_site, freeze=plan.freeze)
     return out.cache
+
 
 
 def random_direction(direction, feature, seed: int):
@@ -164,34 +169,38 @@ def source_effects(model, plan: Plan, src_sae, tgt_saes, tcols, acts, resid, tok
     rm = read_mask(cm, plan.positions)
     stats = src_sae.encode_with_stats(acts)[1]
     direction = src_sae.decode_direction(feature, stats)
+    later = tuple(zip(later_sites(src_sae), src_sae.later_directions(feature))) if later_sites(src_sae) else ()
+    # a cross-layer transcoder also writes later sites: (site, decoder row) each, scaled by the same change
     if acts.ndim == 4 and direction.shape[-2:] != acts.shape[-2:]:
         direction = direction.reshape(*direction.shape[:-1], *acts.shape[-2:])
     direction = jnp.broadcast_to(direction, acts.shape)
-    if plan.direction == "random":
+    if plan.direction == "random":                          # later writes: their own random directions
         direction = random_direction(direction, feature, seed)
+        later = tuple((s, random_direction(jnp.broadcast_to(d, acts.shape), feature, seed + 1 + k))
+                      for k, (s, d) in enumerate(later))
     valid = (rm.sum(-1) > 0).astype(jnp.float32)
-    cmx, fix = cm.reshape(cm.shape + extra), fi.reshape(fi.shape + extra)
     unknown = jnp.full((acts.shape[0], sum(len(c) for c in tcols)), jnp.nan)
 
-    def values(delta):
-        return read_targets(plan, tgt_saes, tcols, run_targets(model, plan, acts, resid, tokens, delta, kv, positions),
-                            rm)
+    def values(coef):                        # coef [M, S]: the source's change at each position
+        c = coef.reshape(coef.shape + extra)[..., None]
+        writes = tuple((s, c * d) for s, d in later)
+        return read_targets(plan, tgt_saes, tcols,
+                            run_targets(model, plan, acts, resid, tokens, c * direction, kv, positions, writes), rm)
 
-    def delta_at(alpha):
-        return (cmx * (alpha - fix))[..., None] * direction
+    def coef_at(alpha):
+        return cm * (alpha - fi)
 
     if plan.method in ("jacobian", "jacobian_direct"):
-        tangent = cmx[..., None] * direction
-        (_, active), (d, _) = jax.jvp(values, (jnp.zeros_like(acts),), (tangent,))
+        (_, active), (d, _) = jax.jvp(values, (jnp.zeros_like(cm),), (cm,))
         return d, valid, active
     if plan.method == "clamp":
-        deltas = [delta_at(alpha_hi), delta_at(alpha_lo)] + ([jnp.zeros_like(acts)] if plan.needs_clean else [])
-        v, act = jax.vmap(values)(jnp.stack(deltas))
+        coefs = [coef_at(alpha_hi), coef_at(alpha_lo)] + ([jnp.zeros_like(cm)] if plan.needs_clean else [])
+        v, act = jax.vmap(values)(jnp.stack(coefs))
         return (v[0] - v[1]) / (alpha_hi - alpha_lo), valid, act[2] if plan.needs_clean else unknown
     # ablate: clamp to 0; mean_ablate: clamp to the feature's mean (alpha_lo carries it). The slope divides
     # by the source's own change on that input, so it has the sign and unit of the clamp's.
     target = 0.0 if plan.method == "ablate" else alpha_lo
-    v, act = jax.vmap(values)(jnp.stack([jnp.zeros_like(acts), delta_at(target)]))
+    v, act = jax.vmap(values)(jnp.stack([jnp.zeros_like(cm), coef_at(target)]))
     change = (cm * (fi - target)).sum(-1) / jnp.maximum(cm.sum(-1), 1.0)      # [M]: f_i − target
     ok = jnp.abs(change) > MIN_SOURCE_CHANGE
     slope = (v[0] - v[1]) / jnp.where(ok, change, 1.0)[:, None]

@@ -37,12 +37,13 @@ import numpy as np
 from ..edits import Edit, Steer
 from ..errors import JfigError
 from ..models.model import Prefix
-from ..models.validation import saes_by_site
+from ..saes.transcoder import Transcoder
 from .api import clamp_levels, measure_effects
 from .prefix import CleanPrefix, prefix_pass
 from .engine import (CLAMP_AT, POSITION_MODES, READS, Plan, at_clamp_position, clamp_mask, input_cache,
                      random_direction, read_mask, read_targets, run_targets, weighted_stats)
 from .select import choose_inputs
+from .sources import check_dictionaries
 from .types import FeatureList, feature_list, store_stats
 
 GATING_METHODS = ("mixed", "factorial", "conditional")
@@ -220,7 +221,7 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
     if method == "conditional" and direction == "random":
         raise JfigError("direction='random' edits the modulator; the conditional statistic never edits it "
                         "(use method='mixed' or 'factorial' for the random-modulator null)")
-    saes = saes_by_site(saes)
+    saes = check_dictionaries(model, saes)
     pairs = [((str(a[0]), int(a[1])), (str(b[0]), int(b[1]))) for a, b in pairs]
     if not pairs:
         raise JfigError("no gating pairs given; expected [((site_i, i), (site_k, k)), ...]")
@@ -229,6 +230,11 @@ def measure_gating(model, saes, pairs, tokens, *, method: str = "mixed", positio
         for s in (si, sk):
             if s not in saes:
                 raise JfigError(f"no SAE for site {s!r} of a gating pair; SAEs are at {sorted(saes)}")
+            if method != "conditional" and isinstance(saes[s], Transcoder):
+                raise JfigError(f"gating method {method!r} edits source and modulator at their own sites; the "
+                                f"transcoder at {s} writes elsewhere ({saes[s].out_site}), which this method "
+                                f"does not support yet. Use method='conditional' (it clamps the source as "
+                                f"measure_effects does and only reads the modulator)")
         if order[sk] > order[si]:
             raise JfigError(f"modulator site {sk!r} comes after source site {si!r}; the modulator must sit at the "
                             f"source's site or an earlier one (swap the pair)")

@@ -14,6 +14,7 @@ from ..data.progress import progress_bar
 from ..edits import Ablate, Edit
 from ..errors import JfigError, ShapeError
 from ..models.model import Prefix
+from .sources import TranscoderSource, clamp_source, later_sites, value_site
 
 IMPORTANCE_KINDS = ("loss", "kl", "attribution", "rate")
 
@@ -24,20 +25,31 @@ def _next_token_nll(logits, tokens):
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
+def ablation_edits(sae, f, mask, f_src, stats=None) -> tuple:
+    """The edits that ablate feature f where `mask` [b, s] is set: an SAE's error-preserving Ablate, or
+    for a transcoder source (`TranscoderSource`) x − f_i·W_dec[i] at every site it writes."""
+    if not isinstance(sae, TranscoderSource):
+        return (Ablate(sae, f, positions=mask),)
+    c = jnp.where(mask, -f_src[..., f], 0.0)[..., None]                         # [b, s, 1]
+    rows = (sae.decode_direction(f),) + sae.later_directions(f)
+    return tuple(_Shift(site, c * d) for site, d in zip((sae.site,) + sae.later_sites, rows))
+
+
 @partial(jax.jit, static_argnames=("site", "kind", "builtin"))
-def _ablation_chunk(model, sae, acts, resid, tokens, rowmask, base_logits, feats, *, site, kind, builtin):
-    """For each feature in `feats [c]`: (sum over tokens of |Δ next-token loss| or KL, active count)."""
-    f_src = sae.encode(acts)                                                     # [b, s, d_sae]
+def _ablation_chunk(model, sae, acts, vacts, resid, tokens, rowmask, base_logits, feats, *, site, kind, builtin):
+    """For each feature in `feats [c]`: (sum over tokens of |Δ next-token loss| or KL, active count).
+    acts: the activations at `site` (where the edit starts), vacts those the features are read from."""
+    f_src = sae.encode(vacts)                                                    # [b, s, d_sae]
     base = jax.nn.log_softmax(base_logits.astype(jnp.promote_types(base_logits.dtype, jnp.float32)), axis=-1)
     base_nll = _next_token_nll(base_logits, tokens)                              # [b, s-1]
 
     def one(f):
         mask = (f_src[..., f] > 0) & rowmask[:, None]                            # [b, s]
-        edit = Ablate(sae, f, positions=mask)
+        edits = ablation_edits(sae, f, mask, f_src)
         if builtin:
-            logits = model.run_suffix(Prefix(site, acts, resid), edits=(edit,), logits=True).logits
+            logits = model.run_suffix(Prefix(site, acts, resid), edits=edits, logits=True).logits
         else:
-            logits = model.run(tokens, edits=(edit,)).logits
+            logits = model.run(tokens, edits=edits).logits
         if kind == "kl":
             logp = jax.nn.log_softmax(logits.astype(base.dtype), axis=-1)
             d = jnp.sum(jnp.exp(base) * (base - logp), axis=-1)                 # [b, s]
@@ -73,6 +85,8 @@ def _effects(model, sae, tokens, features, *, kind, batch_size, chunk, memory_bu
     feats = np.asarray(features, np.int32).reshape(-1)
     if len(feats) == 0:
         return np.zeros(0), np.zeros(0, np.int64)
+    sae = clamp_source(sae)                      # a transcoder: edited where it writes, read where it reads
+    vsite = value_site(sae)
     builtin = model.config is not None
     b = min(batch_size, len(tokens))
     if chunk is None:
@@ -89,17 +103,19 @@ def _effects(model, sae, tokens, features, *, kind, batch_size, chunk, memory_bu
         if builtin:
             pre = model.prefix(tb, sae.site)
             acts, resid = pre.acts, pre.resid
+            vacts = acts if vsite == sae.site else model.run(tb, capture=(vsite,), stop_at=vsite).cache[vsite]
         else:
-            acts, resid = model.run(tb, capture=(sae.site,), stop_at=sae.site).cache[sae.site], None
+            cache = model.run(tb, capture=tuple(dict.fromkeys((sae.site, vsite))), stop_at=sae.site).cache
+            acts, vacts, resid = cache[sae.site], cache[vsite], None
         base_logits = model.run(tb, logits=True).logits if kind != "attribution" else None
         for c in range(0, len(feats), chunk):
             fc = feats[c:c + chunk]
             padded = jnp.asarray(np.concatenate([fc, np.full(chunk - len(fc), fc[0], np.int32)]))
             if kind == "attribution":
-                tot, n = _attribution_chunk(model, sae, acts, resid, tb, rowmask, padded, site=sae.site,
+                tot, n = _attribution_chunk(model, sae, acts, vacts, resid, tb, rowmask, padded, site=sae.site,
                                             builtin=builtin)
             else:
-                tot, n = _ablation_chunk(model, sae, acts, resid, tb, rowmask, base_logits, padded,
+                tot, n = _ablation_chunk(model, sae, acts, vacts, resid, tb, rowmask, base_logits, padded,
                                          site=sae.site, kind=kind, builtin=builtin)
             totals[c:c + len(fc)] += np.asarray(tot)[:len(fc)]
             counts[c:c + len(fc)] += np.asarray(n)[:len(fc)]
@@ -123,17 +139,27 @@ class _Shift(Edit):
         return x + self.delta.astype(x.dtype)
 
 
-@partial(jax.jit, static_argnames=("site", "builtin"))
-def _attribution_chunk(model, sae, acts, resid, tokens, rowmask, feats, *, site, builtin):
-    """For each feature in `feats [c]`: (Σ_t |first-order Δnll_t| over valid rows, active count)."""
-    f_src, stats = sae.encode_with_stats(acts)                                   # [b, s, d_sae]
-    zero = jnp.zeros_like(acts)
+def source_values(sae, acts, vacts):
+    """(features [b, s, d_sae], encoding statistics) of a source: an SAE encodes `acts`; a transcoder
+    source encodes `vacts` (its input site) and has no statistics."""
+    if isinstance(sae, TranscoderSource):
+        return sae.encode(vacts), None
+    return sae.encode_with_stats(acts)
 
-    def nll(delta):                                                              # acts + delta -> [b, s-1]
+
+@partial(jax.jit, static_argnames=("site", "builtin"))
+def _attribution_chunk(model, sae, acts, vacts, resid, tokens, rowmask, feats, *, site, builtin):
+    """For each feature in `feats [c]`: (Σ_t |first-order Δnll_t| over valid rows, active count)."""
+    f_src, stats = source_values(sae, acts, vacts)                               # [b, s, d_sae]
+    later = later_sites(sae)
+    zero = (jnp.zeros_like(acts),) + tuple(jnp.zeros(acts.shape[:2] + (sae.d_in,), acts.dtype) for _ in later)
+
+    def nll(deltas):                                                             # acts + delta -> [b, s-1]
+        writes = tuple(_Shift(s, d) for s, d in zip(later, deltas[1:]))
         if builtin:
-            logits = model.run_suffix(Prefix(site, acts + delta, resid), logits=True).logits
+            logits = model.run_suffix(Prefix(site, acts + deltas[0], resid), edits=writes, logits=True).logits
         else:
-            logits = model.run(tokens, edits=(_Shift(site, delta),)).logits
+            logits = model.run(tokens, edits=(_Shift(site, deltas[0]),) + writes).logits
         return _next_token_nll(logits, tokens)
 
     def one(f):
@@ -141,8 +167,10 @@ def _attribution_chunk(model, sae, acts, resid, tokens, rowmask, feats, *, site,
         d = sae.decode_direction(f, stats)                                       # [d_in] or [b, s, d_in]
         if d.shape[-1] != sae.d_in:                                              # hook_z: [..., heads, d_head]
             d = d.reshape(*d.shape[:-2], sae.d_in)
-        tangent = jnp.where(mask[..., None], -f_src[..., f, None] * d, 0)        # the ablation's change of h
-        _, dnll = jax.jvp(nll, (zero,), (tangent.reshape(acts.shape).astype(acts.dtype),))
+        coef = jnp.where(mask, -f_src[..., f], 0)[..., None]                     # the ablation's change of h
+        tangent = ((coef * d).reshape(acts.shape).astype(acts.dtype),) + tuple(
+            (coef * r).astype(acts.dtype) for r in (sae.later_directions(f) if later else ()))
+        _, dnll = jax.jvp(nll, (zero,), (tangent,))
         return jnp.sum(jnp.abs(dnll) * rowmask[:, None]), jnp.sum(mask)
     return jax.vmap(one)(feats)
 
@@ -169,32 +197,40 @@ def attribution_effects(model, sae, tokens, features, *, batch_size: int = 8, ch
 @partial(jax.jit, static_argnames=("sites",))
 def _reverse_attribution_chunk(model, saes, tokens, rowmask, feats, t_index, *, sites):
     """Σ over valid rows and the predictions t in `t_index [C]` of |∂nll_t/∂h · Δh_i| for every feature
-    of every site (feats: one [n_s] array per site), from one vjp: C backward passes serve all sites
-    and features. Returns one [n_s] array per site."""
-    acts0 = model.run(tokens, capture=sites, stop_at=sites[-1]).cache          # clean activations per site
+    of every dictionary (feats: one [n_s] array per dictionary at `sites`), from one vjp: C backward
+    passes serve all of them. A transcoder source's Δh is at the sites it writes, its values read where
+    it reads. Returns one [n_s] array per dictionary."""
+    srcs = tuple(clamp_source(d) for d in saes)
+    order = {s: i for i, s in enumerate(model.sites)}                          # the model's forward order
+    writes = tuple(sorted({w for src in srcs for w in (src.site,) + later_sites(src)}, key=order.__getitem__))
+    reads = tuple(value_site(src) for src in srcs)
+    capture = tuple(sorted(set(writes) | set(reads), key=order.__getitem__))
+    acts0 = model.run(tokens, capture=capture, stop_at=capture[-1]).cache      # clean activations per site
 
     def nll(deltas):                                                            # {site: delta} -> [b, s-1]
-        edits = tuple(_Shift(site, deltas[site]) for site in sites)
+        edits = tuple(_Shift(site, deltas[site]) for site in writes)
         return _next_token_nll(model.run(tokens, edits=edits, logits=True).logits, tokens)
 
-    zeros = {site: jnp.zeros_like(acts0[site]) for site in sites}
+    zeros = {site: jnp.zeros_like(acts0[site]) for site in writes}
     out_nll, pullback = jax.vjp(nll, zeros)
     cot = jax.nn.one_hot(t_index, tokens.shape[1] - 1, dtype=out_nll.dtype)    # [C, s-1]
     cot = jnp.broadcast_to(cot[:, None, :], (len(t_index), tokens.shape[0], tokens.shape[1] - 1))
     grads = jax.vmap(lambda c: pullback(c)[0])(cot)                             # {site: [C, b, s, ...]}
+    grads = {site: g.reshape(*g.shape[:3], -1) for site, g in grads.items()}   # [C, b, s, d]
     out = []
-    for site, sae, fs in zip(sites, saes, feats):
-        acts = acts0[site]
-        f_src, stats = sae.encode_with_stats(acts)
-        g = grads[site].reshape(*grads[site].shape[:3], -1)                     # [C, b, s, d_in]
+    for src, read, fs in zip(srcs, reads, feats):
+        f_src, stats = source_values(src, acts0[src.site], acts0[read])
+        targets = (src.site,) + later_sites(src)
 
         def one(f):
             mask = (f_src[..., f] > 0) & rowmask[:, None]
-            d = sae.decode_direction(f, stats)
-            if d.shape[-1] != sae.d_in:
-                d = d.reshape(*d.shape[:-2], sae.d_in)
-            tangent = jnp.where(mask[..., None], -f_src[..., f, None] * d, 0)   # [b, s, d_in]
-            j = jnp.einsum("cbsd,bsd->cb", g, tangent)                          # first-order Δnll_t per row
+            d = src.decode_direction(f, stats)
+            if d.shape[-1] != src.d_in:
+                d = d.reshape(*d.shape[:-2], src.d_in)
+            rows = (d,) + (src.later_directions(f) if later_sites(src) else ())
+            coef = jnp.where(mask, -f_src[..., f], 0)[..., None]                # [b, s, 1]
+            j = sum(jnp.einsum("cbsd,bsd->cb", grads[w], jnp.broadcast_to(coef * r, grads[w].shape[1:]))
+                    for w, r in zip(targets, rows))                             # first-order Δnll_t per row
             return jnp.sum(jnp.abs(j) * rowmask[None, :])
         out.append(jax.vmap(one)(fs))
     return out
@@ -229,7 +265,7 @@ def attribution_by_site(model, saes, tokens, features: dict, *, batch_size: int 
             rows = len(tb)
             tb = jnp.asarray(np.concatenate([tb, np.zeros((b - rows, tb.shape[1]), tb.dtype)]), jnp.int32)
             rowmask = jnp.arange(b) < rows
-            acts = model.run(tb, capture=sites, stop_at=sites[-1]).cache
+            acts = model.run(tb, capture=sites, stop_at=sites[-1]).cache     # the dictionaries' read sites
             for k, (site, sae, f) in enumerate(zip(sites, sae_t, feats)):
                 active = (sae.encode(acts[site])[..., f] > 0) & rowmask[:, None, None]
                 counts[k] += np.asarray(active.sum((0, 1)))

@@ -14,7 +14,8 @@ import numpy as np
 
 from ..errors import JfigError, ShapeError
 from ..models.forward import KVCache
-from ..models.model import Prefix
+from ..models.model import Prefix, resid_site_for
+from .sources import value_site
 
 
 @dataclass
@@ -61,15 +62,16 @@ def prefix_pass(model, src_sae, feats, tokens, batch_size: int, builtin: bool, c
                 clean: CleanPrefix | None = None):
     """Source-site activations [N, S, d], the residual a suffix needs, the sources' values [N, S, n] and,
     with `cache`, the clean keys/values of every layer and position (KVCache, [L, N, S, g, e] each;
-    else None). With `clean` (a CleanPrefix of these tokens that has the site) nothing but the SAE
-    encoding runs."""
+    else None). With `clean` (a CleanPrefix of these tokens that has the sites) nothing but the
+    encoding runs. A transcoder source (`sources.TranscoderSource`) starts at its output site and
+    reads its values at its input site."""
     cols = jnp.asarray(feats)
-    site = src_sae.site
-    if clean is not None and site in clean.prefixes:
+    site, vsite = src_sae.site, value_site(src_sae)
+    if clean is not None and site in clean.prefixes and vsite in clean.prefixes:
         if tuple(tokens.shape) != clean.shape:
             raise JfigError(f"the clean prefix was run on tokens of shape {clean.shape}, these are {tuple(tokens.shape)}")
-        pre = clean.prefixes[site]
-        vals = jnp.concatenate([jnp.take(src_sae.encode(pre.acts[b: b + batch_size]), cols, axis=-1)
+        pre, src = clean.prefixes[site], clean.prefixes[vsite].acts
+        vals = jnp.concatenate([jnp.take(src_sae.encode(src[b: b + batch_size]), cols, axis=-1)
                                 for b in range(0, tokens.shape[0], batch_size)])
         return pre.acts, pre.resid, vals, clean.kv if cache else None
     acts, resids, vals, kvs = [], [], [], []
@@ -79,18 +81,29 @@ def prefix_pass(model, src_sae, feats, tokens, batch_size: int, builtin: bool, c
             pre = model.prefix(tb, site, cache=cache)
             a, r = pre.acts, pre.resid
             kvs.append(pre.cache)
+            v = a if vsite == site else _values_input(model, tb, pre, vsite)
         else:
-            a, r = model.run(tb, capture=(site,), stop_at=site).cache[site], None
-        if not bool(jnp.isfinite(a).all()):
-            raise ShapeError(f"activations at {site} contain NaN or inf (input rows {b}..{b + len(tb) - 1})")
+            out = model.run(tb, capture=tuple(dict.fromkeys((site, vsite))), stop_at=site).cache
+            a, r, v = out[site], None, out[vsite]
+        if not bool(jnp.isfinite(a).all()) or not bool(jnp.isfinite(v).all()):
+            raise ShapeError(f"activations at {site if vsite == site else (vsite + ' / ' + site)} contain NaN or "
+                             f"inf (input rows {b}..{b + len(tb) - 1})")
         acts.append(a)
         resids.append(r)
-        vals.append(jnp.take(src_sae.encode(a), cols, axis=-1))
+        vals.append(jnp.take(src_sae.encode(v), cols, axis=-1))
     resid = None if resids[0] is None else jnp.concatenate(resids)
     kv = None
     if cache and builtin:
         kv = KVCache(jnp.concatenate([c.k for c in kvs], axis=1), jnp.concatenate([c.v for c in kvs], axis=1))
     return jnp.concatenate(acts), resid, jnp.concatenate(vals), kv
+
+
+def _values_input(model, tokens, pre, vsite: str):
+    """Activations at `vsite` (a transcoder's input site, before the prefix's site): the prefix's own
+    residual when that is the site (hook_resid_mid for a transcoder writing hook_mlp_out), else a run."""
+    if pre.resid is not None and resid_site_for(pre.site) == vsite:
+        return pre.resid
+    return model.run(tokens, capture=(vsite,), stop_at=vsite, logits=False).cache[vsite]
 
 
 def activation_sd(model, sae, features, tokens, *, read: str = "post", batch_size: int = 16,

@@ -41,7 +41,7 @@ class Prefix(NamedTuple):
     cache: KVCache | None = None       # k, v [n_layers, batch, seq, n_kv_heads, d_head]
 
 
-def _resid_site_for(site: str) -> str | None:
+def resid_site_for(site: str) -> str | None:
     """The residual a suffix run from `site` needs besides the site's own activations."""
     if site == "hook_pos_embed":
         return "hook_embed"
@@ -226,7 +226,7 @@ class Model(eqx.Module):
         from one position on then only recomputes that position and later ones)."""
         self._require_builtin("prefix")
         self.check_site(site)
-        need = _resid_site_for(site)
+        need = resid_site_for(site)
         cap = (site,) + ((need,) if need else ())
         if not cache:
             out = self.run(tokens, edits=edits, capture=cap, stop_at=site, logits=False)
@@ -242,7 +242,7 @@ class Model(eqx.Module):
         position, shared by all of them (a position-sparse suffix from any site reads it)."""
         self._require_builtin("clean_prefixes")
         sites = tuple(self.check_site(s) for s in sites)
-        need = {s: _resid_site_for(s) for s in sites}
+        need = {s: resid_site_for(s) for s in sites}
         cap = tuple(dict.fromkeys([*sites, *(n for n in need.values() if n)]))
         tokens = self.check_tokens(tokens)
         acts, kv = _cached_prefix(self.params, tokens, (), cfg=self.config, capture=cap)
@@ -268,8 +268,8 @@ class Model(eqx.Module):
             self.check_site(s)
             if order[s] < order[start]:
                 raise SiteError(f"site {s!r} comes before the suffix start {start!r}")
-        if _resid_site_for(start) is not None and prefix.resid is None:
-            raise ShapeError(f"a suffix run from {start!r} also needs the residual {_resid_site_for(start)!r}")
+        if resid_site_for(start) is not None and prefix.resid is None:
+            raise ShapeError(f"a suffix run from {start!r} also needs the residual {resid_site_for(start)!r}")
         if (positions is None) != (prefix.cache is None):
             raise ShapeError("a position-sparse suffix needs both prefix.cache (from model.prefix(..., cache=True)) "
                              "and the positions of its rows")

@@ -20,8 +20,7 @@ from ..data import looks_like_tokens, tokens_from
 from ..data.files import fingerprint
 from ..errors import JfigError
 from ..graph import InteractionGraph, NodeInfo, assemble_graph
-from ..measure import AUTO_INPUTS
-from ..models.validation import check_saes
+from ..measure import AUTO_INPUTS, check_dictionaries
 from ..stats import min_attainable_pvalue
 from .options import BuildOptions, format_bytes
 from .dense import build_sites, dense_significance
@@ -79,7 +78,7 @@ def build_graph(model, saes, tokens_or_corpus, *, out_dir=None, seed: int | None
         raise JfigError(f"process must be (index, count) with 0 <= index < count, got {process!r}")
     if count > 1 and out_dir is None:
         raise JfigError(f"a build over {count} processes needs out_dir: a folder every process can read and write")
-    saes = check_saes(model, saes, at_least=1)
+    saes = check_dictionaries(model, saes)       # SAEs and transcoders (input norms attached)
     t0 = stage_t = time.time()
     if looks_like_tokens(tokens_or_corpus):      # a token array is used as given: its rows and its length
         tokens = tokens_from(tokens_or_corpus, model)

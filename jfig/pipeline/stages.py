@@ -24,7 +24,8 @@ from ..data.progress import progress_bar
 from ..errors import JfigError
 from ..graph import EdgeRecords
 from ..measure import (CleanPrefix, activation_sd, clean_prefix, clean_prefix_bytes, feature_importance_by_site,
-                       measure_gating)
+                       measure_gating, prefix_sites)
+from ..saes import Transcoder
 from ..sites import site_key
 from ..stats import (Decision, decide, label_permutation_pvalue, min_attainable_pvalue, min_inputs_for_pvalue,
                      null_threshold, pair_thresholds, robust_pvalues, sign_flip_normal_pvalues, sign_flip_pvalues,
@@ -161,11 +162,13 @@ def shared_prefix(model, saes: dict, tokens, opts: BuildOptions) -> CleanPrefix 
     wrapped models or when it would not fit `memory_budget` (each sweep then runs its own prefix)."""
     if model.apply_fn is not None:
         return None
-    need = clean_prefix_bytes(model.config, tokens.shape[0], tokens.shape[1], [s.d_in for s in saes.values()])
+    sites = prefix_sites(saes)                   # a transcoder: its input and its output site
+    need = clean_prefix_bytes(model.config, tokens.shape[0], tokens.shape[1],
+                              [model.site_width(s) or model.config.d_model for s in sites])
     if need > opts.memory_budget:
         log.info("clean prefix of %d bytes exceeds memory_budget; each sweep runs its own prefix", need)
         return None
-    return clean_prefix(model, tokens, tuple(saes), opts.batch_size)
+    return clean_prefix(model, tokens, sites, opts.batch_size)
 
 
 def measure_block(model, saes, tokens, atlas, block, opts: BuildOptions, index: int,
@@ -441,6 +444,14 @@ def gating_stage(model, saes, tokens, atlas: Atlas, sig: dict, opts: BuildOption
         return saved
     rec = {k: [] for k in GATE_KEYS}
     triples = gating_pairs(sig, atlas, opts, model.sites)
+    if opts.gating_method != "conditional":      # these methods edit both features at their own sites
+        tc_sites = {s for s, d in saes.items() if isinstance(d, Transcoder)}
+        kept = [(j, [pr for pr in prs if pr[0][0] not in tc_sites and pr[1][0] not in tc_sites]) for j, prs in triples]
+        dropped = sum(len(prs) for _, prs in triples) - sum(len(prs) for _, prs in kept)
+        if dropped:
+            log.info("gating: %d (source, modulator) pairs with a transcoder feature are not tested by method %r "
+                     "(use gating_method='conditional' for them)", dropped, opts.gating_method)
+        triples = [(j, prs) for j, prs in kept if prs]
     if triples:
         kw = dict(method=opts.gating_method, positions=opts.positions, clamp_at=opts.clamp_at, read=opts.read,
                   atlas=atlas, inputs_per_pair=opts.inputs_per_source, batch_size=opts.batch_size, seed=opts.seed,
