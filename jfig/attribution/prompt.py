@@ -37,6 +37,8 @@ def prompt_ids(model, prompt) -> np.ndarray:
         ids = np.asarray(prompt)
         if ids.ndim == 2 and ids.shape[0] == 1:
             ids = ids[0]
+        if ids.size == 0:
+            raise JfigError("the prompt is empty: give a prompt of at least one token")
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
             raise JfigError(f"the prompt must be a string or integer token ids of shape [s] or [1, s]; got "
                             f"{ids.dtype} of shape {tuple(ids.shape)}")
