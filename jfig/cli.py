@@ -20,6 +20,7 @@ from .graph import NodeIndex, load_graph
 from .models.registry import load_model
 from .data import BEHAVIORS
 from .pipeline import dry_run, load_config, run_analysis, run_build, run_demo, summarize
+from .pipeline.attribute import run_attribute
 from .pipeline.behavior import check_graph_dir, graph_saes, parse_feature, run_behavior, steered_generation
 from .pipeline.view import ViewSources, prepare_server, run_diff, run_export_attribution, run_label, run_view
 from .saes import load_sae_ref
@@ -231,6 +232,26 @@ def cmd_export_attribution(args) -> int:
     return 0
 
 
+def cmd_attribute(args) -> int:
+    """One prompt's attribution graph through transcoders, as attribution-graph JSON."""
+    graph, data = run_attribute(args.prompt, args.transcoders, args.out, model_name=args.model, graph_dir=args.graph,
+                                node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+                                max_n_logits=args.max_logits, desired_logit_prob=args.logit_prob,
+                                max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
+    replacement, completeness = graph.scores()
+    kept = sum(n["feature_type"] == "cross layer transcoder" for n in data["nodes"])
+    print(f"{graph.n_pos} tokens, {len(graph.active_features)} active features, {graph.n_logits} logit targets; "
+          f"replacement score {replacement:.3f}, completeness {completeness:.3f}")
+    print(f"pruned: {kept} feature nodes and {len(data['links'])} links written to {args.out}")
+    if graph.corpus is not None:
+        links = graph.links(pruned=True, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+        both = sum(bool(b) for b in links["both_nodes"].to_pylist())
+        found = sum(k is not None for k in links["corpus_kind"].to_pylist())
+        print(f"corpus graph: of {links.num_rows} kept feature-to-feature edges, {both} join two of its nodes and "
+              f"{found} are its edges")
+    return 0
+
+
 def cmd_label(args) -> int:
     """Feature labels into a graph's node table."""
     folder, n = run_label(args.graph, args.labels, args.out, sources=args.source)
@@ -384,6 +405,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "from jfig's cache)")
     ea.add_argument("--logits", type=int, default=5, help="logit nodes: the likeliest next tokens")
     ea.set_defaults(fn=cmd_export_attribution)
+    at = sub.add_parser("attribute", help="one prompt's attribution graph through transcoders (as circuit-tracer "
+                                          "computes it), pruned and written as attribution-graph JSON")
+    at.add_argument("--prompt", required=True)
+    at.add_argument("--transcoders", required=True, metavar="DIR",
+                    help="transcoders replacing the model's MLPs (a circuit-tracer or SAELens folder)")
+    at.add_argument("--model", default="smollm2-135m", help="the model the transcoders belong to")
+    at.add_argument("--graph", default=None, metavar="GRAPH_DIR",
+                    help="a corpus-wide graph over the same transcoders: link its edges to the prompt's")
+    at.add_argument("--out", required=True, metavar="FILE.json", help="JSON file to write")
+    at.add_argument("--max-logits", type=int, default=10, help="at most this many logit targets (default 10)")
+    at.add_argument("--logit-prob", type=float, default=0.95,
+                    help="logit targets until their probability reaches this (default 0.95)")
+    at.add_argument("--max-feature-nodes", type=int, default=None, help="keep only the most influential features")
+    at.add_argument("--node-threshold", type=float, default=0.8, help="pruning: share of influence kept (0.8)")
+    at.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: share of edge influence kept (0.98)")
+    at.add_argument("--batch-size", type=int, default=512, help="backward passes per batch (default 512)")
+    at.set_defaults(fn=cmd_attribute)
     lb = sub.add_parser("label", help="put feature labels (a CSV or a Neuronpedia explanation export) into a "
                                       "graph's node table")
     lb.add_argument("graph", help="graph folder")
