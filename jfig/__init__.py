@@ -21,7 +21,8 @@ from .models.model import Model, Prefix, RunOutput
 from .models.registry import DEFAULT_MODEL, load_model
 from .models.tokenizer import Tokenizer
 from .pipeline import BuildOptions, build_graph
-from .saes import SAE, Transcoder, default_saes, load_sae, load_transcoders, sae_metrics, save_sae, train_sae
+from .saes import (SAE, Transcoder, default_saes, load_sae, load_transcoders, sae_metrics, save_sae,
+                   save_transcoder, train_sae, train_transcoder, transcoder_metrics)
 from .steering import observe_cascade, predict_cascade
 
 __version__ = "0.1.0"
@@ -37,4 +38,5 @@ __all__ = [
     "feature_importance", "load_graph", "load_model", "load_sae", "load_suite", "load_transcoders", "measure_effects", "measure_gating",
     "observe_cascade", "predict_cascade", "render_page",
     "sae_metrics", "save_sae", "select_candidates", "sites", "train_sae", "weight_effects",
+    "save_transcoder", "train_transcoder", "transcoder_metrics",
 ]

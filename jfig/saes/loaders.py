@@ -25,6 +25,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jfig.data.files import atomic_folder
 from jfig.errors import FormatError, JfigError, OptionError, SiteError
 from jfig.models.hub_cache import DEFAULT_REVISION
 from jfig.saes.registry import GEMMA_SCOPE_FORMAT, locate_sae
@@ -603,6 +604,88 @@ def _check_hooks(read: str, write: str, where: Path) -> None:
         output_site(write)
     except SiteError as e:
         raise FormatError(f"{where}: {e}") from e
+
+
+TRANSCODER_FORMATS = ("auto", "saelens", "circuit_tracer")
+CT_TRANSCODER_FILE = "transcoder.safetensors"
+
+
+def save_transcoder(transcoder: Transcoder, path, *, format: str = "auto") -> Path:
+    """Write a single-layer ``transcoder`` as a folder :func:`load_transcoders` reads back.
+
+    ``format``: "saelens" writes a SAELens transcoder folder (``cfg.json`` with architecture
+    ``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder`` or ``jumprelu_skip_transcoder``,
+    ``metadata.hook_name`` / ``hook_name_out`` and the transcoder's metadata; ``W_skip`` stored
+    ``[d_out, d_in]``; ``sae_weights.safetensors``). SAELens has no TopK transcoder, so
+    "circuit_tracer" writes a circuit-tracer ``transcoder_set`` (``config.yaml`` with ``activation``,
+    ``k``, the hooks and a one-file ``transcoders`` list; ``transcoder.safetensors`` with ``W_enc``
+    ``[d_tc, d_in]``, ``W_skip`` ``[d_out, d_in]`` and ``activation_function.threshold``), whose
+    loader keeps only its own metadata (the rest is written under ``jfig_metadata`` for reference).
+    "auto" (the default) picks SAELens for relu and jumprelu transcoders, circuit-tracer for topk and
+    for a circuit-tracer-style JumpReLU with a threshold <= 0 (where the two conventions differ).
+
+    The model's input norm of a transcoder reading ``ln2.hook_normalized`` is not written (it
+    belongs to the model): ``load_transcoders(path, model=model)`` attaches it again. The folder is
+    built beside ``path`` and renamed into place; an existing folder is replaced only if it holds
+    nothing but transcoder files. Cross-layer transcoders are refused.
+    """
+    if not isinstance(transcoder, Transcoder):
+        raise JfigError(f"save_transcoder takes a jfig.saes.Transcoder, got {type(transcoder).__name__}")
+    tc = transcoder
+    if tc.later_sites:
+        raise FormatError(f"save_transcoder: {tc.read_site} -> {tc.write_site} is one layer of a cross-layer "
+                          f"transcoder; writing those is not supported")
+    if format not in TRANSCODER_FORMATS:
+        raise OptionError(f"save_transcoder: format {format!r} is unknown; expected one of {TRANSCODER_FORMATS}",
+                          "format")
+    ct_jump = tc.architecture == "jumprelu" and tc.jump == "circuit_tracer" and bool(np.any(np.asarray(tc.threshold) <= 0))
+    if format == "auto":
+        format = "circuit_tracer" if tc.architecture == "topk" or ct_jump else "saelens"
+    elif format == "saelens" and (tc.architecture == "topk" or ct_jump):
+        why = "SAELens has no TopK transcoder" if tc.architecture == "topk" else \
+            "its circuit-tracer JumpReLU has thresholds <= 0, where SAELens's relu(pre) differs"
+        raise FormatError(f"save_transcoder: {tc.read_site} -> {tc.write_site} cannot be written in SAELens's format: "
+                          f"{why}; use format='circuit_tracer' (or 'auto')")
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise FormatError(f"{path}: exists and is not a folder; save_transcoder writes a folder")
+        extra = {p.name for p in path.iterdir()} - {CFG_FILE, WEIGHTS_FILE, CT_CONFIG_FILE, CT_TRANSCODER_FILE}
+        if extra:
+            raise FormatError(f"{path}: folder holds other files {sorted(extra)}; refusing to replace it")
+    weights = {name: np.asarray(getattr(tc, name)) for name in ("b_enc", "W_dec", "b_dec")}
+    if tc.W_skip is not None:
+        weights["W_skip"] = np.ascontiguousarray(np.asarray(tc.W_skip).T)  # both formats: [d_out, d_in]
+    metadata = {key: value for key, value in tc.meta.items() if key not in ("source_format", "architecture")}
+    with atomic_folder(path) as tmp:
+        if format == "saelens":
+            weights["W_enc"] = np.asarray(tc.W_enc)
+            if tc.threshold is not None:
+                weights["threshold"] = np.asarray(tc.threshold)
+            arch = ("jumprelu_" if tc.architecture == "jumprelu" else "") + \
+                ("skip_transcoder" if tc.W_skip is not None else "transcoder")
+            cfg = {"d_in": tc.d_in, "d_sae": tc.d_tc, "d_out": tc.d_out, "dtype": str(jnp.dtype(tc.W_enc.dtype)),
+                   "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
+                   "reshape_activations": "none", "architecture": arch,
+                   "metadata": {**metadata, "hook_name": tc.read_site, "hook_name_out": tc.write_site,
+                                "sae_lens_version": SAE_LENS_VERSION}}
+            (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+            save_file(weights, str(tmp / WEIGHTS_FILE))
+        else:
+            weights["W_enc"] = np.ascontiguousarray(np.asarray(tc.W_enc).T)
+            if tc.threshold is not None:
+                weights["activation_function.threshold"] = np.asarray(tc.threshold)
+            cfg = {"model_kind": "transcoder_set", "activation": tc.architecture,
+                   "feature_input_hook": tc.read_site, "feature_output_hook": tc.write_site,
+                   "transcoders": [CT_TRANSCODER_FILE]}
+            if tc.k is not None:
+                cfg["k"] = int(tc.k)
+            if metadata.get("model_name"):
+                cfg["model_name"] = metadata["model_name"]
+            cfg["jfig_metadata"] = json.loads(json.dumps(metadata))
+            (tmp / CT_CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False))
+            save_file(weights, str(tmp / CT_TRANSCODER_FILE))
+    return path
 
 
 def _ct_hook(hook, layer: int, cfg_file: Path, key: str) -> str:

@@ -1,14 +1,17 @@
-"""How good an SAE is: reconstruction and sparsity on activations, and the downstream loss cost.
+"""How good an SAE or a transcoder is: reconstruction and sparsity on activations, and the downstream
+loss cost.
 
 :func:`activation_metrics` needs only activations; :func:`sae_metrics` also runs the model three
 times per batch (clean, with the SAE's reconstruction spliced in at its site, and with the site
-zero-ablated) to measure next-token cross-entropy. Sums are taken in jitted fixed-size chunks and
+zero-ablated) to measure next-token cross-entropy. :func:`transcoder_pair_metrics` and
+:func:`transcoder_metrics` are the same for a transcoder, whose output replaces its write site. Sums are taken in jitted fixed-size chunks and
 combined on the host in float64, so the numbers do not depend on the chunk size beyond float32
 rounding inside a chunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -19,6 +22,7 @@ import numpy as np
 from ..edits import Edit, Patch, as_positions, where_positions
 from jfig.errors import JfigError, ShapeError
 from jfig.saes.sae import SAE
+from jfig.saes.transcoder import Transcoder
 
 DENSE_FREQUENCY = 0.1  # a latent active on more than this fraction of tokens counts as dense
 
@@ -63,19 +67,25 @@ def _sae_input(sae: SAE, x: jax.Array) -> jax.Array:
 
 @eqx.filter_jit
 def _chunk_sums(sae: SAE, x: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """Sums over the rows of ``x [n, d_in]`` where ``mask [n]`` is True.
+    """Sums over the rows of ``x [n, d_in]`` where ``mask [n]`` is True (see :func:`_reconstruction_sums`)."""
+    x = x.astype(jnp.float32)
+    xs = _sae_input(sae, x)
+    f, stats = sae.encode_with_stats(xs)
+    x_hat = sae.decode(f, stats).reshape(x.shape)
+    return _reconstruction_sums(x, x_hat, f, mask)
 
-    Returns n, mean [d_in] and m2 (sum ||x - mean||^2) of the chunk, for Chan's combination; err2
+
+def _reconstruction_sums(x: jax.Array, x_hat: jax.Array, f: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Sums over the rows of the target ``x [n, d]``, its reconstruction ``x_hat`` and the latents
+    ``f [n, d_sae]`` where ``mask [n]`` is True.
+
+    Returns n, mean [d] and m2 (sum ||x - mean||^2) of the chunk, for Chan's combination; err2
     (sum ||x - x_hat||^2), active (sum of L0) and fired [d_sae] (tokens each latent is active on).
     """
-    x = x.astype(jnp.float32)
     w = mask.astype(jnp.float32)
     n = jnp.sum(w)
     mean = (w @ x) / jnp.maximum(n, 1.0)
     m2 = jnp.sum(w * jnp.sum((x - mean) ** 2, axis=-1))
-    xs = _sae_input(sae, x)
-    f, stats = sae.encode_with_stats(xs)
-    x_hat = sae.decode(f, stats).reshape(x.shape)
     err2 = jnp.sum(w * jnp.sum((x - x_hat) ** 2, axis=-1))
     on = (f != 0).astype(jnp.float32) * w[:, None]  # [n, d_sae]
     return {"n": n, "mean": mean, "m2": m2, "err2": err2, "active": jnp.sum(on), "fired": jnp.sum(on, axis=0)}
@@ -202,6 +212,13 @@ def sae_metrics(model, sae: SAE, tokens, *, batch_size: int = 32, exclude_first:
     width = model.site_width(site)
     if width is not None and width != sae.d_in:
         raise ShapeError(f"SAE d_in {sae.d_in} does not match site {site} width {width}")
+    tokens = _metric_tokens(model, tokens)
+    return _ce_metrics(tokens, batch_size, _Totals(sae.d_in, sae.d_sae),
+                       lambda batch, rows: _batch_sums(model, sae, batch, rows, exclude_first))
+
+
+def _metric_tokens(model, tokens) -> np.ndarray:
+    """``tokens`` as int ``[n_seq, seq]`` with at least 2 positions, checked against the model."""
     tokens = np.asarray(tokens)
     if tokens.ndim == 1:
         tokens = tokens[None]
@@ -210,16 +227,22 @@ def sae_metrics(model, sae: SAE, tokens, *, batch_size: int = 32, exclude_first:
     if tokens.shape[1] < 2:
         raise ShapeError(f"tokens need at least 2 positions for next-token loss; got shape {tokens.shape}")
     model.check_tokens(tokens)  # vocabulary range, sequence length
+    return tokens
+
+
+def _ce_metrics(tokens: np.ndarray, batch_size: int, totals: _Totals, batch_sums) -> dict[str, float]:
+    """Run ``batch_sums(batch, rows) -> (nll sums, reconstruction sums)`` over ``batch_size`` sequences
+    at a time (the last batch padded with copies of its first row, masked out, to keep one shape);
+    the activation metrics of ``totals`` plus the mean cross-entropies and ``ce_loss_recovered``."""
     n_seq, seq = tokens.shape
     bs = max(1, min(batch_size, n_seq))
-    totals = _Totals(sae.d_in, sae.d_sae)
     nll = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0}
     for start in range(0, n_seq, bs):
         batch = tokens[start:start + bs]
         rows = np.arange(bs) < batch.shape[0]
         if batch.shape[0] < bs:  # pad with copies of the first row, masked out, to keep one shape
             batch = np.concatenate([batch, np.repeat(batch[:1], bs - batch.shape[0], axis=0)])
-        batch_nll, sums = _batch_sums(model, sae, jnp.asarray(batch, jnp.int32), jnp.asarray(rows), exclude_first)
+        batch_nll, sums = batch_sums(jnp.asarray(batch, jnp.int32), jnp.asarray(rows))
         for key, value in jax.device_get(batch_nll).items():
             nll[key] += float(value)
         totals.add(sums)
@@ -229,3 +252,108 @@ def sae_metrics(model, sae: SAE, tokens, *, batch_size: int = 32, exclude_first:
     denom = out["ce_zero"] - out["ce_clean"]
     out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_spliced"]) / denom if denom != 0 else float("nan")
     return out
+
+
+# ---------------------------------------------------------------------------------- transcoders
+
+
+def _single_layer(transcoder: Transcoder, what: str) -> Transcoder:
+    if not isinstance(transcoder, Transcoder):
+        raise JfigError(f"{what} takes a jfig.saes.Transcoder, got {type(transcoder).__name__}")
+    if transcoder.later_sites:
+        raise JfigError(f"{what}: the transcoder {transcoder.read_site} -> {transcoder.write_site} is one layer of a "
+                        f"cross-layer transcoder (it also writes {list(transcoder.later_sites)}); it measures "
+                        f"single-layer transcoders")
+    return transcoder
+
+
+def _on_inputs(transcoder: Transcoder) -> Transcoder:
+    """``transcoder`` taking its input ``x_in`` as given (any input norm taken as already applied)."""
+    return dataclasses.replace(transcoder, input_norm="identity", norm_w=None, norm_b=None, norm_kind=None)
+
+
+@eqx.filter_jit
+def _pair_sums(transcoder: Transcoder, x: jax.Array, y: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    f = transcoder.encode(x)
+    return _reconstruction_sums(y.astype(jnp.float32), transcoder.decode(f, x), f, mask)
+
+
+def transcoder_pair_metrics(transcoder: Transcoder, x_in, y, *, chunk_size: int = 8192) -> dict[str, float]:
+    """Reconstruction and sparsity of a transcoder on pairs: its input ``x_in [n, d_in]`` (for a
+    transcoder reading the MLP's input, after the model's norm, as training takes it) and the
+    activations ``y [n, d_out]`` at its write site.
+
+    The keys of :func:`activation_metrics`, of ``y``: ``fvu`` = sum ||y - y_hat||^2 / sum ||y -
+    mean(y)||^2, ``explained_variance``, ``mse``, ``l0``, ``dead_fraction`` (latents never active
+    on these pairs), ``dense_fraction`` and ``n_tokens``.
+    """
+    tc = _on_inputs(_single_layer(transcoder, "transcoder_pair_metrics"))
+    x, y = jnp.asarray(x_in), jnp.asarray(y)
+    for array, name, width in ((x, "x_in", tc.d_in), (y, "y", tc.d_out)):
+        if not jnp.issubdtype(array.dtype, jnp.floating) or array.ndim != 2 or array.shape[1] != width \
+                or array.shape[0] == 0:
+            raise ShapeError(f"transcoder {tc.read_site} -> {tc.write_site}: {name} must be a non-empty float array "
+                             f"[n, {width}]; got dtype {array.dtype}, shape {tuple(array.shape)}")
+        _check_finite(array, f"{name} for the transcoder {tc.read_site} -> {tc.write_site}")
+    if x.shape[0] != y.shape[0]:
+        raise ShapeError(f"x_in has {x.shape[0]} rows but y has {y.shape[0]}; expected pairs")
+    chunk = max(1, min(chunk_size, x.shape[0]))
+    totals = _Totals(tc.d_out, tc.d_tc)
+    for start in range(0, x.shape[0], chunk):
+        xs, ys = x[start:start + chunk], y[start:start + chunk]
+        mask = jnp.ones((chunk,), bool).at[xs.shape[0]:].set(False)
+        if xs.shape[0] < chunk:  # pad so every chunk has one shape and compiles once
+            xs = jnp.concatenate([xs, jnp.zeros((chunk - xs.shape[0], tc.d_in), xs.dtype)])
+            ys = jnp.concatenate([ys, jnp.zeros((chunk - ys.shape[0], tc.d_out), ys.dtype)])
+        totals.add(_pair_sums(tc, xs, ys, mask))
+    return totals.result()
+
+
+@eqx.filter_jit
+def _transcoder_batch_sums(model, transcoder: Transcoder, tokens: jax.Array, rows: jax.Array, exclude_first: bool):
+    site, out_site = transcoder.site, transcoder.out_site
+    seq = tokens.shape[1]
+    positions = jnp.arange(1, seq) if exclude_first else None
+    clean = model.run(tokens, capture=(site, out_site))
+    x = clean.cache[site]
+    f = transcoder.encode(x)  # [batch, seq, d_tc]
+    y_hat = transcoder.decode(f, x)  # [batch, seq, d_out]
+    spliced = model.run(tokens, edits=(Patch(out_site, y_hat, positions),)).logits
+    zeroed = model.run(tokens, edits=(Patch(out_site, 0.0, positions),)).logits
+    nll = {"ce_clean": _next_token_nll(clean.logits, tokens, rows),
+           "ce_spliced": _next_token_nll(spliced, tokens, rows),
+           "ce_zero": _next_token_nll(zeroed, tokens, rows)}
+    keep = rows[:, None] & ((jnp.arange(seq) >= 1) if exclude_first else jnp.ones((seq,), bool))[None, :]
+    y = clean.cache[out_site].astype(jnp.float32)
+    sums = _reconstruction_sums(y.reshape(-1, transcoder.d_out), y_hat.reshape(-1, transcoder.d_out),
+                                f.reshape(-1, transcoder.d_tc), keep.reshape(-1))
+    return nll, sums
+
+
+def transcoder_metrics(model, transcoder: Transcoder, tokens, *, batch_size: int = 32,
+                       exclude_first: bool = True) -> dict[str, float]:
+    """How well a transcoder stands in for its write site, on ``tokens [n_seq, seq]``.
+
+    The keys of :func:`transcoder_pair_metrics` (FVU and the rest of the write site's activations,
+    L0 and dead fraction of the latents), measured on the model's activations, plus next-token
+    cross-entropies as :func:`sae_metrics` gives them: ``ce_clean``; ``ce_spliced``, with the write
+    site's activations replaced by the transcoder's output for the clean run's read-site
+    activations (a ``Patch``: for an MLP transcoder, the MLP's output is the transcoder's and nothing
+    else); ``ce_zero``, with the write site set to zero; and ``ce_loss_recovered = (ce_zero -
+    ce_spliced) / (ce_zero - ce_clean)``. The read site comes before the write site, so patching the
+    write site leaves the transcoder's input as in the clean run.
+
+    ``exclude_first`` leaves position 0 clean and out of the activation metrics, as for SAEs. A
+    transcoder reading the MLP's input gets the model's norm if it has none attached.
+    """
+    tc = _single_layer(transcoder, "transcoder_metrics")
+    for site, width, name in ((tc.site, tc.d_in, "d_in"), (tc.out_site, tc.d_out, "d_out")):
+        model.check_site(site)
+        want = model.site_width(site)
+        if want is not None and want != width:
+            raise ShapeError(f"transcoder {name} {width} does not match site {site} width {want}")
+    if tc.input_norm == "unset":
+        tc = tc.with_input_norm(model)
+    tokens = _metric_tokens(model, tokens)
+    return _ce_metrics(tokens, batch_size, _Totals(tc.d_out, tc.d_tc),
+                       lambda batch, rows: _transcoder_batch_sums(model, tc, batch, rows, exclude_first))

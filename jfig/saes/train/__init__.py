@@ -1,23 +1,34 @@
-"""Train sparse autoencoders on activations: TopK (+AuxK), JumpReLU (straight-through) and ReLU+L1.
+"""Train sparse autoencoders and transcoders on activations: TopK (+AuxK), JumpReLU (straight-through)
+and ReLU+L1.
 
-- :mod:`.config`: :class:`TrainConfig` and its validation.
-- :mod:`.losses`: the losses, on top of the SAE's own encoder (:mod:`jfig.saes.sae`).
+- :mod:`.config`: :class:`TrainConfig` (and :class:`TranscoderConfig`) and their validation.
+- :mod:`.losses`: the losses, on top of the SAE's own encoder (:mod:`jfig.saes.sae`); the
+  transcoder loss shares their sparsity terms (:func:`dictionary_loss`).
 - :mod:`.step`: :class:`TrainState`, initialisation, optimiser and schedule, the jitted
-  :func:`train_step`, and :func:`sae_from_state`.
+  :func:`train_step` / :func:`transcoder_train_step`, :func:`sae_from_state` and
+  :func:`transcoder_from_state`.
 - :mod:`.checkpoint`: atomic checkpoints (equinox-serialised state plus a JSON record).
-- :mod:`.fit`: the loop (:func:`fit`), :func:`capture_activations` and :func:`train_sae`.
+- :mod:`.loop`: the loop both share (batches by step, resume, progress, checkpoints).
+- :mod:`.fit`: :func:`fit`, :func:`capture_activations` and :func:`train_sae`.
+- :mod:`.transcoder`: :func:`fit_transcoder`, :func:`capture_pairs` and :func:`train_transcoder`.
 """
 
 from jfig.saes.train.checkpoint import load_checkpoint, save_checkpoint
-from jfig.saes.train.config import B_DEC_INITS, DECAYS, TRAIN_ARCHITECTURES, TrainConfig
+from jfig.saes.train.config import B_DEC_INITS, DECAYS, TRAIN_ARCHITECTURES, TrainConfig, TranscoderConfig
 from jfig.saes.train.fit import capture_activations, fit, train_sae
-from jfig.saes.train.losses import auxk_loss, heaviside_step, jumprelu, sae_loss, sparse_decode, training_sae
-from jfig.saes.train.step import (TrainState, geometric_median, init_train_state, make_optimizer, make_schedule,
-                                  sae_from_state, train_step)
+from jfig.saes.train.losses import (auxk_loss, dead_latent_fvu, dictionary_loss, heaviside_step, jumprelu, sae_loss,
+                                    sparse_decode, training_sae, transcoder_loss)
+from jfig.saes.train.step import (TrainState, empty_transcoder_state, geometric_median, init_train_state,
+                                  init_transcoder_state, make_optimizer, make_schedule, sae_from_state,
+                                  train_step, transcoder_from_state, transcoder_train_step)
+from jfig.saes.train.transcoder import (capture_pairs, check_transcoder_sites, fit_transcoder, stream_pairs,
+                                        train_transcoder)
 
 __all__ = [
-    "B_DEC_INITS", "DECAYS", "TRAIN_ARCHITECTURES", "TrainConfig", "TrainState", "auxk_loss", "capture_activations",
-    "fit", "geometric_median", "heaviside_step", "init_train_state", "jumprelu", "load_checkpoint",
-    "make_optimizer", "make_schedule", "sae_from_state", "sae_loss", "save_checkpoint", "sparse_decode",
-    "train_sae", "train_step", "training_sae",
+    "B_DEC_INITS", "DECAYS", "TRAIN_ARCHITECTURES", "TrainConfig", "TrainState", "TranscoderConfig", "auxk_loss",
+    "capture_activations", "capture_pairs", "check_transcoder_sites", "dead_latent_fvu", "dictionary_loss",
+    "empty_transcoder_state", "fit", "fit_transcoder", "geometric_median", "heaviside_step", "init_train_state",
+    "init_transcoder_state", "jumprelu", "load_checkpoint", "make_optimizer", "make_schedule", "sae_from_state",
+    "sae_loss", "save_checkpoint", "sparse_decode", "stream_pairs", "train_sae", "train_step", "train_transcoder",
+    "training_sae", "transcoder_from_state", "transcoder_loss", "transcoder_train_step",
 ]

@@ -2,8 +2,9 @@
 
 Each holds ``state.eqx`` (the :class:`TrainState` leaves, ``equinox.tree_serialise_leaves``) and
 ``meta.json`` (format, config, ``d_in``, site, step, the state file's SHA-256, and the metric
-history so far). A checkpoint is assembled in a hidden temporary folder, fsynced, and renamed into
-place, so a killed run leaves either the whole checkpoint or none.
+history so far; a transcoder's also ``d_out``, its site being ``"read -> write"``). A checkpoint is
+assembled in a hidden temporary folder, fsynced, and renamed into place, so a killed run leaves
+either the whole checkpoint or none.
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ def load_checkpoint(path: Path, template: TrainState, meta: dict[str, Any]) -> t
     if diff:
         raise JfigError(f"checkpoint {path} was written with a different TrainConfig "
                         f"({', '.join(f'{k}: {got.get(k)!r} there, {want.get(k)!r} now' for k in diff)})")
-    for key in ("d_in", "site"):
-        if saved[key] != meta[key]:
-            raise JfigError(f"checkpoint {path} is for {key} {saved[key]!r}; this run has {meta[key]!r}")
+    for key in sorted(set(meta) - {"config"}):  # d_in and site; a transcoder's d_out too
+        if saved.get(key) != meta[key]:
+            raise JfigError(f"checkpoint {path} is for {key} {saved.get(key)!r}; this run has {meta[key]!r}")
     file = path / STATE_FILE
     try:
         blob = file.read_bytes()

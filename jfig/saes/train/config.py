@@ -1,4 +1,5 @@
-"""TrainConfig: the hyperparameters of one SAE training run, validated on construction."""
+"""TrainConfig: the hyperparameters of one SAE training run, validated on construction;
+TranscoderConfig: the same for a transcoder (plus its skip connection)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,24 @@ class TrainConfig:
     def resolved_aux_k(self, d_in: int) -> int:
         """The number of dead latents AuxK uses for inputs of width ``d_in``."""
         return min(self.d_sae, self.aux_k if self.aux_k is not None else max(1, d_in // 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscoderConfig(TrainConfig):
+    """Hyperparameters of one transcoder training run: every :class:`TrainConfig` field, read the
+    same way with the transcoder's output ``y`` in place of the SAE's input, plus ``skip``.
+
+    ``d_sae`` is the number of latents (``d_tc``). The loss is ``||y - y_hat||^2`` with the same
+    sparsity terms; ``b_dec`` starts at the ``b_dec_init`` of ``y``; with ``scale_activations`` the
+    input ``x_in`` is scaled to mean norm ``sqrt(d_in)`` and ``y`` to mean norm ``sqrt(d_out)``,
+    each by its own factor, both folded back into the returned transcoder. ``skip`` adds a linear
+    skip connection ``x_in @ W_skip`` (initialised to 0, not in the sparsity term). Decoder rows are
+    kept at unit norm (``normalize_decoder``); ``W_enc`` starts as random unit columns.
+    """
+
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.skip, (bool, np.bool_)):
+            raise JfigError(f"TranscoderConfig.skip must be True or False, got {self.skip!r}")

@@ -1,4 +1,5 @@
-"""Training losses on top of the SAE's own encoder (:mod:`jfig.saes.sae`).
+"""Training losses on top of the SAE's own encoder (:mod:`jfig.saes.sae`), and the same losses for
+transcoders.
 
 The encoding is :meth:`SAE.pre_activations` followed by :meth:`SAE.activation` (or
 :meth:`SAE.topk` for the sparse TopK path); only what training adds lives here. ``x`` is a batch
@@ -13,6 +14,13 @@ scaled by ``state.scale``, ``mse = mean_batch ||x - x_hat||^2``:
   kernel ``-(1/eps) K((z - theta)/eps)`` (Rajamanoharan et al. 2024, "Jumping Ahead"), in both the
   reconstruction (times ``theta``) and the L0 term; ``z`` gets no gradient from L0.
 - relu: ``mse + l1_coeff * mean_batch sum_i f_i ||W_dec_i||``.
+
+A transcoder (:func:`transcoder_loss`) reconstructs its output ``y`` from its input ``x``
+(both scaled): ``pre = x @ W_enc + b_enc``, ``y_hat = f @ W_dec + b_dec (+ x @ W_skip)``,
+``mse = mean_batch ||y - y_hat||^2``, with the same three sparsity terms (AuxK reconstructs
+``y - y_hat``). Its TopK keeps the k largest raw pre-activations, as
+:meth:`jfig.saes.Transcoder.activation` does, so training and inference encode alike.
+:func:`dictionary_loss` is the part the two share.
 """
 
 from __future__ import annotations
@@ -101,42 +109,73 @@ def sae_loss(params: dict[str, jax.Array], x: jax.Array, dead: jax.Array,
     ``x [batch, d_in]``; ``dead [d_sae]`` bool marks latents for AuxK."""
     sae = training_sae(params, cfg)
     pre = sae.pre_activations(x)  # [batch, d_sae]
+    return dictionary_loss(pre, x, sae.W_dec, sae.b_dec, sae.threshold, dead, cfg)
+
+
+def transcoder_loss(params: dict[str, jax.Array], x: jax.Array, y: jax.Array, dead: jax.Array,
+                    cfg: TrainConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and aux outputs, as :func:`sae_loss`'s, of a transcoder on a scaled batch: input
+    ``x [batch, d_in]``, output ``y [batch, d_out]``. ``params``: ``W_enc [d_in, d_tc]``, ``b_enc``,
+    ``W_dec [d_tc, d_out]``, ``b_dec [d_out]``, optional ``W_skip [d_in, d_out]`` and, for
+    jumprelu, ``log_threshold [d_tc]``."""
+    pre = x @ params["W_enc"] + params["b_enc"]  # [batch, d_tc]
+    offset = params["b_dec"] if "W_skip" not in params else params["b_dec"] + x @ params["W_skip"]
+    threshold = jnp.exp(params["log_threshold"]) if cfg.architecture == "jumprelu" else None
+    return dictionary_loss(pre, y, params["W_dec"], offset, threshold, dead, cfg, relu_topk=False)
+
+
+def dictionary_loss(pre: jax.Array, target: jax.Array, W_dec: jax.Array, offset: jax.Array,
+                    threshold: jax.Array | None, dead: jax.Array, cfg: TrainConfig, *,
+                    relu_topk: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss shared by SAEs and transcoders: pre-activations ``pre [batch, d_sae]`` reconstruct
+    ``target [batch, d]`` as ``f @ W_dec + offset`` (``offset``: ``b_dec [d]``, or ``[batch, d]``
+    with a skip connection), plus the architecture's sparsity term (module docstring). TopK keeps
+    the k largest pre-activations, relu'd when ``relu_topk`` (SAEs) or raw (transcoders)."""
     if cfg.architecture == "topk":
-        values, index = sae.topk(pre)  # [batch, k]
-        x_hat = sparse_decode(values, index, sae.W_dec) + sae.b_dec
-        on = values > 0
+        values, index = jax.lax.top_k(pre, cfg.k)  # [batch, k]
+        if relu_topk:
+            values = jax.nn.relu(values)
+        y_hat = sparse_decode(values, index, W_dec) + offset
+        on = values != 0
         fired = jnp.zeros((cfg.d_sae,), jnp.int32).at[index.reshape(-1)].add(on.reshape(-1).astype(jnp.int32))
         l0 = jnp.mean(jnp.sum(on, axis=-1))
-        sparsity = auxk_loss(sae, pre, dead, jax.lax.stop_gradient(x - x_hat), cfg.resolved_aux_k(x.shape[-1]))
+        sparsity = dead_latent_fvu(pre, dead, jax.lax.stop_gradient(target - y_hat), W_dec,
+                                   cfg.resolved_aux_k(target.shape[-1]))
         coeff = cfg.aux_coeff
     elif cfg.architecture == "jumprelu":
         bandwidth = cfg.jumprelu_bandwidth
-        f = sae.activation(pre, jump=lambda z, theta: jumprelu(z, theta, bandwidth))
-        x_hat = sae.decode(f)
+        f = jumprelu(pre, threshold, bandwidth)
+        y_hat = f @ W_dec + offset
         fired = jnp.sum(f != 0, axis=0)
         l0 = jnp.mean(jnp.sum(f != 0, axis=-1))
-        sparsity = jnp.mean(jnp.sum(heaviside_step(pre, sae.threshold, bandwidth), axis=-1))
+        sparsity = jnp.mean(jnp.sum(heaviside_step(pre, threshold, bandwidth), axis=-1))
         coeff = cfg.jumprelu_sparsity_coeff
     else:
-        f = sae.activation(pre)
-        x_hat = sae.decode(f)
+        f = jax.nn.relu(pre)
+        y_hat = f @ W_dec + offset
         fired = jnp.sum(f > 0, axis=0)
         l0 = jnp.mean(jnp.sum(f > 0, axis=-1))
-        sparsity = jnp.mean(f @ jnp.linalg.norm(sae.W_dec, axis=-1))
+        sparsity = jnp.mean(f @ jnp.linalg.norm(W_dec, axis=-1))
         coeff = cfg.l1_coeff
-    mse = jnp.mean(jnp.sum((x - x_hat) ** 2, axis=-1))
+    mse = jnp.mean(jnp.sum((target - y_hat) ** 2, axis=-1))
     loss = mse + coeff * sparsity
-    return loss, {"mse": mse, "fvu": fvu(x, x_hat), "l0": l0, "sparsity_loss": sparsity, "fired": fired}
+    return loss, {"mse": mse, "fvu": fvu(target, y_hat), "l0": l0, "sparsity_loss": sparsity, "fired": fired}
 
 
 def auxk_loss(sae: SAE, pre: jax.Array, dead: jax.Array, error: jax.Array, aux_k: int) -> jax.Array:
     """AuxK: the top ``aux_k`` dead latents of ``pre [batch, d_sae]`` reconstruct ``error [batch,
     d_in]``; FVU of that reconstruction, 0 when no latent is dead (under ``lax.cond``, so batches
     without dead latents skip the second top-k)."""
+    return dead_latent_fvu(pre, dead, error, sae.W_dec, aux_k)
+
+
+def dead_latent_fvu(pre: jax.Array, dead: jax.Array, error: jax.Array, W_dec: jax.Array, aux_k: int) -> jax.Array:
+    """AuxK for any dictionary with decoder ``W_dec [d_sae, d]``: the ``aux_k`` largest relu'd
+    pre-activations among dead latents reconstruct ``error [batch, d]`` (see :func:`auxk_loss`)."""
 
     def auxk(pre: jax.Array, W_dec: jax.Array) -> jax.Array:
-        values, index = sae.topk(jnp.where(dead, pre, -jnp.inf), aux_k)
-        values = jnp.where(dead[index], values, 0.0)
+        values, index = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), aux_k)
+        values = jnp.where(dead[index], jax.nn.relu(values), 0.0)
         return jnp.nan_to_num(fvu(error, sparse_decode(values, index, W_dec)))
 
-    return jax.lax.cond(jnp.any(dead), auxk, lambda *_: jnp.zeros((), pre.dtype), pre, sae.W_dec)
+    return jax.lax.cond(jnp.any(dead), auxk, lambda *_: jnp.zeros((), pre.dtype), pre, W_dec)

@@ -4,6 +4,10 @@
 :class:`TrainState` pytree (parameters, Adam state, step, per-latent tokens since each latent last
 fired). Decoder rows are kept at unit norm: the gradient component along each row is removed
 before the Adam update and rows are renormalised after it.
+
+Transcoders train through the same update (:func:`_update`) on ``(x, y)`` batches: a
+:class:`TrainState` with ``scale_out`` (the output's scale) set, :func:`init_transcoder_state`,
+:func:`transcoder_train_step` and :func:`transcoder_from_state`.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import optax
 
 from jfig.errors import JfigError
 from jfig.saes.sae import SAE, fold_activation_norm_scaling_factor
-from jfig.saes.train.config import INIT_ONLY_FIELDS, TrainConfig
-from jfig.saes.train.losses import sae_loss, training_sae
+from jfig.saes.train.config import INIT_ONLY_FIELDS, TrainConfig, TranscoderConfig
+from jfig.saes.train.losses import sae_loss, training_sae, transcoder_loss
+from jfig.saes.transcoder import Transcoder
 
 COUNTER_CAP = 2**30  # tokens-since-fired saturates here instead of overflowing int32
 
@@ -33,6 +38,10 @@ class TrainState(eqx.Module):
     ``b_dec [d_in]`` and, for jumprelu, ``log_threshold [d_sae]`` (all in scaled-input units).
     ``opt_state``: optax Adam state. ``step``: int32 ``[]``, updates done. ``since_fired``: int32
     ``[d_sae]``, tokens since each latent was last active. ``scale``: float32 ``[]`` input scale.
+
+    A transcoder's state has ``W_enc [d_in, d_tc]``, ``W_dec [d_tc, d_out]``, ``b_dec [d_out]``
+    and, with ``cfg.skip``, ``W_skip [d_in, d_out]``; ``scale_out``: float32 ``[]``, the output's
+    scale (None for an SAE, which then serialises exactly as before transcoders existed).
     """
 
     params: dict[str, jax.Array]
@@ -41,6 +50,7 @@ class TrainState(eqx.Module):
     since_fired: jax.Array
     scale: jax.Array
     cfg: TrainConfig = eqx.field(static=True)
+    scale_out: jax.Array | None = None
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -86,29 +96,82 @@ def empty_state(cfg: TrainConfig, d_in: int) -> TrainState:
                       since_fired=jnp.zeros((cfg.d_sae,), jnp.int32), scale=jnp.zeros((), jnp.float32), cfg=cfg)
 
 
+def _scale_of(sample: jax.Array, width: int, cfg: TrainConfig, what: str) -> float:
+    """``sqrt(width) / mean ||row||`` of ``sample`` (1 without ``scale_activations``)."""
+    if not cfg.scale_activations:
+        return 1.0
+    mean_norm = float(jnp.mean(jnp.linalg.norm(sample, axis=-1)))
+    if not mean_norm > 0:
+        raise JfigError(f"cannot scale {what}: their mean norm is 0 on the first batches; expected "
+                        f"non-zero activations (or scale_activations=False)")
+    return math.sqrt(width) / mean_norm
+
+
+def _b_dec_init(sample: jax.Array, width: int, cfg: TrainConfig) -> jax.Array:
+    return {"geometric_median": lambda: geometric_median(sample),
+            "mean": lambda: jnp.mean(sample, axis=0),
+            "zeros": lambda: jnp.zeros((width,))}[cfg.b_dec_init]()
+
+
+def _unit_decoder(cfg: TrainConfig, d_out: int) -> jax.Array:
+    """Random unit decoder rows ``[d_sae, d_out]`` from ``cfg.seed``."""
+    W_dec = jax.random.normal(jax.random.key(cfg.seed), (cfg.d_sae, d_out), jnp.float32)
+    return W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True)
+
+
 def init_train_state(cfg: TrainConfig, d_in: int, sample: Any) -> TrainState:
     """A fresh state: scale and ``b_dec`` from ``sample [n, d_in]`` (see :class:`TrainConfig`)."""
     sample = jnp.asarray(sample, jnp.float32).reshape(-1, d_in)
-    if cfg.scale_activations:
-        mean_norm = float(jnp.mean(jnp.linalg.norm(sample, axis=-1)))
-        if not mean_norm > 0:
-            raise JfigError("cannot scale activations: their mean norm is 0 on the first batches; expected "
-                            "non-zero activations (or scale_activations=False)")
-        scale = math.sqrt(d_in) / mean_norm
-    else:
-        scale = 1.0
+    scale = _scale_of(sample, d_in, cfg, "activations")
     sample = sample * scale
-    b_dec = {"geometric_median": lambda: geometric_median(sample),
-             "mean": lambda: jnp.mean(sample, axis=0),
-             "zeros": lambda: jnp.zeros((d_in,))}[cfg.b_dec_init]()
-    W_dec = jax.random.normal(jax.random.key(cfg.seed), (cfg.d_sae, d_in), jnp.float32)
-    W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True)
+    b_dec = _b_dec_init(sample, d_in, cfg)
+    W_dec = _unit_decoder(cfg, d_in)
     params = {"W_enc": W_dec.T, "b_enc": jnp.zeros((cfg.d_sae,)), "W_dec": W_dec, "b_dec": b_dec}
     if cfg.architecture == "jumprelu":
         params["log_threshold"] = jnp.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold))
     return TrainState(params=params, opt_state=make_optimizer(cfg).init(params), step=jnp.zeros((), jnp.int32),
                       since_fired=jnp.zeros((cfg.d_sae,), jnp.int32), scale=jnp.asarray(scale, jnp.float32),
                       cfg=cfg)
+
+
+def _transcoder_params(cfg: TranscoderConfig, W_enc: jax.Array, W_dec: jax.Array, b_dec: jax.Array
+                       ) -> dict[str, jax.Array]:
+    d_in, d_out = W_enc.shape[0], W_dec.shape[1]
+    params = {"W_enc": W_enc, "b_enc": jnp.zeros((cfg.d_sae,)), "W_dec": W_dec, "b_dec": b_dec}
+    if cfg.skip:
+        params["W_skip"] = jnp.zeros((d_in, d_out))
+    if cfg.architecture == "jumprelu":
+        params["log_threshold"] = jnp.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold))
+    return params
+
+
+def empty_transcoder_state(cfg: TranscoderConfig, d_in: int, d_out: int) -> TrainState:
+    """A zero transcoder state of the right structure (the template a checkpoint fills)."""
+    params = _transcoder_params(cfg, jnp.zeros((d_in, cfg.d_sae)), jnp.zeros((cfg.d_sae, d_out)),
+                                jnp.zeros((d_out,)))
+    return TrainState(params=params, opt_state=make_optimizer(cfg).init(params), step=jnp.zeros((), jnp.int32),
+                      since_fired=jnp.zeros((cfg.d_sae,), jnp.int32), scale=jnp.zeros((), jnp.float32), cfg=cfg,
+                      scale_out=jnp.zeros((), jnp.float32))
+
+
+def init_transcoder_state(cfg: TranscoderConfig, d_in: int, d_out: int, x_sample: Any, y_sample: Any) -> TrainState:
+    """A fresh transcoder state from paired samples ``x_sample [n, d_in]`` (the transcoder's input)
+    and ``y_sample [n, d_out]`` (its target output): each gets its own scale; ``b_dec`` is the
+    ``b_dec_init`` of the scaled ``y``; ``W_dec`` rows and ``W_enc`` columns are random unit vectors
+    (independent draws: input and output bases differ); ``b_enc`` and ``W_skip`` start at 0."""
+    if not isinstance(cfg, TranscoderConfig):
+        raise JfigError(f"init_transcoder_state takes a TranscoderConfig, got {type(cfg).__name__}")
+    x_sample = jnp.asarray(x_sample, jnp.float32).reshape(-1, d_in)
+    y_sample = jnp.asarray(y_sample, jnp.float32).reshape(-1, d_out)
+    scale = _scale_of(x_sample, d_in, cfg, "transcoder inputs")
+    scale_out = _scale_of(y_sample, d_out, cfg, "transcoder outputs")
+    b_dec = _b_dec_init(y_sample * scale_out, d_out, cfg)
+    W_enc = jax.random.normal(jax.random.fold_in(jax.random.key(cfg.seed), 1), (d_in, cfg.d_sae), jnp.float32)
+    W_enc = W_enc / jnp.linalg.norm(W_enc, axis=0, keepdims=True)
+    params = _transcoder_params(cfg, W_enc, _unit_decoder(cfg, d_out), b_dec)
+    return TrainState(params=params, opt_state=make_optimizer(cfg).init(params), step=jnp.zeros((), jnp.int32),
+                      since_fired=jnp.zeros((cfg.d_sae,), jnp.int32), scale=jnp.asarray(scale, jnp.float32),
+                      cfg=cfg, scale_out=jnp.asarray(scale_out, jnp.float32))
 
 
 def _unit_rows(W: jax.Array) -> jax.Array:
@@ -123,15 +186,14 @@ def _step_config(cfg: TrainConfig) -> TrainConfig:
                                        if f.name in INIT_ONLY_FIELDS})
 
 
-@partial(jax.jit, static_argnames="cfg")
-def _core_step(arrays: tuple, batch: jax.Array, cfg: TrainConfig) -> tuple[tuple, dict[str, jax.Array]]:
-    params, opt_state, step, since_fired, scale = arrays
-    d_in = params["b_dec"].shape[0]
-    x = batch.astype(jnp.float32).reshape(-1, d_in) * scale
-    finite = jnp.all(jnp.isfinite(x))
-    x = jnp.where(finite, x, 0.0)
+def _update(params: dict, opt_state: Any, step: jax.Array, since_fired: jax.Array, loss_fn: Any, n_tokens: int,
+            finite: jax.Array, cfg: TrainConfig) -> tuple[tuple, jax.Array, dict[str, jax.Array]]:
+    """One Adam update of ``params`` on ``loss_fn(params, dead) -> (loss, aux)``, shared by SAEs
+    and transcoders: decoder rows kept on the unit sphere, latents' silence counted, and nothing
+    but the step count changed when the batch was not ``finite``. Returns ``((params, opt_state,
+    step, since_fired), loss, aux)``."""
     dead = since_fired >= cfg.dead_after_tokens
-    (loss, aux), grads = jax.value_and_grad(sae_loss, has_aux=True)(params, x, dead, cfg)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, dead)
     if cfg.normalize_decoder:  # move along the unit sphere of each decoder row
         W, g = params["W_dec"], grads["W_dec"]
         grads = {**grads, "W_dec": g - jnp.sum(g * W, axis=-1, keepdims=True) * W}
@@ -139,15 +201,45 @@ def _core_step(arrays: tuple, batch: jax.Array, cfg: TrainConfig) -> tuple[tuple
     new_params = optax.apply_updates(params, updates)
     if cfg.normalize_decoder:
         new_params = {**new_params, "W_dec": _unit_rows(new_params["W_dec"])}
-    since = jnp.where(aux["fired"] > 0, 0, jnp.minimum(since_fired + x.shape[0], COUNTER_CAP)).astype(jnp.int32)
+    since = jnp.where(aux["fired"] > 0, 0, jnp.minimum(since_fired + n_tokens, COUNTER_CAP)).astype(jnp.int32)
     # A batch with NaN/inf changes nothing but the step count; fit raises on it.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new = (keep(new_params, params), keep(new_opt_state, opt_state), step + 1, keep(since, since_fired), scale)
-    metrics = {"loss": loss, "mse": aux["mse"], "fvu": aux["fvu"], "explained_variance": 1.0 - aux["fvu"],
-               "l0": aux["l0"], "sparsity_loss": aux["sparsity_loss"],
-               "dead_fraction": jnp.mean(new[3] >= cfg.dead_after_tokens),
-               "lr": make_schedule(cfg)(step), "finite": finite, "tokens": jnp.asarray(x.shape[0])}
-    return new, metrics
+    new = (keep(new_params, params), keep(new_opt_state, opt_state), step + 1, keep(since, since_fired))
+    return new, loss, aux
+
+
+def _metrics(loss: jax.Array, aux: dict, since_fired: jax.Array, step: jax.Array, finite: jax.Array,
+             n_tokens: int, cfg: TrainConfig) -> dict[str, jax.Array]:
+    return {"loss": loss, "mse": aux["mse"], "fvu": aux["fvu"], "explained_variance": 1.0 - aux["fvu"],
+            "l0": aux["l0"], "sparsity_loss": aux["sparsity_loss"],
+            "dead_fraction": jnp.mean(since_fired >= cfg.dead_after_tokens),
+            "lr": make_schedule(cfg)(step), "finite": finite, "tokens": jnp.asarray(n_tokens)}
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _core_step(arrays: tuple, batch: jax.Array, cfg: TrainConfig) -> tuple[tuple, dict[str, jax.Array]]:
+    params, opt_state, step, since_fired, scale = arrays
+    d_in = params["b_dec"].shape[0]
+    x = batch.astype(jnp.float32).reshape(-1, d_in) * scale
+    finite = jnp.all(jnp.isfinite(x))
+    x = jnp.where(finite, x, 0.0)
+    new, loss, aux = _update(params, opt_state, step, since_fired, lambda p, dead: sae_loss(p, x, dead, cfg),
+                             x.shape[0], finite, cfg)
+    return (*new, scale), _metrics(loss, aux, new[3], step, finite, x.shape[0], cfg)
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _transcoder_core_step(arrays: tuple, x: jax.Array, y: jax.Array, cfg: TrainConfig
+                          ) -> tuple[tuple, dict[str, jax.Array]]:
+    params, opt_state, step, since_fired, scale, scale_out = arrays
+    d_in, d_out = params["W_enc"].shape[0], params["b_dec"].shape[0]
+    x = x.astype(jnp.float32).reshape(-1, d_in) * scale
+    y = y.astype(jnp.float32).reshape(-1, d_out) * scale_out
+    finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y))
+    x, y = jnp.where(finite, x, 0.0), jnp.where(finite, y, 0.0)
+    new, loss, aux = _update(params, opt_state, step, since_fired,
+                             lambda p, dead: transcoder_loss(p, x, y, dead, cfg), x.shape[0], finite, cfg)
+    return (*new, scale, scale_out), _metrics(loss, aux, new[3], step, finite, x.shape[0], cfg)
 
 
 def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -171,3 +263,43 @@ def sae_from_state(state: TrainState, site: str) -> SAE:
     sae = training_sae(state.params, cfg, site, metadata={"hook_name": site, "train_config": dataclasses.asdict(cfg),
                                                           "train_steps": int(state.step)})
     return fold_activation_norm_scaling_factor(sae, state.scale)
+
+
+def transcoder_train_step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One Adam update of a transcoder on a batch of pairs: input ``x [batch, d_in]`` and target
+    output ``y [batch, d_out]`` (raw; scaled inside); one jitted call. Metrics as :func:`train_step`'s,
+    with fvu / mse / explained_variance those of ``y``."""
+    if state.scale_out is None:
+        raise JfigError("transcoder_train_step needs a transcoder's state (init_transcoder_state); this one is an "
+                        "SAE's: use train_step")
+    if x.shape[0] != y.shape[0]:
+        raise JfigError(f"transcoder batch has {x.shape[0]} input rows but {y.shape[0]} output rows; expected pairs")
+    arrays = (state.params, state.opt_state, state.step, state.since_fired, state.scale, state.scale_out)
+    (params, opt_state, step, since_fired, scale, scale_out), metrics = _transcoder_core_step(
+        arrays, x, y, cfg=_step_config(state.cfg))
+    return TrainState(params=params, opt_state=opt_state, step=step, since_fired=since_fired, scale=scale,
+                      cfg=state.cfg, scale_out=scale_out), metrics
+
+
+def transcoder_from_state(state: TrainState, read_site: str, write_site: str, *, model: Any = None,
+                          metadata: dict[str, Any] | None = None) -> Transcoder:
+    """The inference :class:`~jfig.saes.Transcoder` of a transcoder training state, taking raw
+    (unscaled) inputs and writing raw outputs.
+
+    The scales are folded in: ``W_enc * s_in``, ``W_dec / s_out``, ``b_dec / s_out``, ``W_skip *
+    s_in / s_out``; jumprelu gets ``threshold = exp(log_threshold)`` (positive, so SAELens's and
+    circuit-tracer's JumpReLU agree on it); topk keeps ``k``. Its input is what training took: for a
+    ``read_site`` that is the MLP's input (ln2.hook_normalized, mlp.hook_in) that is the model's
+    norm of hook_resid_mid, attached when ``model`` is given (:meth:`Transcoder.with_input_norm`).
+    ``metadata`` adds to the recorded hooks, config and step count."""
+    cfg = state.cfg
+    p = state.params
+    s_in, s_out = state.scale, state.scale_out
+    meta = {"hook_name": read_site, "hook_name_out": write_site, "train_config": dataclasses.asdict(cfg),
+            "train_steps": int(state.step), **(metadata or {})}
+    tc = Transcoder(W_enc=p["W_enc"] * s_in, b_enc=p["b_enc"], W_dec=p["W_dec"] / s_out, b_dec=p["b_dec"] / s_out,
+                    W_skip=p["W_skip"] * (s_in / s_out) if "W_skip" in p else None,
+                    threshold=jnp.exp(p["log_threshold"]) if cfg.architecture == "jumprelu" else None,
+                    read_site=read_site, write_site=write_site, architecture=cfg.architecture, k=cfg.k,
+                    jump="saelens", metadata=meta)
+    return tc if model is None else tc.with_input_norm(model)
