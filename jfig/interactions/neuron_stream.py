@@ -8,7 +8,8 @@ error at neuron m is the 2x2 contrast
     e_m = φ(z) − φ(z − c_i) − φ(z − c_j) + φ(z − c_i − c_j)
 
 with φ the MLP's activation (act(up), or act(gate)·up for gated MLPs, on both maps' pre-activations).
-It is 0 whenever either contribution is 0 at m, and for any activation that is linear over the pair.
+It is 0 whenever either contribution is 0 at m (set exactly, rather than left to float32 rounding),
+and for any activation that is linear over the pair.
 The output error is e @ W_down, through Gemma-2's post-feedforward norm frozen at the token's scale.
 """
 from __future__ import annotations
@@ -62,11 +63,14 @@ def _chunk_sums(cfg, w, z_up, z_gate, r, scale, chunk):
     zi, zj = z - ci, z - cj
     if z_gate is None:
         e = mlp_post(cfg, z, None) - mlp_post(cfg, zi, None) - mlp_post(cfg, zj, None) + mlp_post(cfg, zi - cj, None)
+        touched = (ci != 0) & (cj != 0)
     else:
         q = jnp.broadcast_to(z_gate[:, None], ci.shape)
-        qi, qj = q - si * gi[None], q - sj * gj[None]
-        e = (mlp_post(cfg, z, q) - mlp_post(cfg, zi, qi) - mlp_post(cfg, zj, qj)
-             + mlp_post(cfg, zi - cj, qi - sj * gj[None]))
+        hi, hj = si * gi[None], sj * gj[None]
+        qi, qj = q - hi, q - hj
+        e = mlp_post(cfg, z, q) - mlp_post(cfg, zi, qi) - mlp_post(cfg, zj, qj) + mlp_post(cfg, zi - cj, qi - hj)
+        touched = ((ci != 0) | (hi != 0)) & ((cj != 0) | (hj != 0))
+    e = jnp.where(touched, e, 0.0)          # exactly 0 where one feature misses m (not float32 rounding)
     wt = both.astype(jnp.float32)                                                      # [T, c]
     out = mm(e, w["W_down"]) * w["post_gamma"] * r[:, None, None]                      # [T, c, d]
     ratio = lambda num, den: jnp.where(both, num / jnp.where(both, den, 1.0), 0.0).sum(0)  # noqa: E731
