@@ -4,9 +4,10 @@
    activations (position 0 zeroed), the error nodes (MLP output minus reconstruction) and the logits.
 2. Logit targets: the likeliest next tokens, up to `max_n_logits`, until their probability reaches
    `desired_logit_prob`; each a demeaned unembedding column (W_U[:, v] minus the mean column).
-3. Rows: for each logit target, then each active feature (in circuit-tracer's order; with
-   `max_feature_nodes`, the most influential first, re-ranked every few batches as it does), one
-   backward pass of the linear replacement (`replacement.gradients`, `batch_size` at a time, vmapped).
+3. Rows (`rows.adjacency`): for each logit target, then each active feature (in circuit-tracer's
+   order; with `max_feature_nodes`, the most influential first, re-ranked every few batches as it
+   does), one backward pass of the linear replacement (`replacement.gradients`, `batch_size` at a
+   time, vmapped).
 4. The adjacency in circuit-tracer's layout (`AttributionGraph`).
 """
 from __future__ import annotations
@@ -20,11 +21,9 @@ from ..graph import InteractionGraph, NodeIndex
 from ..saes import SAE, Transcoder
 from ..sites import parse_site
 from .graph import AttributionGraph
-from .influence import partial_influence
 from .prompt import prompt_ids
-from .replacement import Layout, contract, gradients, mlp_sites, setup
-
-CHUNK = 256          # decoder writes per contraction call
+from .replacement import Layout, mlp_sites, setup
+from .rows import RowMaker, active_features, adjacency
 
 
 def check_dictionaries(model, dictionaries) -> tuple[tuple, Layout]:
@@ -126,88 +125,10 @@ def attribution_graph(model, dictionaries, prompt, *, max_n_logits: int = 10, de
     w_u = model.params["unembed"] if "unembed" in model.params else model.params["embed"].T
     logit_ids, logit_p, logit_vecs = logit_targets(out.logits[0, -1], w_u, max_n_logits, desired_logit_prob)
 
-    # active features: (layer, position, feature), layer by layer, then position, then feature
-    s, L, R, d = len(ids), cfg.n_layers, len(tcs), cfg.d_model
-    per = [np.nonzero(np.asarray(a)) for a in acts]
-    reader = np.concatenate([np.full(len(p), r, np.int64) for r, (p, _) in enumerate(per)])
-    pos = np.concatenate([p for p, _ in per]).astype(np.int64)
-    feat = np.concatenate([f for _, f in per]).astype(np.int64)
-    values = np.concatenate([np.asarray(a)[p, f] for a, (p, f) in zip(acts, per)]).astype(np.float32)
-    layer = np.asarray(layout.readers, np.int64)[reader] if len(reader) else np.zeros(0, np.int64)
-    M = len(feat)
-
-    # every decoder write of every active feature: row (layer written * s + position), activation x row
-    dec = {(r, k): np.asarray(tcs[r].decoder_rows(k), np.float32) for r, k, _ in layout.writes}
-    w_feat, w_row, w_vec = [], [], []
-    for r, k, lw in layout.writes:
-        on = np.flatnonzero(reader == r)
-        w_feat.append(on)
-        w_row.append(lw * s + pos[on])
-        w_vec.append(values[on, None] * dec[r, k][feat[on]])
-    w_feat = np.concatenate(w_feat)
-    order = np.argsort(w_feat, kind="stable")
-    w_feat, w_row, w_vec = w_feat[order], np.concatenate(w_row)[order], np.concatenate(w_vec)[order]
-    starts = np.searchsorted(w_feat, np.arange(M))
-    chunks = []
-    for a in range(0, len(w_feat), CHUNK):
-        rows = np.zeros(CHUNK, np.int32)
-        vecs = np.zeros((CHUNK, d), np.float32)
-        n = min(CHUNK, len(w_feat) - a)
-        rows[:n], vecs[:n] = w_row[a:a + n], w_vec[a:a + n]
-        chunks.append((jnp.asarray(rows), jnp.asarray(vecs)))
-    enc = [np.asarray(tc.W_enc, np.float32) for tc in tcs]
-
-    def batch_rows(readers, positions, vecs, finals):
-        """Adjacency rows [k, M + L*s + s] of k <= batch_size targets."""
-        k = len(readers)
-        pad = batch_size - k
-        args = (np.concatenate([readers, np.full(pad, R)]).astype(np.int32),
-                np.concatenate([positions, np.zeros(pad)]).astype(np.int32),
-                np.concatenate([vecs, np.zeros((pad, d))]).astype(np.float32),
-                np.concatenate([finals, np.zeros((pad, d))]).astype(np.float32))
-        g_flat, other = gradients(model.params, tcs, tokens, errors, embeds, *args, cfg=cfg, layout=layout)
-        writes = [np.asarray(contract(g_flat, rows, vecs_)) for rows, vecs_ in chunks]
-        feature_part = np.zeros((batch_size, M), np.float32)
-        if M:
-            per_write = np.concatenate(writes, axis=1)[:, :len(w_feat)]
-            feature_part = np.add.reduceat(per_write, starts, axis=1)
-        return np.concatenate([feature_part, np.asarray(other)], axis=1)[:k]
-
-    n_logits = len(logit_ids)
-    logit_offset = M + (L + 1) * s
-    n_total = logit_offset + n_logits
-    keep = M if max_feature_nodes is None else min(max_feature_nodes, M)
-    edges = np.zeros((keep + n_logits, n_total), np.float32)
-    row_node = np.zeros(keep + n_logits, np.int64)
-    for a in range(0, n_logits, batch_size):
-        b = min(a + batch_size, n_logits)
-        edges[a:b, :logit_offset] = batch_rows(np.full(b - a, R), np.zeros(b - a), np.zeros((b - a, d)),
-                                               logit_vecs[a:b])
-        row_node[a:b] = logit_offset + np.arange(a, b)
-    st, visited, n_visited = n_logits, np.zeros(M, bool), 0
-    while n_visited < keep:
-        if keep == M:
-            pending = np.arange(M)
-        else:
-            infl = partial_influence(edges[:st], logit_p, row_node[:st])
-            rank = np.argsort(-infl[:M], kind="stable")
-            pending = rank[~visited[rank]][:min(update_interval * batch_size, keep - n_visited)]
-        for a in range(0, len(pending), batch_size):
-            idx = pending[a:a + batch_size]
-            vecs = np.stack([enc[reader[i]][:, feat[i]] for i in idx])
-            edges[st:st + len(idx), :logit_offset] = batch_rows(reader[idx], pos[idx], vecs, np.zeros((len(idx), d)))
-            row_node[st:st + len(idx)] = idx
-            visited[idx] = True
-            st += len(idx)
-            n_visited += len(idx)
-    selected = np.flatnonzero(visited)
-    if keep < M:
-        edges = edges[:, np.concatenate([selected, np.arange(M, n_total)])]
-    edges = edges[np.argsort(row_node, kind="stable")]
-    n_nodes = edges.shape[1]
-    adjacency = np.zeros((n_nodes, n_nodes), np.float32)
-    adjacency[:keep] = edges[:keep]
-    adjacency[n_nodes - n_logits:] = edges[keep:]
+    active = active_features(acts, layout)
+    rows = RowMaker(model, tcs, layout, tokens, errors, embeds, active, batch_size)
+    keep = len(active.feature) if max_feature_nodes is None else min(max_feature_nodes, len(active.feature))
+    adj, selected = adjacency(rows, logit_vecs, logit_p, keep, update_interval)
 
     tok = model.tokenizer
     text = (lambda t: tok.decode([int(t)])) if tok is not None else str
@@ -217,7 +138,7 @@ def attribution_graph(model, dictionaries, prompt, *, max_n_logits: int = 10, de
     return AttributionGraph(
         tokens=ids.astype(np.int64), prompt=tok.decode([int(t) for t in ids]) if tok is not None else
         " ".join(map(str, ids.tolist())), token_strings=tuple(text(t) for t in ids),
-        active_features=np.stack([layer, pos, feat], axis=1), activation_values=values,
-        selected_features=selected.astype(np.int64), adjacency_matrix=adjacency,
+        active_features=np.stack([active.layer, active.pos, active.feature], axis=1),
+        activation_values=active.value, selected_features=selected.astype(np.int64), adjacency_matrix=adj,
         logit_tokens=logit_ids.astype(np.int64), logit_probabilities=logit_p.astype(np.float32),
-        logit_strings=tuple(text(t) for t in logit_ids), n_layers=L, sites=sites, scan=scan, corpus=graph)
+        logit_strings=tuple(text(t) for t in logit_ids), n_layers=cfg.n_layers, sites=sites, scan=scan, corpus=graph)

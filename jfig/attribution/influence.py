@@ -14,10 +14,12 @@ import numpy as np
 from ..errors import JfigError
 
 
-def normalize(A: np.ndarray, floor: float = 1e-10) -> np.ndarray:
-    """|A| with each row divided by its sum (rows summing to less than `floor`: by `floor`)."""
-    a = np.abs(np.asarray(A, np.float64))
-    return a / np.maximum(a.sum(axis=1, keepdims=True), floor)
+def normalize(A: np.ndarray, floor: float = 1e-10, out: np.ndarray | None = None) -> np.ndarray:
+    """|A| with each row divided by its sum (rows summing to less than `floor`: by `floor`); float64,
+    written into `out` when given (one n x n buffer serves a whole pruning)."""
+    a = np.abs(A, out=out, dtype=np.float64) if out is not None else np.abs(np.asarray(A, np.float64))
+    a /= np.maximum(a.sum(axis=1, keepdims=True), floor)
+    return a
 
 
 def influence(A_norm: np.ndarray, weights: np.ndarray, max_iter: int = 1000) -> np.ndarray:
@@ -33,11 +35,18 @@ def influence(A_norm: np.ndarray, weights: np.ndarray, max_iter: int = 1000) -> 
 
 
 def threshold(scores: np.ndarray, fraction: float) -> float:
-    """The score above which the largest scores hold `fraction` of their sum (the first sorted score
-    whose cumulative share reaches it)."""
-    ordered = np.sort(np.ravel(scores))[::-1]
+    """The score above which the largest scores hold `fraction` of their sum: the first score, in
+    descending order, whose cumulative share reaches it. Scores are >= 0; only the positive ones are
+    sorted (zeros add nothing to the sum; past the positive ones the answer is 0 when there are zeros)."""
+    flat = np.ravel(scores)
+    ordered = np.sort(flat[flat > 0])[::-1]
+    if not len(ordered):
+        return 0.0
     share = np.cumsum(ordered) / ordered.sum()
-    return ordered[min(int(np.searchsorted(share, fraction)), len(ordered) - 1)]
+    at = int(np.searchsorted(share, fraction))
+    if at < len(ordered):
+        return ordered[at]
+    return 0.0 if len(ordered) < flat.size else ordered[-1]
 
 
 class PruneResult(NamedTuple):
@@ -63,19 +72,21 @@ def prune(A, probabilities, n_features: int, n_tokens: int, node_threshold: floa
     for name, t in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= t <= 1.0:
             raise JfigError(f"{name} must be between 0 and 1, got {t}")
-    A = np.asarray(A, np.float64)
+    A = np.asarray(A)
     n = A.shape[0]
     n_logits = len(np.atleast_1d(probabilities))
     w = logit_weights(n, probabilities)
-    node_influence = influence(normalize(A), w)
+    buf = np.empty((n, n))                       # one float64 buffer: normalised, then pruned, then edge scores
+    node_influence = influence(normalize(A, out=buf), w)
     node_mask = node_influence >= threshold(node_influence, node_threshold)
     node_mask[n - n_logits - n_tokens:] = True
-    pruned = A.copy()
-    pruned[~node_mask] = 0
-    pruned[:, ~node_mask] = 0
-    pruned_norm = normalize(pruned)
-    edge_scores = pruned_norm * (influence(pruned_norm, w) + w)[:, None]
-    edge_mask = edge_scores >= threshold(edge_scores, edge_threshold)
+    np.abs(A, out=buf, dtype=np.float64)
+    buf[~node_mask] = 0
+    buf[:, ~node_mask] = 0
+    pruned_norm = normalize(buf, out=buf)
+    pruned_norm *= (influence(pruned_norm, w) + w)[:, None]
+    edge_mask = pruned_norm >= threshold(pruned_norm, edge_threshold)
+    del buf, pruned_norm
     inner = n - n_logits - n_tokens
     while True:
         before = node_mask.copy()
