@@ -3,6 +3,7 @@
 with the same transcoder files read by both: per-layer skip transcoders, JumpReLU transcoders, a
 cross-layer transcoder, and a graph keeping only the most influential features."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import jfig
 from tests.attribution.files import write_clt, write_model, write_transcoders
 from tests.support.reference_env import run_reference
 
-SCRIPT = (__import__("pathlib").Path(__file__).parent / "reference_script.py").read_text()
+SCRIPT = (Path(__file__).parent / "reference_script.py").read_text()
 LOGITS = dict(max_n_logits=5, desired_logit_prob=0.9, batch_size=16)
 
 
