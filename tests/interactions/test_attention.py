@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jfig
+from jfig.testing import tiny_model
 from jfig.errors import JfigError, ShapeError, SiteError
 from jfig.interactions import dominance_test, qk_terms, query_overlap
 from jfig.models.model import Prefix
@@ -18,7 +19,7 @@ PRE = "blocks.0.hook_resid_pre"
 def hand_built(family: str, seed: int = 0, *, q_rows=None) -> jfig.Model:
     """One layer with explicit attention weights: norm weight, W_q, W_k drawn here; biases zero.
     `q_rows`: residual coordinates W_q reads (all when None)."""
-    base = jfig.testing.tiny_model(family, n_layers=1, seed=seed)
+    base = tiny_model(family, n_layers=1, seed=seed)
     cfg, rng = base.config, np.random.default_rng(seed + 10)
     blocks = {k: np.asarray(v).copy() for k, v in base.params["blocks"].items()}
     blocks["ln1_w"][0] = rng.uniform(0.5, 1.5, cfg.d_model) - cfg.norm_offset
@@ -142,7 +143,7 @@ def np_softmax_pattern(cfg, q, k):
 
 
 def test_dominance_equals_numpy():
-    model = jfig.testing.tiny_model("llama", n_layers=1, seed=3, scale=0.5)
+    model = tiny_model("llama", n_layers=1, seed=3, scale=0.5)
     cfg, p = model.config, params64(model)
     sae = random_sae(8, 16, 24, PRE, bias=-0.1)
     tokens = toy_tokens(n=3, seq=7, seed=5)
@@ -176,7 +177,7 @@ def test_dominance_equals_numpy():
 
 
 def test_bad_input_is_refused():
-    model = jfig.testing.tiny_model("llama")                                              # 2 layers
+    model = tiny_model("llama")                                              # 2 layers
     sae = random_sae(0, 16, 8, PRE)
     with pytest.raises(SiteError, match="no attention reads"):
         qk_terms(model, random_sae(0, 16, 8, "blocks.1.hook_resid_post"), [0])

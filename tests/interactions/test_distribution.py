@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import jfig
+from jfig.testing import tiny_model
 from jfig.errors import JfigError, ShapeError
 from jfig.interactions import DistributionAccumulator, feature_distribution
 from tests.interactions.toys import random_sae, toy_tokens
@@ -109,7 +110,7 @@ def test_streamed_statistics_equal_numpy():
 
 def test_model_run_matches_its_activations():
     """feature_distribution over a model equals the numpy statistics of the same encoded activations."""
-    model = jfig.testing.tiny_model("llama")
+    model = tiny_model("llama")
     saes = [random_sae(1, 16, 12, "blocks.0.hook_resid_mid", bias=-0.2), random_sae(2, 16, 10, B, bias=-0.2)]
     tokens = toy_tokens(n=12, seq=9, seed=3)
     feats = {saes[0].site: [0, 3, 5, 11], B: [1, 2, 9]}
@@ -146,6 +147,6 @@ def test_bad_input_is_refused():
     bad[1, 2, 0] = np.nan
     with pytest.raises(JfigError, match="NaN"):
         acc.update({A: bad})
-    model = jfig.testing.tiny_model("llama")
+    model = tiny_model("llama")
     with pytest.raises(JfigError, match="no SAE"):
         feature_distribution(model, [random_sae(0, 16, 8, A)], toy_tokens(n=2), {B: [0]}, bins=2)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jfig
+from jfig.testing import tiny_model
 from jfig.errors import JfigError, ShapeError, SiteError
 from jfig.interactions import all_pairs, neuron_interactions
 from tests.interactions.toys import (PLANTED_GATE, PLANTED_NEURON, PLANTED_UP, SITE, np_act, np_norm_parts,
@@ -106,7 +107,7 @@ def test_weights_only_and_chunking_agree():
 
 def test_later_layer_and_never_cooccurring_pairs():
     """A residual feature is read by every later MLP; a pair that never fires together has NaN data metrics."""
-    model = jfig.testing.tiny_model("llama")                                   # 2 layers
+    model = tiny_model("llama")                                   # 2 layers
     D = np.eye(16, dtype=np.float32)[:4]
     sae = jfig.SAE(W_enc=jnp.asarray(D.T), b_enc=jnp.asarray([0.0, 0.0, -1e9, 0.0]), W_dec=jnp.asarray(D),
                    b_dec=jnp.zeros(16), site="blocks.0.hook_resid_pre")
@@ -118,7 +119,7 @@ def test_later_layer_and_never_cooccurring_pairs():
 
 def test_bad_input_is_refused():
     model, sae = toy_mlp_model("llama"), toy_sae()
-    tiny2 = jfig.testing.tiny_model("llama")                                   # 2 layers
+    tiny2 = tiny_model("llama")                                   # 2 layers
     with pytest.raises(SiteError, match="residual basis"):
         neuron_interactions(tiny2, jfig.SAE(W_enc=jnp.zeros((32, 4)), b_enc=jnp.zeros(4), W_dec=jnp.zeros((4, 32)),
                                             b_dec=jnp.zeros(32), site="blocks.0.mlp.hook_post"), [[0, 1]])
