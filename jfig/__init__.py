@@ -2,7 +2,7 @@
 
 Curated public API; see docs/ (quickstart, guide, concepts, measure, atlas, graph_format).
 The packages follow the pipeline, each importing only those before it:
-models -> data -> saes -> atlas -> measure -> candidates / stats -> graph -> analysis | behaviors | steering
+models -> data -> saes -> atlas -> measure | interactions -> candidates / stats -> graph -> analysis | behaviors | steering
 | attribution -> explorer -> pipeline -> cli.
 """
 from . import data, edits, errors, sites
@@ -15,6 +15,7 @@ from .edits import Ablate, Clamp, ClampTranscoder, Compose, Patch, PatchHeads, S
 from .errors import FormatError, JfigError, OptionError, ShapeError, SiteError
 from .explorer import attribution_json, explorer_payload, render_page
 from .graph import GraphDiff, InteractionGraph, diff_graphs, load_graph
+from .interactions import dominance_test, feature_distribution, neuron_interactions, qk_terms, query_overlap
 from .measure import Effects, GatingEffects, feature_importance, measure_effects, measure_gating, weight_effects
 from .models.config import ModelConfig
 from .models.model import Model, Prefix, RunOutput
@@ -39,4 +40,5 @@ __all__ = [
     "observe_cascade", "predict_cascade", "render_page",
     "sae_metrics", "save_sae", "select_candidates", "sites", "train_sae", "weight_effects",
     "save_transcoder", "train_transcoder", "transcoder_metrics",
+    "dominance_test", "feature_distribution", "neuron_interactions", "qk_terms", "query_overlap",
 ]
