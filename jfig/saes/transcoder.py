@@ -12,9 +12,10 @@ and ``encode`` / ``pre_activations`` / ``activation`` / ``d_sae`` / ``d_in`` beh
 so it can stand wherever jfig reads SAE features. As a *source* its feature is clamped at the write
 site (``jfig.edits.ClampTranscoder``), not with an SAE clamp at the read site.
 
-Input hooks that are not jfig sites: ``ln2.hook_normalized`` and ``mlp.hook_in`` (the MLP's input,
-the block's second norm applied to ``hook_resid_mid``) are read from ``blocks.{l}.hook_resid_mid``
-with that norm applied first. The norm's weights belong to the model, so such a transcoder needs
+Input hooks that are not jfig sites: ``mlp.hook_in`` (the MLP's input, the block's second norm applied
+to ``hook_resid_mid``) and ``ln2.hook_normalized`` (that norm's normalisation alone, before its
+weight and bias, as TransformerLens places the hook) are read from ``blocks.{l}.hook_resid_mid``
+with the normalisation applied first. The norm's weights belong to the model, so such a transcoder needs
 :meth:`Transcoder.with_input_norm` (or :func:`attach_input_norms`) before it encodes.
 """
 
@@ -234,13 +235,16 @@ class Transcoder(eqx.Module):
         if cfg is None:
             raise JfigError(f"Transcoder reading {self.read_site}: attaching the input norm needs a built-in "
                             f"model (its ln2 weights); a wrapped model does not expose them")
-        layer = _split(self.read_site)[0]
+        layer, local = _split(self.read_site)
         blocks = model.params["blocks"]
         w = blocks["ln2_w"][layer]
         b = blocks["ln2_b"][layer] if cfg.norm != "rms" else None
+        offset = float(cfg.norm_offset)
+        if local == "ln2.hook_normalized":          # TransformerLens: normalised, before the norm's weights
+            w, b, offset = jnp.ones_like(w), (None if b is None else jnp.zeros_like(b)), 0.0
         return dataclasses.replace(self, norm_w=w, norm_b=b, input_norm="model",
                                    norm_kind="rms" if cfg.norm == "rms" else "layer",
-                                   norm_eps=float(cfg.norm_eps), norm_offset=float(cfg.norm_offset))
+                                   norm_eps=float(cfg.norm_eps), norm_offset=offset)
 
     def prepare_input(self, x: jax.Array) -> jax.Array:
         """Activations at :attr:`site` ``[..., d_in]`` -> the transcoder's input ``x_in [..., d_in]``."""

@@ -199,7 +199,8 @@ def test_circuit_tracer_listed_files_and_errors(tmp_path):
 
 
 def test_input_norm_hooks(tmp_path):
-    """ln2.hook_normalized / mlp.hook_in read the MLP's input: the model's second norm of hook_resid_mid."""
+    """mlp.hook_in reads the MLP's input (the model's second norm of hook_resid_mid); ln2.hook_normalized
+    that norm's normalisation before its weight and bias (where TransformerLens places the hook)."""
     for family in ("llama", "gpt2"):
         model = tiny_model(family)
         d = model.config.d_model
@@ -215,9 +216,8 @@ def test_input_norm_hooks(tmp_path):
             raw[2].encode(jnp.asarray(resid))
         tcs = load_transcoders(folder, model=model)
         blocks = {k: np.asarray(v[2]) for k, v in model.params["blocks"].items()}
-        if family == "llama":
-            h = resid / np.sqrt((resid ** 2).mean(-1, keepdims=True) + model.config.norm_eps) * (
-                model.config.norm_offset + blocks["ln2_w"])
+        if family == "llama":                          # ln2.hook_normalized: no weight
+            h = resid / np.sqrt((resid ** 2).mean(-1, keepdims=True) + model.config.norm_eps)
         else:
             c = resid - resid.mean(-1, keepdims=True)
             h = c / np.sqrt((c ** 2).mean(-1, keepdims=True) + model.config.norm_eps) * blocks["ln2_w"]
