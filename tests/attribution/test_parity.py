@@ -35,9 +35,10 @@ def cases(root):
             out.append(dict(base, name="llama_clt", kind="clt", transcoders=str(folder / "clt"),
                             input_hook="hook_resid_mid", output_hook="hook_mlp_out", prompt=[1, 40, 50, 60, 70, 80, 41],
                             kwargs=dict(max_n_logits=4, desired_logit_prob=0.5, batch_size=32)))
-        else:
-            write_transcoders(folder / "tc", n, d, 24, jumprelu=True, hooks=("mlp.hook_in", "hook_mlp_out"))
-            out.append(dict(base, name=fam, transcoders=str(folder / "tc"), input_hook="mlp.hook_in",
+        else:                       # GPT-2 reads ln2.hook_normalized (before the norm's weight and bias)
+            hook = "ln2.hook_normalized" if fam == "gpt2" else "mlp.hook_in"
+            write_transcoders(folder / "tc", n, d, 24, jumprelu=True, hooks=(hook, "hook_mlp_out"))
+            out.append(dict(base, name=fam, transcoders=str(folder / "tc"), input_hook=hook,
                             output_hook="hook_mlp_out", prompt="a cat sat on",
                             kwargs=dict(max_n_logits=6, desired_logit_prob=0.95, batch_size=64)))
     return out
