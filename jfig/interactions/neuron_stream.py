@@ -53,9 +53,9 @@ def mlp_post(cfg, up, gate):
     return activation(cfg, gate) * up if gate is not None else activation(cfg, up)
 
 
-def _chunk_sums(cfg, w, z_up, z_gate, r, scale, chunk):
-    """Sums over the batch's tokens for one chunk of pairs. z_* [T, F], r / scale [T]; chunk holds
-    a_i, a_j, both [T, c] and the pairs' read-ins ui, uj (gi, gj) [c, F]."""
+def _chunk_sums(cfg, w_down, z_up, z_gate, r, scale, chunk):
+    """Sums over the batch's tokens for one chunk of pairs. w_down [F, d] (post-norm weight folded in),
+    z_* [T, F], r / scale [T]; chunk holds a_i, a_j, both [T, c] and the read-ins ui, uj (gi, gj) [c, F]."""
     a_i, a_j, both, ui, uj, gi, gj = chunk
     si, sj = (a_i * scale[:, None])[..., None], (a_j * scale[:, None])[..., None]     # [T, c, 1]
     ci, cj = si * ui[None], sj * uj[None]                                              # [T, c, F]
@@ -72,7 +72,7 @@ def _chunk_sums(cfg, w, z_up, z_gate, r, scale, chunk):
         touched = ((ci != 0) | (hi != 0)) & ((cj != 0) | (hj != 0))
     e = jnp.where(touched, e, 0.0)          # exactly 0 where one feature misses m (not float32 rounding)
     wt = both.astype(jnp.float32)                                                      # [T, c]
-    out = mm(e, w["W_down"]) * w["post_gamma"] * r[:, None, None]                      # [T, c, d]
+    out = mm(e, w_down) * r[:, None, None]                                            # [T, c, d]
     ratio = lambda num, den: jnp.where(both, num / jnp.where(both, den, 1.0), 0.0).sum(0)  # noqa: E731
     return dict(both=both.sum(0, dtype=jnp.int32), r_ji=ratio(a_j, a_i), r_ij=ratio(a_i, a_j),
                 err=(jnp.linalg.norm(out, axis=-1) * wt).sum(0),
@@ -92,10 +92,11 @@ def update_state(spec: StreamSpec, state, model, sae, w, feat_i, feat_j, ui, uj,
     h = norm(cfg, x, w["ln2_w"], w.get("ln2_b"))
     z_up = mm(h, w["W_up"]) + w.get("b_up", 0.0)
     z_gate = mm(h, w["W_gate"]) if "W_gate" in w else None
-    if cfg.post_norms:
-        r = norm_scale(cfg, mm(mlp_post(cfg, z_up, z_gate), w["W_down"]) + w.get("b_down", 0.0))
-    else:
-        r = jnp.ones((T,), jnp.float32)
+    w_down = w["W_down"]
+    r = jnp.ones((T,), jnp.float32)
+    if cfg.post_norms:          # Gemma-2: the post-feedforward norm, frozen at the token's scale
+        r = norm_scale(cfg, mm(mlp_post(cfg, z_up, z_gate), w_down) + w.get("b_down", 0.0))
+        w_down = w_down * (cfg.norm_offset + w["ln_mlp_post_w"])
     f = f.reshape(T, -1)
     a_i, a_j = f[:, feat_i], f[:, feat_j]                                              # [T, P]
     both = (a_i > 0) & (a_j > 0) & valid.reshape(T, 1)
@@ -106,7 +107,7 @@ def update_state(spec: StreamSpec, state, model, sae, w, feat_i, feat_j, ui, uj,
 
     def rows(u):                                                                       # [P, F] -> [n, c, F]
         return None if u is None else u.reshape(spec.n_chunks, spec.chunk, -1)
-    sums = jax.lax.map(partial(_chunk_sums, cfg, w, z_up, z_gate, r, scale),
+    sums = jax.lax.map(partial(_chunk_sums, cfg, w_down, z_up, z_gate, r, scale),
                        (split(a_i), split(a_j), split(both), rows(ui), rows(uj), rows(gi), rows(gj)))
     new = {k: state[k] + v.reshape(state[k].shape) for k, v in sums.items()}
     new["bad"] = state["bad"] + jnp.sum(~jnp.isfinite(f) & valid.reshape(T, 1), dtype=jnp.int32)

@@ -139,10 +139,6 @@ def neuron_interactions(model, sae, pairs, tokens=None, *, layer: int | None = N
                i_dominant=np.asarray(i_dom), hadamard=np.asarray(jnp.linalg.norm(v[:, 0] * v[:, 1], axis=-1)))
     if tokens is None:
         return NeuronInteractions(**out)
-    if cfg.post_norms:
-        w["post_gamma"] = cfg.norm_offset + w.pop("ln_mlp_post_w")
-    else:
-        w["post_gamma"] = jnp.ones((cfg.d_model,), jnp.float32)
     sums = stream_pairs(model, sae, layer, w, pairs, {k: np.asarray(a) for k, a in read_in.items()}, tokens,
                         batch_size=batch_size, skip_positions=skip_positions, memory_budget=memory_budget,
                         progress=progress)
@@ -150,11 +146,16 @@ def neuron_interactions(model, sae, pairs, tokens=None, *, layer: int | None = N
         raise JfigError(f"the SAE at {sae.site} gave {int(sums['bad'])} NaN or infinite activation(s) on these "
                         f"tokens")
     both = sums["both"].astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = lambda x: np.where(both.reshape((-1,) + (1,) * (x.ndim - 1)) > 0,  # noqa: E731
-                                  x / both.reshape((-1,) + (1,) * (x.ndim - 1)), np.nan)
-        act_ratio = np.where(out["i_dominant"], mean(sums["r_ji"])[:, None], mean(sums["r_ij"])[:, None])
-        out.update(n_tokens=sums["n_tokens"], cooccurrence=both / max(sums["n_tokens"], 1),
-                   expected=act_ratio * np.abs(out["ratio"]), error=mean(sums["err"]),
-                   neuron_error=mean(sums["nerr"]) * np.asarray(output_row_norms(model, layer))[None])
+    act_ratio = np.where(out["i_dominant"], per_pair_mean(sums["r_ji"], both)[:, None],
+                         per_pair_mean(sums["r_ij"], both)[:, None])
+    out.update(n_tokens=sums["n_tokens"], cooccurrence=both / max(sums["n_tokens"], 1),
+               expected=act_ratio * np.abs(out["ratio"]), error=per_pair_mean(sums["err"], both),
+               neuron_error=per_pair_mean(sums["nerr"], both) * np.asarray(output_row_norms(model, layer))[None])
     return NeuronInteractions(**out)
+
+
+def per_pair_mean(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """total [P, ...] / count [P], NaN where count is 0."""
+    c = count.reshape((-1,) + (1,) * (total.ndim - 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(c > 0, total / np.where(c > 0, c, 1.0), np.nan)

@@ -4,7 +4,6 @@ float64 numpy over streamed batches with padding and skipped positions, and from
 import numpy as np
 import pytest
 
-import jfig
 from jfig.testing import tiny_model
 from jfig.errors import JfigError, ShapeError
 from jfig.interactions import DistributionAccumulator, feature_distribution
