@@ -280,7 +280,7 @@ def _pair_sums(transcoder: Transcoder, x: jax.Array, y: jax.Array, mask: jax.Arr
 
 def transcoder_pair_metrics(transcoder: Transcoder, x_in, y, *, chunk_size: int = 8192) -> dict[str, float]:
     """Reconstruction and sparsity of a transcoder on pairs: its input ``x_in [n, d_in]`` (for a
-    transcoder reading the MLP's input, after the model's norm, as training takes it) and the
+    transcoder reading at the MLP's input, after the model's norm, as training takes it) and the
     activations ``y [n, d_out]`` at its write site.
 
     The keys of :func:`activation_metrics`, of ``y``: ``fvu`` = sum ||y - y_hat||^2 / sum ||y -
@@ -344,7 +344,7 @@ def transcoder_metrics(model, transcoder: Transcoder, tokens, *, batch_size: int
     write site leaves the transcoder's input as in the clean run.
 
     ``exclude_first`` leaves position 0 clean and out of the activation metrics, as for SAEs. A
-    transcoder reading the MLP's input gets the model's norm if it has none attached.
+    transcoder reading at the MLP's input gets the model's norm if it has none attached.
     """
     tc = _single_layer(transcoder, "transcoder_metrics")
     for site, width, name in ((tc.site, tc.d_in, "d_in"), (tc.out_site, tc.d_out, "d_out")):

@@ -290,13 +290,16 @@ def test_layer0_mlp_transcoder_beats_the_mean(model, tokens, trained):
     assert metrics["fvu"] < 0.6 < 1.0 <= mean_fvu
     assert metrics["l0"] <= 8 and 0 <= metrics["dead_fraction"] < 1
     assert all(np.isfinite(metrics[k]) for k in ("ce_clean", "ce_spliced", "ce_zero", "ce_loss_recovered"))
-    # the pairs are what encode() sees: the model's ln2 (RMS norm) of hook_resid_mid
+    # the pairs are what encode() sees: hook_resid_mid divided by its root mean square, before ln2's weight,
+    # as TransformerLens places ln2.hook_normalized; mlp.hook_in is the whole norm, weight included
     resid = model.run(tokens[1], capture=("blocks.0.hook_resid_mid",)).cache["blocks.0.hook_resid_mid"][:, 1:]
     resid = resid.reshape(-1, 16)
+    normalised = resid / jnp.sqrt(jnp.mean(resid ** 2, axis=-1, keepdims=True) + model.config.norm_eps)
+    np.testing.assert_allclose(x, normalised, rtol=1e-5, atol=1e-5)
+    x_mlp_in, _ = capture_pairs(model, tokens[1], "blocks.0.mlp.hook_in", WRITE)
     w = model.params["blocks"]["ln2_w"][0]
-    normed = resid / jnp.sqrt(jnp.mean(resid ** 2, axis=-1, keepdims=True) + model.config.norm_eps) * (
-        model.config.norm_offset + w)
-    np.testing.assert_allclose(x, normed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_mlp_in, normalised * (model.config.norm_offset + w), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(x_mlp_in, x, atol=1e-3)  # the weight matters
     np.testing.assert_allclose(tc.forward(resid), tc.activation(x @ tc.W_enc + tc.b_enc) @ tc.W_dec + tc.b_dec,
                                rtol=1e-4, atol=1e-5)
     pair = transcoder_pair_metrics(tc, x, y)

@@ -289,8 +289,8 @@ def transcoder_from_state(state: TrainState, read_site: str, write_site: str, *,
     The scales are folded in: ``W_enc * s_in``, ``W_dec / s_out``, ``b_dec / s_out``, ``W_skip *
     s_in / s_out``; jumprelu gets ``threshold = exp(log_threshold)`` (positive, so SAELens's and
     circuit-tracer's JumpReLU agree on it); topk keeps ``k``. Its input is what training took: for a
-    ``read_site`` that is the MLP's input (ln2.hook_normalized, mlp.hook_in) that is the model's
-    norm of hook_resid_mid, attached when ``model`` is given (:meth:`Transcoder.with_input_norm`).
+    ``read_site`` at the MLP's input (ln2.hook_normalized, mlp.hook_in) that is hook_resid_mid through
+    the model's second norm, attached when ``model`` is given (:meth:`Transcoder.with_input_norm`).
     ``metadata`` adds to the recorded hooks, config and step count."""
     cfg = state.cfg
     p = state.params

@@ -5,11 +5,12 @@ A transcoder is trained as an SAE is (the same loss terms, optimiser, schedule, 
 tracking, decoder normalisation, checkpoints and exact resume: :mod:`.loop`, :mod:`.step`), on
 pairs ``(x_in, y)``: ``x_in`` the transcoder's input, ``y`` the activations at its write site.
 
-For a read hook that is the MLP's input (``ln2.hook_normalized``, ``mlp.hook_in``) ``x_in`` is the
-model's second norm of ``hook_resid_mid``. :func:`capture_pairs` captures ``hook_resid_mid`` and
-applies that norm with :meth:`Transcoder.prepare_input` of a transcoder carrying the model's norm,
-the very function the trained transcoder's ``encode`` applies, so ``encode`` on ``hook_resid_mid``
-activations sees exactly the inputs training saw.
+For a read hook at the MLP's input, ``x_in`` is the block's second norm of ``hook_resid_mid``:
+its normalisation alone for ``ln2.hook_normalized`` (where TransformerLens places that hook, before
+the norm's weight and bias), the whole norm for ``mlp.hook_in``. :func:`capture_pairs` captures
+``hook_resid_mid`` and maps it with :meth:`Transcoder.prepare_input` of a transcoder carrying the
+model's norm, the very function the trained transcoder's ``encode`` applies, so ``encode`` on
+``hook_resid_mid`` activations sees exactly the inputs training saw.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def check_transcoder_sites(read_site: str, write_site: str, model: Any = None) -
 
 
 def reads_mlp_input(read_site: str) -> bool:
-    """Whether ``read_site`` is the MLP's input (the model's second norm of hook_resid_mid)."""
+    """Whether ``read_site`` is at the MLP's input (ln2.hook_normalized, mlp.hook_in: read from
+    hook_resid_mid through the block's second norm)."""
     parts = read_site.split(".", 2)
     return len(parts) == 3 and parts[0] == "blocks" and parts[2] in NORMED_INPUTS
 
@@ -132,9 +134,9 @@ class _PairCapture:
 def capture_pairs(model: Any, tokens: Any, read_site: str, write_site: str, *, batch_size: int = 32,
                   drop_first: bool = True) -> tuple[jax.Array, jax.Array]:
     """Transcoder training pairs for int ``tokens [n_seq, seq]``: ``(x_in [n_tokens, d_in], y
-    [n_tokens, d_out])``, ``x_in`` the transcoder's input at ``read_site`` (the model's second norm of
-    ``hook_resid_mid`` for ``ln2.hook_normalized`` / ``mlp.hook_in``), ``y`` the activations at
-    ``write_site``.
+    [n_tokens, d_out])``, ``x_in`` the transcoder's input at ``read_site`` (for ``ln2.hook_normalized`` /
+    ``mlp.hook_in``, ``hook_resid_mid`` through :meth:`Transcoder.prepare_input` with the model's norm
+    attached), ``y`` the activations at ``write_site``.
 
     Runs ``batch_size`` sequences at a time, each run capturing both sites and stopping at the write
     site; ``drop_first`` leaves out position 0 (BOS), whose activations are outliers."""
@@ -192,11 +194,11 @@ def fit_transcoder(pairs: PairSource, d_in: int, d_out: int, read_site: str, wri
     ``pairs`` is one of: a pair of arrays ``(x_in [n, d_in], y [n, d_out])`` (rows paired; each step
     takes ``cfg.batch_size`` rows of a per-epoch permutation seeded by ``(cfg.seed, epoch)``); a
     callable ``batch_at(step) -> (x_in, y)``, deterministic in ``step``; an iterable of such pairs.
-    ``x_in`` is the transcoder's input (for a read hook that is the MLP's input, the model's norm
-    already applied: see :func:`capture_pairs`), ``y`` its target output.
+    ``x_in`` is the transcoder's input (for a read hook at the MLP's input, what the hook holds, the
+    norm already applied: see :func:`capture_pairs`), ``y`` its target output.
 
     ``cfg``: a :class:`TranscoderConfig` (a plain :class:`TrainConfig` is taken as one without skip).
-    ``model``: when the read hook is the MLP's input, the model whose norm the returned transcoder
+    ``model``: when the read hook is at the MLP's input, the model whose norm the returned transcoder
     applies to ``hook_resid_mid`` activations (without it, attach the norm later with
     :meth:`Transcoder.with_input_norm`). The transcoder's metadata records the hooks, the config, the
     steps and the last training metrics.
@@ -244,8 +246,9 @@ def train_transcoder(model: Any, tokens_or_pairs: Any, read_site: str | None = N
     """Train a transcoder that reads ``read_site`` and writes ``write_site``; returns the
     :class:`~jfig.saes.Transcoder`.
 
-    Sites: ``layer=L`` alone means ``blocks.L.ln2.hook_normalized`` (the MLP's input, encoded from
-    ``blocks.L.hook_resid_mid`` through the model's norm) -> ``blocks.L.hook_mlp_out``; either hook
+    Sites: ``layer=L`` alone means ``blocks.L.ln2.hook_normalized`` (the MLP's normalised input, as
+    TransformerLens hooks it, before the norm's weight; encoded from ``blocks.L.hook_resid_mid``)
+    -> ``blocks.L.hook_mlp_out``; either hook
     may be given instead. The write site must come after the read site.
 
     ``tokens_or_pairs``: int tokens ``[n_seq, seq]``, whose pairs are captured from ``model`` (position
@@ -253,7 +256,7 @@ def train_transcoder(model: Any, tokens_or_pairs: Any, read_site: str | None = N
     model runs each step's sequences instead, so memory holds one batch: :func:`stream_pairs`); or
     pairs ``(x_in [n, d_in], y [n, d_out])`` of float arrays, or a callable ``batch_at(step) -> (x_in,
     y)`` (see :func:`fit_transcoder`; ``model`` may then be None, and if given its site widths are
-    checked and its norm attached to a transcoder reading the MLP's input).
+    checked and its norm attached to a transcoder reading at the MLP's input).
 
     ``d_tc`` latents; ``architecture`` "relu" (L1 weighted by decoder norms), "jumprelu" (L0 through
     the straight-through estimator) or "topk" (needs ``k``; AuxK for dead latents), by default "topk"
