@@ -8,9 +8,10 @@ from jfig.saes.transcoder import Transcoder, attach_input_norms
 from jfig.saes.metrics import activation_metrics, sae_metrics, transcoder_metrics, transcoder_pair_metrics
 from jfig.saes.train import TrainConfig, TranscoderConfig, fit, fit_transcoder, train_sae, train_transcoder
 from jfig.saes.defaults import DefaultSAESettings, default_saes
+from jfig.saes.matching import FeatureMatching, feature_correlation, match_features, match_sae_sets
 
 __all__ = ["SAE", "DefaultSAESettings", "TrainConfig", "activation_metrics", "default_saes", "fit", "load_sae", "load_sae_ref",
            "load_sparsity", "sae_metrics", "save_sae", "train_sae", "fold_W_dec_norm",
            "fold_activation_norm_scaling_factor", "Transcoder", "attach_input_norms", "load_transcoders",
            "TranscoderConfig", "fit_transcoder", "save_transcoder", "train_transcoder", "transcoder_metrics",
-           "transcoder_pair_metrics"]
+           "transcoder_pair_metrics", "FeatureMatching", "feature_correlation", "match_features", "match_sae_sets"]
