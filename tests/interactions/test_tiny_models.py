@@ -1,11 +1,10 @@
-"""Every metric on a tiny random model of each family with random SAEs, the way a study runs them:
-an atlas first, its most co-active pairs and activation quantiles feeding the neuron and distribution
-metrics. Outputs are finite where defined and have the documented shapes."""
+"""Every metric on a tiny random model of each family with random SAEs: outputs are finite where
+defined and have the documented shapes. (The example of docs/interactions.md runs the same metrics
+fed by an atlas.)"""
 import numpy as np
 import pytest
 
-import jfig
-from jfig.interactions import (coactive_pairs, dominance_test, feature_distribution, neuron_interactions, qk_terms,
+from jfig.interactions import (all_pairs, dominance_test, feature_distribution, neuron_interactions, qk_terms,
                                query_overlap)
 from jfig.testing import tiny_model
 from tests.interactions.toys import random_sae, toy_tokens
@@ -19,14 +18,11 @@ def test_every_metric_on_a_tiny_model(family):
     cfg = model.config
     saes = [random_sae(1, 16, 24, SITE, bias=-0.3), random_sae(2, 16, 20, LATER, bias=-0.3)]
     tokens = toy_tokens(n=16, seq=12, seed=4)
-    atlas = jfig.build_atlas(model, saes, tokens, window=1, progress=False)
-
-    pairs = coactive_pairs(atlas, SITE, k=8)
-    assert pairs.shape == (8, 2)
+    pairs = all_pairs([0, 3, 7, 12])[:5]                                      # [5, 2]
     neurons = neuron_interactions(model, saes[0], pairs, tokens, skip_positions=1)
     assert neurons.layer == 1 and neurons.mlp == cfg.mlp
-    for name, shape in dict(ratio=(8, cfg.d_mlp), expected=(8, cfg.d_mlp), neuron_error=(8, cfg.d_mlp),
-                            hadamard=(8,), error=(8,), cooccurrence=(8,)).items():
+    for name, shape in dict(ratio=(5, cfg.d_mlp), expected=(5, cfg.d_mlp), neuron_error=(5, cfg.d_mlp),
+                            hadamard=(5,), error=(5,), cooccurrence=(5,)).items():
         value = getattr(neurons, name)
         assert value.shape == shape and np.isfinite(value).all(), name
     assert (neurons.cooccurrence > 0).all() and (neurons.error > 0).all()
@@ -43,7 +39,8 @@ def test_every_metric_on_a_tiny_model(family):
     assert ((dom.tv_dominant >= 0) & (dom.tv_dominant <= 1)).all()
 
     feats = {SITE: range(10), LATER: [0, 4, 8]}
-    dist = feature_distribution(model, saes, tokens, feats, bins=5, atlas=atlas, skip_positions=1)
+    edges = {SITE: np.tile([0.1, 0.3, 0.6], (10, 1)), LATER: np.tile([0.2, 0.4, 0.8], (3, 1))}
+    dist = feature_distribution(model, saes, tokens, feats, bins=5, edges=edges, skip_positions=1)
     assert dist.edges.shape == (13, 3) and dist.n_tokens == 16 * 11
     for name in ("cov", "corr", "mi", "mi_corrected", "df"):
         assert getattr(dist, name).shape == (13, 13) and np.isfinite(getattr(dist, name)).all(), name
