@@ -22,7 +22,8 @@ from .data import BEHAVIORS
 from .pipeline import dry_run, load_config, run_analysis, run_build, run_demo, summarize
 from .pipeline.attribute import run_attribute
 from .pipeline.behavior import check_graph_dir, graph_saes, parse_feature, run_behavior, steered_generation
-from .pipeline.view import ViewSources, prepare_server, run_diff, run_export_attribution, run_label, run_view
+from .pipeline.view import (DiffMatch, ViewSources, prepare_server, run_diff, run_export_attribution, run_label,
+                            run_view)
 from .saes import load_sae_ref
 from .saes.defaults import default_saes, metrics_table
 
@@ -260,11 +261,29 @@ def cmd_label(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    """Edges gained, lost and sign-flipped between two graphs of the same SAEs."""
-    diff = run_diff(args.a, args.b, args.out)
+    """Edges gained, lost, sign-flipped (and strengthened or weakened) between two graphs, of the same SAEs
+    or of SAEs whose features are matched."""
+    match = None
+    if args.match:
+        match = DiffMatch(args.match, tuple(args.sae_a), tuple(args.sae_b), model=args.model, model_b=args.model_b,
+                          corpus=args.corpus, n_tokens=args.match_tokens, seq_len=args.seq_len,
+                          min_similarity=args.min_similarity)
+    elif args.sae_a or args.sae_b:
+        raise JfigError("--sae-a / --sae-b name the SAEs whose features --match matches; pass --match too")
+    diff = run_diff(args.a, args.b, args.out, match=match, ratio=args.ratio)
     print(f"A = {args.a}, B = {args.b}: {diff.summary()}")
     for note in diff.notes:
         print(f"note: {note}")
+    top = diff.most_changed(args.top, min_similarity=args.stable)
+    if top.num_rows:
+        where = f" between features matched with similarity >= {args.stable:g}" if match else ""
+        print(f"\nmost changed interactions{where}:")
+        for r in top.to_pylist():
+            mod = f" (modulator {r['modulator_site']}#{r['modulator']})" if r["modulator"] is not None else ""
+            wa, wb = (f"{w:+.4g}" if w is not None else "absent" for w in (r["weight_a"], r["weight_b"]))
+            ids_b = f" [B: #{r['source_b']} -> #{r['target_b']}]" if match else ""
+            print(f"  {r['source_site']}#{r['source']} -> {r['target_site']}#{r['target']}{mod}{ids_b}: "
+                  f"{wa} -> {wb} ({r['status']})")
     if args.out:
         print(f"edge table written to {args.out}")
     return 0
@@ -432,10 +451,32 @@ def build_parser() -> argparse.ArgumentParser:
                          "(repeatable; needed for a .json export)")
     lb.add_argument("--out", default=None, help="folder for the labelled graph (default: replace GRAPH)")
     lb.set_defaults(fn=cmd_label)
-    df = sub.add_parser("diff", help="edges gained, lost and sign-flipped between two graphs of the same SAEs")
+    df = sub.add_parser("diff", help="edges gained, lost, sign-flipped and strengthened between two graphs, of the "
+                                     "same SAEs or (with --match) of SAEs whose features are matched")
     df.add_argument("a", help="graph folder A")
     df.add_argument("b", help="graph folder B")
     df.add_argument("--out", default=None, help="CSV file for the edge table (one row per edge of either graph)")
+    df.add_argument("--ratio", type=float, default=None, metavar="R",
+                    help="also label edges whose |weight| grew (strengthened) or shrank (weakened) by more than a "
+                         "factor R, e.g. 2")
+    df.add_argument("--top", type=int, default=10, help="most changed interactions printed (default 10)")
+    df.add_argument("--match", choices=("decoder", "activation", "both"), default=None,
+                    help="match the two graphs' SAE features (decoder cosine, activation correlation, or both) and "
+                         "compare edges through the matched ids: graphs of different SAEs")
+    df.add_argument("--sae-a", action="append", default=[], metavar="SAE",
+                    help="graph A's SAE: folder or RELEASE:SAE_ID (repeatable; default: graph A's SAEs from jfig's cache)")
+    df.add_argument("--sae-b", action="append", default=[], metavar="SAE",
+                    help="graph B's SAE: folder or RELEASE:SAE_ID (repeatable; default: graph B's SAEs from jfig's cache)")
+    df.add_argument("--model", default="smollm2-135m", help="graph A's model (its cached SAEs; activations)")
+    df.add_argument("--model-b", default=None, help="graph B's model, e.g. the fine-tuned one (default: --model)")
+    df.add_argument("--corpus", default="default", help="text for --match activation/both (a path, or 'default')")
+    df.add_argument("--match-tokens", type=int, default=8192, help="tokens the activation correlations are taken over")
+    df.add_argument("--seq-len", type=int, default=64, help="sequence length of those tokens")
+    df.add_argument("--min-similarity", type=float, default=0.5,
+                    help="a mutual best pair less similar than this stays unmatched (default 0.5)")
+    df.add_argument("--stable", type=float, default=0.9, metavar="SIM",
+                    help="the most changed interactions are those whose features matched at least this well "
+                         "(default 0.9)")
     df.set_defaults(fn=cmd_diff)
     r = sub.add_parser("run", help="next-token prediction and most active SAE features for prompts")
     common(r)

@@ -14,12 +14,14 @@ import pyarrow.csv as pacsv
 
 from ..atlas import Atlas
 from ..errors import JfigError
+from ..data import tokens_from
 from ..data.files import atomic_write_json, atomic_write_text
 from ..explorer import attribution_json, explorer_payload, render_page
 from ..explorer.server import ExplorerServer, make_server
 from ..graph import GraphDiff, diff_graphs, load_graph, load_labels
 from ..models.registry import load_model
-from ..saes import load_sae_ref
+from ..saes import load_sae_ref, match_sae_sets
+from ..saes.matching import METHODS
 from .analysis import find_atlas
 from .behavior import cached_saes_for, check_graph_dir
 
@@ -137,12 +139,70 @@ def prepare_server(src: ViewSources, *, host: str = "127.0.0.1", port: int = 805
     return make_server(payload, model, saes, graph, host=host, port=port)
 
 
-def run_diff(a, b, out=None) -> GraphDiff:
-    """Compare two saved graphs; write the edge table as CSV to `out` when given."""
+@dataclass
+class DiffMatch:
+    """How `jfig diff --match` matches the two graphs' features (paths as given on the command line)."""
+
+    method: str                                 # "decoder", "activation" or "both"
+    saes_a: tuple = ()                          # SAE folders or RELEASE:SAE_ID; empty: graph A's SAEs from the cache
+    saes_b: tuple = ()
+    model: str = "smollm2-135m"                 # graph A's model (the cache lookup, the activations)
+    model_b: str | None = None                  # graph B's model; None: the same
+    corpus: str = "default"                     # text the activations are taken on
+    n_tokens: int = 8192
+    seq_len: int = 64
+    min_similarity: float = 0.5
+
+
+def diff_matching(match: DiffMatch, a, b) -> dict:
+    """{site: FeatureMatching} between the SAEs of graphs `a` and `b` (loaded InteractionGraphs)."""
+    if match.method not in METHODS:
+        raise JfigError(f"--match must be one of {', '.join(METHODS)}, got {match.method!r}")
+    if match.n_tokens < 2 or match.seq_len < 2:
+        raise JfigError(f"--match-tokens and --seq-len must be >= 2, got {match.n_tokens} and {match.seq_len}")
+    models: dict = {}
+
+    def model_of(name):
+        if name not in models:
+            models[name] = load_model(name)
+        return models[name]
+
+    name_b = match.model_b or match.model
+    sets = []
+    for refs, graph, name, which in ((match.saes_a, a, match.model, "A"), (match.saes_b, b, name_b, "B")):
+        if refs:
+            sets.append([load_sae_ref(p) for p in refs])
+            continue
+        model = model_of(name)
+        check_model(model, graph.manifest)
+        try:
+            sets.append(cached_saes_for(model, graph.manifest))
+        except JfigError as e:
+            raise JfigError(f"graph {which}: {e} (here: --sae-{which.lower()})") from None
+    data = {}
+    if match.method != "decoder":
+        model_a, model_b = model_of(match.model), model_of(name_b)
+        tokens = tokens_from(match.corpus, model_a, match.seq_len, max_tokens=match.n_tokens)
+        data = dict(model=model_a, model_b=model_b, tokens=tokens)
+    matching = match_sae_sets(sets[0], sets[1], method=match.method, min_similarity=match.min_similarity, **data)
+    for m in matching.values():
+        log.info("%s", m.summary())
+    return matching
+
+
+def run_diff(a, b, out=None, *, match: DiffMatch | None = None, ratio: float | None = None) -> GraphDiff:
+    """Compare two saved graphs (through a matching of their SAEs' features when `match` is given);
+    write the edge table as CSV to `out` when given."""
     a_dir, b_dir = check_graph_dir(a), check_graph_dir(b)
     if out is not None and not Path(out).resolve().parent.exists():
         raise JfigError(f"the folder of --out ({Path(out).parent}) does not exist")
-    diff = diff_graphs(load_graph(a_dir), load_graph(b_dir))
+    if match is not None:
+        for p in (*match.saes_a, *match.saes_b):
+            if not Path(p).exists() and ":" not in str(p):
+                raise JfigError(f"SAE {p} is neither an existing path nor RELEASE:SAE_ID")
+    ga, gb = load_graph(a_dir), load_graph(b_dir)
+    matching = diff_matching(match, ga, gb) if match is not None else None
+    diff = diff_graphs(ga, gb, matching=matching, ratio=ratio)
     if out is not None:
         tmp = Path(out).with_name(Path(out).name + ".tmp")
         pacsv.write_csv(diff.table, tmp)
