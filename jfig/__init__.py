@@ -22,8 +22,8 @@ from .models.model import Model, Prefix, RunOutput
 from .models.registry import DEFAULT_MODEL, load_model
 from .models.tokenizer import Tokenizer
 from .pipeline import BuildOptions, build_graph
-from .saes import (SAE, Transcoder, default_saes, load_sae, load_transcoders, sae_metrics, save_sae,
-                   save_transcoder, train_sae, train_transcoder, transcoder_metrics)
+from .saes import (SAE, FeatureMatching, Transcoder, default_saes, load_sae, load_transcoders, match_features,
+                   sae_metrics, save_sae, save_transcoder, train_sae, train_transcoder, transcoder_metrics)
 from .steering import observe_cascade, predict_cascade
 
 __version__ = "0.1.0"
@@ -41,4 +41,5 @@ __all__ = [
     "sae_metrics", "save_sae", "select_candidates", "sites", "train_sae", "weight_effects",
     "save_transcoder", "train_transcoder", "transcoder_metrics",
     "dominance_test", "feature_distribution", "neuron_interactions", "qk_terms", "query_overlap",
+    "FeatureMatching", "match_features",
 ]
