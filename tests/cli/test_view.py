@@ -122,3 +122,47 @@ def test_diff_and_attribution_export(built, tmp_path, capsys):
     assert "feature nodes and" in capsys.readouterr().out
     data = json.loads(slice_file.read_text())
     assert data["metadata"]["slug"] == "slice" and data["metadata"]["prompt"] == "alpha beta gamma"
+
+
+
+def test_diff_through_matched_saes(built, tmp_path, capsys):
+    """Graph B is graph A over permuted copies of its SAEs (one edge three times stronger): matched by
+    decoder or by activation, every edge lines up again."""
+    root, out = built
+    g = jfig.load_graph(out / "graph")
+    rng = np.random.default_rng(5)
+    perms = {site: rng.permutation(16) for site in SAE_SITES}
+    for i, site in enumerate(SAE_SITES):
+        sae = jfig.load_sae(root / "saes" / f"l{2 * i}")
+        order = np.argsort(perms[site])             # B feature perms[site][k] is A feature k
+        jfig.save_sae(jfig.SAE(W_enc=sae.W_enc[:, order], b_enc=sae.b_enc[order], W_dec=sae.W_dec[order],
+                               b_dec=sae.b_dec, site=site), tmp_path / f"p{i}")
+    rows = g.edges.to_pylist()
+    for r in rows:
+        r["source"], r["target"] = int(perms[r["source_site"]][r["source"]]), int(perms[r["target_site"]][r["target"]])
+    rows[5]["weight"] *= 3.0
+    b = tmp_path / "b"
+    jfig.InteractionGraph.from_tables(g.nodes, jfig.graph.graph.pa.Table.from_pylist(rows), g.manifest).save(b)
+    saes = ["--sae-a", str(root / "saes" / "l0"), "--sae-a", str(root / "saes" / "l2"),
+            "--sae-b", str(tmp_path / "p0"), "--sae-b", str(tmp_path / "p1")]
+    table = tmp_path / "diff.csv"
+    assert main(["diff", str(out / "graph"), str(b), "--match", "decoder", *saes, "--ratio", "2", "--out",
+                 str(table)]) == 0
+    text = capsys.readouterr().out
+    assert ("23 same, 0 gained, 0 lost, 0 sign-flipped, 1 strengthened, 0 weakened (by more than x2), "
+            "0 touching unmatched features") in text
+    strongest = text.split("most changed interactions between features matched with similarity >= 0.9:\n")[1]
+    r0 = g.edges.to_pylist()[5]
+    assert strongest.startswith(f"  {r0['source_site']}#{r0['source']} -> {r0['target_site']}#{r0['target']} "
+                                f"[B: #{rows[5]['source']} -> #{rows[5]['target']}]")
+    with open(table, newline="") as fh:
+        t = list(csv.DictReader(fh))
+    assert len(t) == 24 and all(int(r["source_b"]) == perms[r["source_site"]][int(r["source"])] for r in t)
+    assert main(["diff", str(out / "graph"), str(b), "--match", "activation", *saes, "--model", str(root / "model"),
+                 "--corpus", str(root / "texts"), "--match-tokens", "512", "--seq-len", "16"]) == 0
+    assert "24 same, 0 gained, 0 lost, 0 sign-flipped, 0 touching unmatched features" in capsys.readouterr().out
+    # the SAEs come from --sae-a / --sae-b or from the cache by the manifest, which lists none here
+    assert main(["diff", str(out / "graph"), str(b), "--sae-a", str(root / "saes" / "l0")]) == 2
+    assert "pass --match too" in capsys.readouterr().err
+    assert main(["diff", str(out / "graph"), str(b), "--match", "decoder", "--model", str(root / "model")]) == 2
+    assert "graph A: the graph's manifest lists no SAEs" in capsys.readouterr().err
