@@ -172,7 +172,8 @@ def _row_batches(acts, d_in: int, batch_rows: int, what: str):
     for a hook_z SAE) or an iterable of such arrays; the last rows padded with weight 0."""
     src = [acts] if hasattr(acts, "shape") else acts
     for x in src:
-        x = jnp.asarray(x)
+        x = x if isinstance(x, jax.Array) else np.asarray(x)     # host arrays go to the device a batch at a time
+        xp = jnp if isinstance(x, jax.Array) else np
         tail = 1 if x.ndim >= 1 and x.shape[-1] == d_in else 2
         if x.ndim < tail or int(np.prod(x.shape[-tail:])) != d_in:
             raise ShapeError(f"{what} have shape {tuple(x.shape)}, but the SAE reads {d_in} values per token")
@@ -181,7 +182,7 @@ def _row_batches(acts, d_in: int, batch_rows: int, what: str):
             rows = x[start:start + batch_rows]
             w = np.zeros(batch_rows, np.float32)
             w[:len(rows)] = 1.0
-            yield jnp.pad(rows, ((0, batch_rows - len(rows)),) + ((0, 0),) * tail), w
+            yield jnp.asarray(xp.pad(rows, ((0, batch_rows - len(rows)),) + ((0, 0),) * tail)), w
 
 
 def _moments(sae_a, sae_b, *, model, model_b, tokens, activations, activations_b, batch_size: int,
@@ -234,7 +235,7 @@ def feature_correlation(sae_a, sae_b, *, model=None, model_b=None, tokens=None, 
     Either ``model`` (and ``model_b`` for SAE B, default the same) with ``tokens`` [n, seq] (run
     ``batch_size`` sequences at a time; positions < ``skip_positions`` left out, e.g. 1 for BOS),
     or ``activations`` (and ``activations_b``, default the same) [..., d_in] or an iterable of such
-    arrays, the same tokens row for row."""
+    arrays, the same tokens row for row (folded ``batch_size * ROWS_PER_SEQUENCE`` rows at a time)."""
     check_pair(sae_a, sae_b)
     m = _moments(sae_a, sae_b, model=model, model_b=model_b, tokens=tokens, activations=activations,
                  activations_b=activations_b, batch_size=batch_size, skip_positions=skip_positions)
