@@ -38,6 +38,7 @@ from ..errors import JfigError, OptionError, ShapeError, SiteError
 from ..models.validation import check_saes, check_token_rows
 
 METHODS = ("decoder", "activation", "both")
+HIGHEST = jax.lax.Precision.HIGHEST    # float32 products in full (no TF32 on GPUs)
 SCORE_BYTES = 1 << 28           # a block of similarities on device: at most this many bytes
 ROWS_PER_SEQUENCE = 128         # activations given as rows are folded batch_size * this rows at a time
 
@@ -131,7 +132,7 @@ def _fold(moments, fa, fb, w):
     fa, fb, w = fa.astype(jnp.float32), fb.astype(jnp.float32), w.astype(jnp.float32)
     nb = w.sum()
     safe = jnp.maximum(nb, 1.0)
-    ba, bb = (w @ fa) / safe, (w @ fb) / safe                    # batch means [d_a], [d_b]
+    ba, bb = jnp.matmul(w, fa, precision=HIGHEST) / safe, jnp.matmul(w, fb, precision=HIGHEST) / safe  # [d_a], [d_b]
     da, db = (fa - ba) * w[:, None], fb - bb
     total = n + nb
     share = nb / jnp.maximum(total, 1.0)
@@ -140,7 +141,7 @@ def _fold(moments, fa, fb, w):
     return (total, ma + dma * share, mb + dmb * share,
             va + (da * (fa - ba)).sum(0) + fac * dma ** 2,
             vb + (w[:, None] * db ** 2).sum(0) + fac * dmb ** 2,
-            c + da.T @ db + fac * jnp.outer(dma, dmb))
+            c + jnp.matmul(da.T, db, precision=HIGHEST) + fac * jnp.outer(dma, dmb))
 
 
 @partial(jax.jit, static_argnames=("site",))
@@ -249,7 +250,7 @@ def _block_best(wa, wb, corr, *, method):
     """For a block of A's rows: each row's best B feature, its score, cosine and correlation; and for
     each B feature the block's best row and score. wa [k, d_in] and wb [d_b, d_in] unit rows; corr
     [k, d_b] or None."""
-    cos = wa @ wb.T                                                   # [k, d_b]
+    cos = jnp.matmul(wa, wb.T, precision=HIGHEST)                     # [k, d_b]
     score = cos if method == "decoder" else corr if method == "activation" else jnp.minimum(cos, corr)
     best = jnp.argmax(score, axis=1)                                   # [k]
     pick = lambda m: jnp.take_along_axis(m, best[:, None], axis=1)[:, 0]  # noqa: E731
