@@ -22,6 +22,7 @@ from .data import BEHAVIORS
 from .pipeline import dry_run, load_config, run_analysis, run_build, run_demo, summarize
 from .pipeline.attribute import run_attribute
 from .pipeline.behavior import check_graph_dir, graph_saes, parse_feature, run_behavior, steered_generation
+from .pipeline.interactions import InteractionOptions, run_interactions
 from .pipeline.view import (DiffMatch, ViewSources, prepare_server, run_diff, run_export_attribution, run_label,
                             run_view)
 from .saes import load_sae_ref
@@ -289,6 +290,18 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def cmd_interactions(args) -> int:
+    """The interaction metrics of a graph's feature pairs, ranked, with the strength-by-location figure."""
+    src = ViewSources(graph=args.graph, model=args.model, saes=tuple(args.sae), atlas=args.atlas,
+                      use_atlas=not args.no_atlas)
+    opts = InteractionOptions(pairs=args.pairs, edges=args.edges, corpus=args.corpus, n_tokens=args.tokens,
+                              seq_len=args.seq_len, bins=args.bins, top=args.top)
+    out, table = run_interactions(src, args.out, opts)
+    print(f"{table.num_rows:,} ranked interactions written to {out / 'interactions.parquet'}; figure "
+          f"{out / 'interactions.png'}, report {out / 'report.md'}")
+    return 0
+
+
 def cmd_saes(args) -> int:
     """Train (or load from the cache) the default SAEs and print their quality metrics."""
     model = _load(args.model)
@@ -478,6 +491,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the most changed interactions are those whose features matched at least this well "
                          "(default 0.9)")
     df.set_defaults(fn=cmd_diff)
+    it = sub.add_parser("interactions", help="interaction metrics (neurons, heads, distribution) of a graph's feature "
+                                             "pairs, ranked by strength x frequency, with the strength-by-location plot")
+    it.add_argument("--graph", required=True, help="graph folder (OUT/graph of a build or demo)")
+    it.add_argument("--model", default="smollm2-135m", help="the model the graph was built on")
+    it.add_argument("--sae", action="append", default=[], help="SAE folder or RELEASE:SAE_ID (repeatable; default: the "
+                                                               "graph's SAEs from jfig's cache)")
+    it.add_argument("--atlas", default=None, help="atlas folder (default: the one beside the graph, if any)")
+    it.add_argument("--no-atlas", action="store_true", help="no co-active pairs or atlas frequencies")
+    it.add_argument("--out", default=None, help="folder for interactions.parquet, interactions.png and report.md "
+                                                "(default: interactions beside the graph folder)")
+    it.add_argument("--top", type=int, default=20, help="interactions per metric listed in the report")
+    it.add_argument("--pairs", type=int, default=128, help="same-site pairs per site (gating pairs, then co-active)")
+    it.add_argument("--edges", type=int, default=256, help="strongest first-order edges given distribution metrics")
+    it.add_argument("--corpus", default="default", help="text the data metrics run on (a path, or 'default')")
+    it.add_argument("--tokens", type=int, default=4096, help="tokens of that text")
+    it.add_argument("--seq-len", type=int, default=64)
+    it.add_argument("--bins", type=int, default=4, help="bins of the binned mutual information (bin 0: inactive)")
+    it.set_defaults(fn=cmd_interactions)
     r = sub.add_parser("run", help="next-token prediction and most active SAE features for prompts")
     common(r)
     r.add_argument("prompt", nargs="*", help="prompt text (default: a few demo prompts)")
