@@ -113,19 +113,17 @@ def edge_labels(table, edges) -> tuple[dict[str, np.ndarray], dict[str, np.ndarr
     codes = site_codes(np.concatenate([rows[0], rows[2], ekeys[0], ekeys[2]]).astype(str))
     rk = np.stack([codes[:n], rows[1], codes[n:2 * n], rows[3]], axis=1).reshape(-1, 4)
     ek = np.stack([codes[2 * n:2 * n + m], ekeys[1], codes[2 * n + m:], ekeys[3]], axis=1).reshape(-1, 4)
-    _, inv = np.unique(np.concatenate([rk, ek]), axis=0, return_inverse=True)
+    uniq, inv = np.unique(np.concatenate([rk, ek]), axis=0, return_inverse=True)
     inv = inv.reshape(-1)
-    row_of = np.full(int(inv.max()) + 1 if len(inv) else 0, -1, np.int64)
-    row_of[inv[:n]] = np.arange(n)
-    hit = row_of[inv[n:]]
+    row_id, edge_id = inv[:n], inv[n:]                  # a pair given twice reads the same edges twice
     w = np.abs(np.nan_to_num(_column(edges, "weight").astype(np.float64)))
     present, weight = {}, {}
     for k in EDGE_KINDS[:-1]:
-        sel = (kind == k) & (hit >= 0)
-        present[k] = np.zeros(n, bool)
-        present[k][hit[sel]] = True
-        weight[k] = np.zeros(n)
-        np.maximum.at(weight[k], hit[sel], w[sel])
+        sel = kind == k
+        hit, best = np.zeros(len(uniq), bool), np.zeros(len(uniq))
+        hit[edge_id[sel]] = True
+        np.maximum.at(best, edge_id[sel], w[sel])
+        present[k], weight[k] = hit[row_id], best[row_id]
     present["any"] = np.logical_or.reduce([present[k] for k in EDGE_KINDS[:-1]])
     weight["any"] = np.maximum.reduce([weight[k] for k in EDGE_KINDS[:-1]])
     return present, weight
