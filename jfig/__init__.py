@@ -23,7 +23,8 @@ from .models.registry import DEFAULT_MODEL, load_model
 from .models.tokenizer import Tokenizer
 from .pipeline import BuildOptions, build_graph
 from .saes import (SAE, FeatureMatching, Transcoder, default_saes, load_sae, load_transcoders, match_features,
-                   sae_metrics, save_sae, save_transcoder, train_sae, train_transcoder, transcoder_metrics)
+                   sae_metrics, save_clt, save_sae, save_transcoder, train_clt, train_sae, train_transcoder,
+                   transcoder_metrics)
 from .steering import observe_cascade, predict_cascade
 
 __version__ = "0.1.0"
@@ -42,4 +43,5 @@ __all__ = [
     "save_transcoder", "train_transcoder", "transcoder_metrics",
     "dominance_test", "feature_distribution", "neuron_interactions", "qk_terms", "query_overlap",
     "FeatureMatching", "match_features",
+    "save_clt", "train_clt",
 ]

@@ -627,14 +627,14 @@ def save_transcoder(transcoder: Transcoder, path, *, format: str = "auto") -> Pa
     The model's input norm of a transcoder reading ``ln2.hook_normalized`` is not written (it
     belongs to the model): ``load_transcoders(path, model=model)`` attaches it again. The folder is
     built beside ``path`` and renamed into place; an existing folder is replaced only if it holds
-    nothing but transcoder files. Cross-layer transcoders are refused.
+    nothing but transcoder files. A layer of a cross-layer transcoder is refused (see :func:`save_clt`).
     """
     if not isinstance(transcoder, Transcoder):
         raise JfigError(f"save_transcoder takes a jfig.saes.Transcoder, got {type(transcoder).__name__}")
     tc = transcoder
     if tc.later_sites:
         raise FormatError(f"save_transcoder: {tc.read_site} -> {tc.write_site} is one layer of a cross-layer "
-                          f"transcoder; writing those is not supported")
+                          f"transcoder; write the whole list with save_clt(transcoders, folder)")
     if format not in TRANSCODER_FORMATS:
         raise OptionError(f"save_transcoder: format {format!r} is unknown; expected one of {TRANSCODER_FORMATS}",
                           "format")
@@ -685,6 +685,78 @@ def save_transcoder(transcoder: Transcoder, path, *, format: str = "auto") -> Pa
             cfg["jfig_metadata"] = json.loads(json.dumps(metadata))
             (tmp / CT_CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False))
             save_file(weights, str(tmp / CT_TRANSCODER_FILE))
+    return path
+
+
+def save_clt(transcoders, path) -> Path:
+    """Write a cross-layer transcoder (the list :func:`jfig.train_clt` or :func:`load_transcoders`
+    returns, one :class:`Transcoder` per layer 0..n-1) as a circuit-tracer CLT folder that
+    :func:`load_transcoders` reads back with the same arrays, sites, architecture and ``k``.
+
+    The folder holds ``config.yaml`` (``model_kind: cross_layer_transcoder``, ``activation``, ``k``
+    for topk, ``feature_input_hook`` / ``feature_output_hook`` without the ``blocks.{i}.`` prefix,
+    ``model_name`` when known, the first layer's metadata under ``jfig_metadata`` for reference) and
+    for each layer i ``W_enc_{i}.safetensors`` (``W_enc_{i}`` ``[d_tc, d_in]``, ``b_enc_{i}``,
+    ``b_dec_{i}``, the bias of layer i's output, and for jumprelu ``threshold_{i}``) and
+    ``W_dec_{i}.safetensors`` (``W_dec_{i}`` ``[d_tc, n - i, d_out]``: layer i's own write, then each
+    later layer's). Transcoder i must read ``blocks.i.<read hook>``, write ``blocks.i.<write hook>``
+    and, through ``later_sites``, every later layer's write hook; one architecture, ``k``, ``d_tc``
+    and widths throughout; no skip connection; a JumpReLU with positive thresholds or circuit-tracer's
+    (which the folder's loader uses). The model's input norm is not written:
+    ``load_transcoders(path, model=model)`` attaches it. The folder is built beside ``path`` and
+    renamed into place; an existing folder is replaced only if it holds nothing but such files.
+    """
+    if isinstance(transcoders, Transcoder) or not all(isinstance(t, Transcoder) for t in transcoders) \
+            or not transcoders:
+        raise JfigError("save_clt takes a non-empty list of jfig.saes.Transcoder, one per layer")
+    tcs = list(transcoders)
+    n = len(tcs)
+    first = tcs[0]
+    read_local, write_local = first.read_site.split(".", 2)[-1], first.write_site.split(".", 2)[-1]
+    for i, tc in enumerate(tcs):
+        label = f"save_clt: transcoder {i} ({tc.read_site} -> {tc.write_site})"
+        want_later = tuple(f"blocks.{j}.{write_local}" for j in range(i + 1, n))
+        if (tc.read_site, tc.write_site) != (f"blocks.{i}.{read_local}", f"blocks.{i}.{write_local}") \
+                or tuple(tc.later_sites) != want_later:
+            raise FormatError(f"{label} writes {list(tc.out_sites)}; circuit-tracer's CLT format needs transcoder i "
+                              f"to read blocks.i.{read_local} and write blocks.i.{write_local} and every later "
+                              f"layer's (layers 0..{n - 1})")
+        if (tc.architecture, tc.k, tc.d_tc, tc.d_in, tc.d_out) != \
+                (first.architecture, first.k, first.d_tc, first.d_in, first.d_out):
+            raise FormatError(f"{label}: architecture, k, d_tc and widths must be those of transcoder 0")
+        if tc.W_skip is not None:
+            raise FormatError(f"{label} has a skip connection; circuit-tracer's CLT format has none")
+        if tc.architecture == "jumprelu" and tc.jump != "circuit_tracer" and bool(np.any(np.asarray(tc.threshold) <= 0)):
+            raise FormatError(f"{label}: its SAELens-style JumpReLU has thresholds <= 0, where circuit-tracer's "
+                              f"(pre above the threshold, no relu) differs")
+    path = Path(path)
+    names = {CT_CONFIG_FILE} | {f"{p}_{i}.safetensors" for p in ("W_enc", "W_dec") for i in range(n)}
+    if path.exists():
+        if not path.is_dir():
+            raise FormatError(f"{path}: exists and is not a folder; save_clt writes a folder")
+        extra = {p.name for p in path.iterdir()} - names
+        if extra:
+            raise FormatError(f"{path}: folder holds other files {sorted(extra)}; refusing to replace it")
+    metadata = {key: value for key, value in first.meta.items() if key not in ("source_format", "architecture")}
+    cfg = {"model_kind": "cross_layer_transcoder", "activation": first.architecture,
+           "feature_input_hook": read_local, "feature_output_hook": write_local}
+    if first.k is not None:
+        cfg["k"] = int(first.k)
+    if metadata.get("model_name"):
+        cfg["model_name"] = metadata["model_name"]
+    cfg["jfig_metadata"] = json.loads(json.dumps(metadata))
+    with atomic_folder(path) as tmp:
+        (tmp / CT_CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False))
+        for i, tc in enumerate(tcs):
+            enc = {f"W_enc_{i}": np.ascontiguousarray(np.asarray(tc.W_enc).T), f"b_enc_{i}": np.asarray(tc.b_enc),
+                   f"b_dec_{i}": np.asarray(tc.b_dec)}
+            if tc.threshold is not None:
+                enc[f"threshold_{i}"] = np.asarray(tc.threshold)
+            W_dec = np.asarray(tc.W_dec)[:, None]
+            if tc.W_dec_later is not None:
+                W_dec = np.concatenate([W_dec, np.asarray(tc.W_dec_later)], axis=1)
+            save_file(enc, str(tmp / f"W_enc_{i}.safetensors"))
+            save_file({f"W_dec_{i}": np.ascontiguousarray(W_dec)}, str(tmp / f"W_dec_{i}.safetensors"))
     return path
 
 

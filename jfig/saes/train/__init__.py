@@ -11,20 +11,25 @@ and ReLU+L1.
 - :mod:`.loop`: the loop both share (batches by step, resume, progress, checkpoints).
 - :mod:`.fit`: :func:`fit`, :func:`capture_activations` and :func:`train_sae`.
 - :mod:`.transcoder`: :func:`fit_transcoder`, :func:`capture_pairs` and :func:`train_transcoder`.
+- :mod:`.clt`: cross-layer transcoders: :func:`fit_clt`, :func:`capture_clt_pairs`,
+  :func:`stream_clt_pairs` and :func:`train_clt`.
 """
 
 from jfig.saes.train.checkpoint import load_checkpoint, save_checkpoint
-from jfig.saes.train.config import B_DEC_INITS, DECAYS, TRAIN_ARCHITECTURES, TrainConfig, TranscoderConfig
+from jfig.saes.train.clt import capture_clt_pairs, fit_clt, stream_clt_pairs, train_clt
+from jfig.saes.train.config import B_DEC_INITS, DECAYS, TRAIN_ARCHITECTURES, CLTConfig, TrainConfig, TranscoderConfig
 from jfig.saes.train.fit import capture_activations, fit, train_sae
-from jfig.saes.train.losses import (auxk_loss, dead_latent_fvu, dictionary_loss, heaviside_step, jumprelu, sae_loss,
+from jfig.saes.train.losses import (auxk_loss, clt_loss, dead_latent_fvu, dictionary_loss, heaviside_step, jumprelu, sae_loss,
                                     sparse_decode, training_sae, transcoder_loss)
-from jfig.saes.train.step import (TrainState, empty_transcoder_state, geometric_median, init_train_state,
-                                  init_transcoder_state, make_optimizer, make_schedule, sae_from_state,
+from jfig.saes.train.step import (TrainState, clt_from_state, clt_train_step, empty_clt_state, empty_transcoder_state, geometric_median, init_train_state,
+                                  init_clt_state, init_transcoder_state, make_optimizer, make_schedule, sae_from_state,
                                   train_step, transcoder_from_state, transcoder_train_step)
 from jfig.saes.train.transcoder import (capture_pairs, check_transcoder_sites, fit_transcoder, stream_pairs,
                                         train_transcoder)
 
 __all__ = [
+    "CLTConfig", "capture_clt_pairs", "clt_from_state", "clt_loss", "clt_train_step", "empty_clt_state", "fit_clt",
+    "init_clt_state", "stream_clt_pairs", "train_clt",
     "B_DEC_INITS", "DECAYS", "TRAIN_ARCHITECTURES", "TrainConfig", "TrainState", "TranscoderConfig", "auxk_loss",
     "capture_activations", "capture_pairs", "check_transcoder_sites", "dead_latent_fvu", "dictionary_loss",
     "empty_transcoder_state", "fit", "fit_transcoder", "geometric_median", "heaviside_step", "init_train_state",

@@ -135,3 +135,16 @@ class TranscoderConfig(TrainConfig):
         super().__post_init__()
         if not isinstance(self.skip, (bool, np.bool_)):
             raise JfigError(f"TranscoderConfig.skip must be True or False, got {self.skip!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLTConfig(TrainConfig):
+    """Hyperparameters of one cross-layer transcoder training run: every :class:`TrainConfig` field,
+    read per read layer (``d_sae`` latents at each layer, ``k`` kept per layer for topk, ``aux_k``
+    dead latents per layer for AuxK).
+
+    The loss is ``sum_m ||y_m - y_hat_m||^2`` (mean over tokens) over the write layers plus the
+    sparsity term summed over the read layers; a feature's decoder norm (relu's L1 weighting, and
+    the unit norm ``normalize_decoder`` keeps) is that of its rows into every layer it writes,
+    concatenated. With ``scale_activations`` each layer's inputs and outputs get their own factor.
+    """

@@ -33,13 +33,28 @@ logger = logging.getLogger(__name__)
 
 class Part(NamedTuple):
     """One array of a batch: ``name`` in messages ("activations", "inputs", "outputs"), the width's
-    name and value (``d_in`` 512), and ``takes``, how the trained dictionary's expectation is worded
-    ("" for an SAE's only part, "inputs " for a transcoder's first)."""
+    name and value (``d_in`` 512), ``takes``, how the trained dictionary's expectation is worded
+    ("" for an SAE's only part, "inputs " for a transcoder's first), and ``layers``: None for rows
+    ``[width]``, L for rows ``[L, width]`` (a cross-layer transcoder's, one per layer)."""
 
     name: str
     width_name: str
     width: int
     takes: str = ""
+    layers: int | None = None
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return (self.width,) if self.layers is None else (self.layers, self.width)
+
+    @property
+    def row_size(self) -> int:
+        return self.width * (self.layers or 1)
+
+    @property
+    def expected(self) -> str:
+        return (f"[..., {self.width_name}={self.width}]" if self.layers is None else
+                f"[..., L={self.layers}, {self.width_name}={self.width}]")
 
 
 def nonfinite(step: int, label: str) -> JfigError:
@@ -68,7 +83,7 @@ class BatchSource:
             for part, item in zip(parts, items):
                 array = jnp.asarray(item)
                 self._check_part(array, part, part.name)
-                array = array.reshape(-1, part.width)
+                array = array.reshape(-1, *part.row_shape)
                 if not bool(jnp.all(jnp.isfinite(array))):
                     raise JfigError(f"{part.name} for {label} contain NaN or inf values; expected finite values")
                 arrays.append(array)
@@ -93,17 +108,17 @@ class BatchSource:
                 and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in source))
 
     def _check_part(self, batch: Any, part: Part, what: str) -> None:
-        if not hasattr(batch, "shape") or batch.ndim < 1 or batch.shape[-1] != part.width:
+        rank = len(part.row_shape)
+        if not hasattr(batch, "shape") or batch.ndim < rank or tuple(batch.shape[-rank:]) != part.row_shape:
             shape = tuple(getattr(batch, "shape", ())) or type(batch).__name__
-            raise ShapeError(f"{what} have shape {shape}; {self.label} takes {part.takes}"
-                             f"[..., {part.width_name}={part.width}]")
+            raise ShapeError(f"{what} have shape {shape}; {self.label} takes {part.takes}{part.expected}")
         if not jnp.issubdtype(batch.dtype, jnp.floating):
             raise ShapeError(f"{what} have dtype {batch.dtype}; expected floating-point activations")
         if batch.size == 0:
             raise ShapeError(f"{what} are empty; {self.label} needs tokens to train on")
 
     def _check_rows(self, arrays: list, what: str) -> None:
-        rows = [a.size // part.width for a, part in zip(arrays, self.parts)]
+        rows = [a.size // part.row_size for a, part in zip(arrays, self.parts)]
         if len(set(rows)) > 1:
             raise ShapeError(f"{what} for {self.label} pair {rows[0]} input rows with {rows[1]} output rows; "
                              f"expected one output row per input row")
@@ -180,7 +195,7 @@ def start_state(batches: BatchSource, folder: Path | None, meta: dict[str, Any],
     first = []
     for i, batch in enumerate(batches.first(batches.cfg.init_batches)):
         parts = (batch,) if len(batches.parts) == 1 else batch
-        rows = tuple(b.reshape(-1, part.width).astype(jnp.float32) for b, part in zip(parts, batches.parts))
+        rows = tuple(b.reshape(-1, *part.row_shape).astype(jnp.float32) for b, part in zip(parts, batches.parts))
         if not all(bool(jnp.all(jnp.isfinite(b))) for b in rows):
             raise nonfinite(i, batches.label)
         first.append(rows)

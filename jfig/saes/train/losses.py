@@ -179,3 +179,77 @@ def dead_latent_fvu(pre: jax.Array, dead: jax.Array, error: jax.Array, W_dec: ja
         return jnp.nan_to_num(fvu(error, sparse_decode(values, index, W_dec)))
 
     return jax.lax.cond(jnp.any(dead), auxk, lambda *_: jnp.zeros((), pre.dtype), pre, W_dec)
+
+
+def clt_mask(n_layers: int) -> jax.Array:
+    """``[L, 1, L, 1]``: 1 where write layer m >= read layer l (a CLT's decoder ``[L, d_tc, L, d]``)."""
+    return jnp.triu(jnp.ones((n_layers, n_layers), jnp.float32))[:, None, :, None]
+
+
+def clt_decoder_norms(W_dec: jax.Array) -> jax.Array:
+    """``[L, d_tc]``: each feature's decoder norm over every layer it writes (its rows concatenated)."""
+    return jnp.sqrt(jnp.sum((W_dec * clt_mask(W_dec.shape[0])) ** 2, axis=(-2, -1)))
+
+
+def clt_loss(params: dict[str, jax.Array], x: jax.Array, y: jax.Array, dead: jax.Array,
+             cfg: TrainConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and aux outputs, as :func:`transcoder_loss`'s, of a cross-layer transcoder on a
+    scaled batch: inputs ``x [batch, L, d_in]`` (one per read layer), outputs ``y [batch, L, d_out]``.
+
+    ``params``: ``W_enc [L, d_in, d_tc]``, ``b_enc [L, d_tc]``, ``W_dec [L, d_tc, L, d_out]`` (read
+    layer, latent, write layer; entries with write layer < read layer masked out), ``b_dec [L,
+    d_out]`` and, for jumprelu, ``log_threshold [L, d_tc]``. ``y_hat_m = sum_{l <= m} f_l
+    W_dec[l, :, m] + b_dec[m]``; ``mse = mean_batch sum_m ||y_m - y_hat_m||^2``; ``fvu`` pools every
+    layer. The sparsity terms are :func:`dictionary_loss`'s summed over read layers, with a feature's
+    decoder norm taken over all the layers it writes; TopK keeps the k largest raw pre-activations of
+    each layer and AuxK reconstructs every layer's error from each layer's ``aux_k`` largest dead
+    latents; ``dead [L, d_tc]``."""
+    n_layers = x.shape[1]
+    W_dec = params["W_dec"] * clt_mask(n_layers)
+    pre = jnp.einsum("bld,ldf->blf", x, params["W_enc"]) + params["b_enc"]  # [batch, L, d_tc]
+    decode = lambda f: jnp.einsum("blf,lfmo->bmo", f, W_dec)  # noqa: E731
+    if cfg.architecture == "topk":
+        values, index = jax.lax.top_k(pre, cfg.k)  # [batch, L, k]
+        f = _scatter_last(values, index, cfg.d_sae)
+        on = f != 0
+        y_hat = decode(f) + params["b_dec"]
+        aux_k = cfg.resolved_aux_k(y.shape[-1])
+
+        def auxk(pre: jax.Array, W_dec: jax.Array) -> jax.Array:
+            values, index = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), aux_k)
+            values = jnp.where(jnp.take_along_axis(jnp.broadcast_to(dead, pre.shape), index, -1),
+                               jax.nn.relu(values), 0.0)
+            error = jax.lax.stop_gradient(y - y_hat).reshape(y.shape[0], -1)
+            e_hat = jnp.einsum("blf,lfmo->bmo", _scatter_last(values, index, cfg.d_sae), W_dec)
+            return jnp.nan_to_num(fvu(error, e_hat.reshape(y.shape[0], -1)))
+
+        sparsity = jax.lax.cond(jnp.any(dead), auxk, lambda *_: jnp.zeros((), pre.dtype), pre, W_dec)
+        coeff = cfg.aux_coeff
+    elif cfg.architecture == "jumprelu":
+        threshold = jnp.exp(params["log_threshold"])
+        bandwidth = cfg.jumprelu_bandwidth
+        f = jumprelu(pre, threshold, bandwidth)
+        on = f != 0
+        y_hat = decode(f) + params["b_dec"]
+        sparsity = jnp.mean(jnp.sum(heaviside_step(pre, threshold, bandwidth), axis=(-2, -1)))
+        coeff = cfg.jumprelu_sparsity_coeff
+    else:
+        f = jax.nn.relu(pre)
+        on = f > 0
+        y_hat = decode(f) + params["b_dec"]
+        sparsity = jnp.mean(jnp.sum(f * clt_decoder_norms(W_dec), axis=(-2, -1)))
+        coeff = cfg.l1_coeff
+    fired = jnp.sum(on, axis=0)  # [L, d_tc]
+    l0 = jnp.mean(jnp.sum(on, axis=(-2, -1)))
+    mse = jnp.mean(jnp.sum((y - y_hat) ** 2, axis=(-2, -1)))
+    loss = mse + coeff * sparsity
+    flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
+    return loss, {"mse": mse, "fvu": fvu(flat(y), flat(y_hat)), "l0": l0, "sparsity_loss": sparsity, "fired": fired}
+
+
+def _scatter_last(values: jax.Array, index: jax.Array, size: int) -> jax.Array:
+    """Dense ``[..., size]`` holding ``values [..., k]`` at ``index [..., k]`` along the last axis."""
+    lead = values.shape[:-1]
+    flat_v, flat_i = values.reshape(-1, values.shape[-1]), index.reshape(-1, index.shape[-1])
+    rows = jnp.arange(flat_i.shape[0])[:, None]
+    return jnp.zeros((flat_i.shape[0], size), values.dtype).at[rows, flat_i].set(flat_v).reshape(*lead, size)

@@ -7,7 +7,9 @@ before the Adam update and rows are renormalised after it.
 
 Transcoders train through the same update (:func:`_update`) on ``(x, y)`` batches: a
 :class:`TrainState` with ``scale_out`` (the output's scale) set, :func:`init_transcoder_state`,
-:func:`transcoder_train_step` and :func:`transcoder_from_state`.
+:func:`transcoder_train_step` and :func:`transcoder_from_state`. Cross-layer transcoders too, on
+``(x [batch, L, d_in], y [batch, L, d_out])`` with per-layer scales: :func:`init_clt_state`,
+:func:`clt_train_step` and :func:`clt_from_state`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import optax
 
 from jfig.errors import JfigError
 from jfig.saes.sae import SAE, fold_activation_norm_scaling_factor
-from jfig.saes.train.config import INIT_ONLY_FIELDS, TrainConfig, TranscoderConfig
-from jfig.saes.train.losses import sae_loss, training_sae, transcoder_loss
+from jfig.saes.train.config import INIT_ONLY_FIELDS, CLTConfig, TrainConfig, TranscoderConfig
+from jfig.saes.train.losses import clt_loss, clt_mask, sae_loss, training_sae, transcoder_loss
 from jfig.saes.transcoder import Transcoder
 
 COUNTER_CAP = 2**30  # tokens-since-fired saturates here instead of overflowing int32
@@ -174,8 +176,10 @@ def init_transcoder_state(cfg: TranscoderConfig, d_in: int, d_out: int, x_sample
                       cfg=cfg, scale_out=jnp.asarray(scale_out, jnp.float32))
 
 
-def _unit_rows(W: jax.Array) -> jax.Array:
-    return W / jnp.maximum(jnp.linalg.norm(W, axis=-1, keepdims=True), 1e-12)
+def _unit_rows(W: jax.Array, axes: tuple[int, ...] = (-1,)) -> jax.Array:
+    norm = jnp.linalg.norm(W, axis=-1, keepdims=True) if axes == (-1,) else \
+        jnp.sqrt(jnp.sum(W * W, axis=axes, keepdims=True))
+    return W / jnp.maximum(norm, 1e-12)
 
 
 @lru_cache(maxsize=64)
@@ -187,20 +191,21 @@ def _step_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def _update(params: dict, opt_state: Any, step: jax.Array, since_fired: jax.Array, loss_fn: Any, n_tokens: int,
-            finite: jax.Array, cfg: TrainConfig) -> tuple[tuple, jax.Array, dict[str, jax.Array]]:
-    """One Adam update of ``params`` on ``loss_fn(params, dead) -> (loss, aux)``, shared by SAEs
-    and transcoders: decoder rows kept on the unit sphere, latents' silence counted, and nothing
-    but the step count changed when the batch was not ``finite``. Returns ``((params, opt_state,
-    step, since_fired), loss, aux)``."""
+            finite: jax.Array, cfg: TrainConfig, row_axes: tuple[int, ...] = (-1,)
+            ) -> tuple[tuple, jax.Array, dict[str, jax.Array]]:
+    """One Adam update of ``params`` on ``loss_fn(params, dead) -> (loss, aux)``, shared by SAEs,
+    transcoders and cross-layer transcoders: decoder rows (a row spans ``row_axes`` of ``W_dec``)
+    kept on the unit sphere, latents' silence counted, and nothing but the step count changed when
+    the batch was not ``finite``. Returns ``((params, opt_state, step, since_fired), loss, aux)``."""
     dead = since_fired >= cfg.dead_after_tokens
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, dead)
     if cfg.normalize_decoder:  # move along the unit sphere of each decoder row
         W, g = params["W_dec"], grads["W_dec"]
-        grads = {**grads, "W_dec": g - jnp.sum(g * W, axis=-1, keepdims=True) * W}
+        grads = {**grads, "W_dec": g - jnp.sum(g * W, axis=row_axes, keepdims=True) * W}
     updates, new_opt_state = make_optimizer(cfg).update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     if cfg.normalize_decoder:
-        new_params = {**new_params, "W_dec": _unit_rows(new_params["W_dec"])}
+        new_params = {**new_params, "W_dec": _unit_rows(new_params["W_dec"], row_axes)}
     since = jnp.where(aux["fired"] > 0, 0, jnp.minimum(since_fired + n_tokens, COUNTER_CAP)).astype(jnp.int32)
     # A batch with NaN/inf changes nothing but the step count; fit raises on it.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
@@ -303,3 +308,107 @@ def transcoder_from_state(state: TrainState, read_site: str, write_site: str, *,
                     read_site=read_site, write_site=write_site, architecture=cfg.architecture, k=cfg.k,
                     jump="saelens", metadata=meta)
     return tc if model is None else tc.with_input_norm(model)
+
+
+# ---------------------------------------------------------------------------------- cross-layer transcoders
+
+
+def _clt_params(cfg: CLTConfig, W_enc: jax.Array, W_dec: jax.Array, b_dec: jax.Array) -> dict[str, jax.Array]:
+    n_layers = W_enc.shape[0]
+    params = {"W_enc": W_enc, "b_enc": jnp.zeros((n_layers, cfg.d_sae)), "W_dec": W_dec, "b_dec": b_dec}
+    if cfg.architecture == "jumprelu":
+        params["log_threshold"] = jnp.full((n_layers, cfg.d_sae), math.log(cfg.jumprelu_init_threshold))
+    return params
+
+
+def _clt_state(cfg: CLTConfig, params: dict, scale: jax.Array, scale_out: jax.Array) -> TrainState:
+    return TrainState(params=params, opt_state=make_optimizer(cfg).init(params), step=jnp.zeros((), jnp.int32),
+                      since_fired=jnp.zeros(params["b_enc"].shape, jnp.int32), scale=scale, cfg=cfg,
+                      scale_out=scale_out)
+
+
+def empty_clt_state(cfg: CLTConfig, n_layers: int, d_in: int, d_out: int) -> TrainState:
+    """A zero cross-layer transcoder state of the right structure (the template a checkpoint fills)."""
+    params = _clt_params(cfg, jnp.zeros((n_layers, d_in, cfg.d_sae)), jnp.zeros((n_layers, cfg.d_sae, n_layers, d_out)),
+                         jnp.zeros((n_layers, d_out)))
+    return _clt_state(cfg, params, jnp.zeros((n_layers,)), jnp.zeros((n_layers,)))
+
+
+def init_clt_state(cfg: CLTConfig, n_layers: int, d_in: int, d_out: int, x_sample: Any, y_sample: Any) -> TrainState:
+    """A fresh cross-layer transcoder state from paired samples ``x_sample [n, L, d_in]`` and
+    ``y_sample [n, L, d_out]``: each layer's inputs and outputs get their own scale; ``b_dec[m]`` is
+    the ``b_dec_init`` of the scaled ``y_m``; each feature's decoder (its rows into every layer it
+    writes, concatenated) and each ``W_enc`` column are random unit vectors; ``b_enc`` starts at 0."""
+    if not isinstance(cfg, CLTConfig):
+        raise JfigError(f"init_clt_state takes a CLTConfig, got {type(cfg).__name__}")
+    x_sample = jnp.asarray(x_sample, jnp.float32).reshape(-1, n_layers, d_in)
+    y_sample = jnp.asarray(y_sample, jnp.float32).reshape(-1, n_layers, d_out)
+    scale = jnp.asarray([_scale_of(x_sample[:, i], d_in, cfg, f"inputs of read layer {i}")
+                         for i in range(n_layers)], jnp.float32)
+    scale_out = jnp.asarray([_scale_of(y_sample[:, i], d_out, cfg, f"outputs of write layer {i}")
+                             for i in range(n_layers)], jnp.float32)
+    y_scaled = y_sample * scale_out[:, None]
+    b_dec = jnp.stack([_b_dec_init(y_scaled[:, i], d_out, cfg) for i in range(n_layers)])
+    key = jax.random.key(cfg.seed)
+    W_enc = jax.random.normal(jax.random.fold_in(key, 1), (n_layers, d_in, cfg.d_sae), jnp.float32)
+    W_enc = W_enc / jnp.linalg.norm(W_enc, axis=1, keepdims=True)
+    W_dec = jax.random.normal(key, (n_layers, cfg.d_sae, n_layers, d_out), jnp.float32) * clt_mask(n_layers)
+    params = _clt_params(cfg, W_enc, _unit_rows(W_dec, (-2, -1)), b_dec)
+    return _clt_state(cfg, params, scale, scale_out)
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _clt_core_step(arrays: tuple, x: jax.Array, y: jax.Array, cfg: TrainConfig) -> tuple[tuple, dict[str, jax.Array]]:
+    params, opt_state, step, since_fired, scale, scale_out = arrays
+    n_layers, d_in = params["W_enc"].shape[:2]
+    d_out = params["b_dec"].shape[1]
+    x = x.astype(jnp.float32).reshape(-1, n_layers, d_in) * scale[:, None]
+    y = y.astype(jnp.float32).reshape(-1, n_layers, d_out) * scale_out[:, None]
+    finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y))
+    x, y = jnp.where(finite, x, 0.0), jnp.where(finite, y, 0.0)
+    new, loss, aux = _update(params, opt_state, step, since_fired, lambda p, dead: clt_loss(p, x, y, dead, cfg),
+                             x.shape[0], finite, cfg, row_axes=(-2, -1))
+    return (*new, scale, scale_out), _metrics(loss, aux, new[3], step, finite, x.shape[0], cfg)
+
+
+def clt_train_step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One Adam update of a cross-layer transcoder on ``x [batch, L, d_in]`` (every read layer's
+    input) and ``y [batch, L, d_out]`` (every write layer's target), raw (scaled inside); one jitted
+    call. Metrics as :func:`train_step`'s, fvu pooled over the layers and l0 summed over them."""
+    if state.scale_out is None or state.params["W_enc"].ndim != 3:
+        raise JfigError("clt_train_step needs a cross-layer transcoder's state (init_clt_state)")
+    arrays = (state.params, state.opt_state, state.step, state.since_fired, state.scale, state.scale_out)
+    (params, opt_state, step, since_fired, scale, scale_out), metrics = _clt_core_step(
+        arrays, x, y, cfg=_step_config(state.cfg))
+    return TrainState(params=params, opt_state=opt_state, step=step, since_fired=since_fired, scale=scale,
+                      cfg=state.cfg, scale_out=scale_out), metrics
+
+
+def clt_from_state(state: TrainState, read_sites: list[str], write_sites: list[str], *, model: Any = None,
+                   metadata: dict[str, Any] | None = None) -> list[Transcoder]:
+    """The inference cross-layer transcoder of a training state: one :class:`~jfig.saes.Transcoder`
+    per read layer ``i`` (reading ``read_sites[i]``), whose ``W_dec`` writes ``write_sites[i]`` and
+    ``W_dec_later [d_tc, L - i - 1, d_out]`` the later ``write_sites``, with ``b_dec`` the bias of
+    its own write layer (as :func:`jfig.saes.load_transcoders` splits a circuit-tracer CLT).
+
+    The scales are folded in (``W_enc[i] * s_in[i]``, rows into layer m ``/ s_out[m]``, ``b_dec[m] /
+    s_out[m]``); JumpReLU is circuit-tracer's (``pre`` above ``threshold = exp(log_threshold)``, which
+    is positive, so it equals the relu'd form); the model's input norm is attached when ``model`` is
+    given and the read hooks are at the MLP's input."""
+    cfg = state.cfg
+    p = jax.device_get(state.params)
+    s_in, s_out = jnp.asarray(state.scale), jnp.asarray(state.scale_out)
+    n_layers = p["W_enc"].shape[0]
+    W_dec = jnp.asarray(p["W_dec"]) * clt_mask(n_layers) / s_out[None, None, :, None]
+    out = []
+    for i in range(n_layers):
+        meta = {"hook_name": read_sites[i], "hook_name_out": write_sites[i], "cross_layer": True, "layer_index": i,
+                "train_config": dataclasses.asdict(cfg), "train_steps": int(state.step), **(metadata or {})}
+        later = W_dec[i, :, i + 1:] if i + 1 < n_layers else None
+        tc = Transcoder(W_enc=p["W_enc"][i] * s_in[i], b_enc=p["b_enc"][i], W_dec=W_dec[i, :, i],
+                        b_dec=p["b_dec"][i] / s_out[i], W_dec_later=later, later_sites=tuple(write_sites[i + 1:]),
+                        threshold=jnp.exp(p["log_threshold"][i]) if cfg.architecture == "jumprelu" else None,
+                        read_site=read_sites[i], write_site=write_sites[i], architecture=cfg.architecture, k=cfg.k,
+                        jump="circuit_tracer", metadata=meta)
+        out.append(tc if model is None else tc.with_input_norm(model))
+    return out

@@ -73,7 +73,7 @@ def reads_mlp_input(read_site: str) -> bool:
     return len(parts) == 3 and parts[0] == "blocks" and parts[2] in NORMED_INPUTS
 
 
-def _input_norm_of(model: Any, read_site: str, write_site: str, d_in: int) -> Transcoder:
+def input_norm_of(model: Any, read_site: str, write_site: str, d_in: int) -> Transcoder:
     """A zero transcoder reading ``read_site`` with the model's input norm attached: its
     ``prepare_input`` maps activations at its site to the transcoder's input."""
     zero = Transcoder(W_enc=jnp.zeros((d_in, 1)), b_enc=jnp.zeros((1,)), W_dec=jnp.zeros((1, 1)),
@@ -82,7 +82,7 @@ def _input_norm_of(model: Any, read_site: str, write_site: str, d_in: int) -> Tr
 
 
 @eqx.filter_jit
-def _prepare(norm: Transcoder, x: jax.Array) -> jax.Array:
+def prepare_inputs(norm: Transcoder, x: jax.Array) -> jax.Array:
     return norm.prepare_input(x)
 
 
@@ -109,7 +109,7 @@ class _PairCapture:
         if self.d_in is None or self.d_out is None:
             raise JfigError(f"the model does not report the widths of {self.site} and {self.out_site}; train on "
                             f"captured pairs (x_in, y) instead")
-        self.norm = _input_norm_of(model, read_site, write_site, self.d_in) if reads_mlp_input(read_site) else None
+        self.norm = input_norm_of(model, read_site, write_site, self.d_in) if reads_mlp_input(read_site) else None
 
     @property
     def rows_per_sequence(self) -> int:
@@ -124,7 +124,7 @@ class _PairCapture:
             x, y = x[:, 1:], y[:, 1:]
         x = x.reshape(-1, self.d_in)
         if self.norm is not None:
-            x = _prepare(self.norm, x)
+            x = prepare_inputs(self.norm, x)
         return x, y.reshape(-1, self.d_out)
 
     def sequences(self, index: np.ndarray) -> tuple[jax.Array, jax.Array]:
