@@ -223,8 +223,9 @@ def test_save_clt_round_trip(model, clt, tmp_path):
         save_clt(clt, tmp_path / "other")
 
 
-def test_topk_stream_trains_from_the_model(model, tokens):
-    """stream=True runs the model on each step's sequences (the batches capture_clt_pairs gives for them)."""
+def test_topk_stream_trains_from_the_model(model, tokens, tmp_path):
+    """stream=True runs the model on each step's sequences (the batches capture_clt_pairs gives for them);
+    a topk CLT saves and loads with its k."""
     batch_at, per_pass = stream_clt_pairs(model, tokens[0], batch_size=64, seed=0)
     x, y = batch_at(0)
     order = np.random.default_rng([0, 0]).permutation(128)[:4]
@@ -235,6 +236,11 @@ def test_topk_stream_trains_from_the_model(model, tokens):
     tcs = train_clt(model, tokens[0], d_tc=8, k=2, steps=3, batch_size=64, stream=True, progress=False)
     assert [tc.architecture for tc in tcs] == ["topk", "topk"] and all(tc.k == 2 for tc in tcs)
     assert all(bool(jnp.all(jnp.isfinite(tc.W_enc))) for tc in tcs)
+    again = jfig.load_transcoders(save_clt(tcs, tmp_path / "topk"), model=model)
+    assert [(tc.architecture, tc.k) for tc in again] == [("topk", 2), ("topk", 2)]
+    np.testing.assert_array_equal(np.asarray(again[0].W_dec_later), np.asarray(tcs[0].W_dec_later))
+    resid = jax.random.normal(jax.random.key(3), (20, 16))
+    np.testing.assert_array_equal(again[1].encode(resid), tcs[1].encode(resid))
 
 
 # ---------------------------------------------------------------------------------- bad input
