@@ -514,8 +514,9 @@ def load_transcoders(path, *, dtype=jnp.float32, model=None) -> list[Transcoder]
 
     ``model``: a built-in jfig Model whose second norm the transcoders reading ``ln2.hook_normalized``
     or ``mlp.hook_in`` apply (see :meth:`Transcoder.with_input_norm`); without it they must be
-    given one before they encode. Cross-layer transcoders (``model_kind: cross_layer_transcoder``)
-    are not supported yet: a FormatError says so.
+    given one before they encode. Cross-layer transcoders (``model_kind: cross_layer_transcoder``,
+    ``W_enc_{i}`` / ``W_dec_{i}`` files) load as one Transcoder per read layer whose ``W_dec_later``
+    writes the later layers (see :class:`Transcoder`; :func:`save_clt` writes the format).
 
     ``load_sae`` refuses transcoder folders and points here.
     """
