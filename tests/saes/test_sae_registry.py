@@ -4,6 +4,7 @@ import io
 import json
 import math
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,6 +19,7 @@ from jfig.saes import fold_activation_norm_scaling_factor, load_sae, load_sae_re
 from jfig.saes.registry import REGISTRY_ENV, locate_sae, resolve_sae, sae_lens_registry_file
 
 from tests.support.fake_hub import add_snapshot, use_cache
+from tests.support.reference_env import run_reference
 
 D_IN, D_SAE = 8, 16
 GS_ID = "layer_3/width_16k/average_l0_71"
@@ -346,11 +348,14 @@ def test_sae_lens_registry_is_found_without_importing_sae_lens(tmp_path, monkeyp
 
 
 def test_real_sae_lens_registry():
-    """SAELens's own registry, when it can be found (sae-lens installed, or $JFIG_SAE_REGISTRY naming its
-    pretrained_saes.yaml)."""
+    """SAELens's own registry: sae-lens's pretrained_saes.yaml where it is installed, $JFIG_SAE_REGISTRY,
+    or the file in the reference environment's sae-lens (tests/support/reference_env.py)."""
     path = sae_lens_registry_file() or registry.registry_file()
     if path is None:
-        pytest.skip("sae-lens is not installed and $JFIG_SAE_REGISTRY is not set: no SAELens registry to read")
+        where = run_reference("import os, sae_lens; "
+                              "print(os.path.join(os.path.dirname(sae_lens.__file__), 'pretrained_saes.yaml'))")
+        path = Path(where.stdout.strip().splitlines()[-1])
+        assert path.is_file(), f"sae-lens's registry is not at {path}"
     source = resolve_sae("gemma-scope-2b-pt-res-canonical", "layer_0/width_16k/canonical", registry=path)
     assert (source.repo_id, source.path, source.format, source.site) == (
         "google/gemma-scope-2b-pt-res", "layer_0/width_16k/average_l0_105", "gemma_scope", "blocks.0.hook_resid_post")
