@@ -99,7 +99,8 @@ def _column(table, name) -> np.ndarray:
 def edge_labels(table, edges) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """({kind: [n_rows] bool}, {kind: [n_rows] max |weight|}): whether each pair of `table` (columns
     site_a, feature_a, site_b, feature_b) is an edge of each kind of `edges` (a graph's edge table), and
-    the largest |weight| of its edges of that kind (0 where none)."""
+    the largest |weight| of its edges of that kind (0 where none). `edges` may be the graph itself."""
+    edges = getattr(edges, "edges", edges)
     rows = canonical_pairs(*(_column(table, c) for c in PAIR_COLUMNS))
     kind = _column(edges, "kind").astype(str)
     gate = kind == "gating"
