@@ -74,7 +74,11 @@ def _degree(graph, site: str, features: np.ndarray) -> np.ndarray:
     e = graph.edges
     ends = np.concatenate([e.filter(pc.equal(e[s], site))[f].to_numpy()
                            for s, f in (("source_site", "source"), ("target_site", "target"))])
-    return np.asarray([np.count_nonzero(ends == f) for f in features]) if len(features) else np.zeros(0, int)
+    ids, counts = np.unique(ends, return_counts=True)
+    if not len(features) or not len(ids):
+        return np.zeros(len(features), np.int64)
+    pos = np.minimum(np.searchsorted(ids, features), len(ids) - 1)
+    return np.where(ids[pos] == features, counts[pos], 0)
 
 
 def graph_pairs(graph, atlas, sites, *, pairs: int = 128, edges: int = 256) -> GraphPairs:
@@ -128,9 +132,13 @@ def _distribution_features(pairs: GraphPairs, bins: int) -> tuple[dict, dict, in
             feats.setdefault(str(sb), set()).add(int(fb))
         return {s: np.asarray(sorted(v), np.int64) for s, v in feats.items()}
 
-    n_rows = len(rows["site_a"])
-    while n_rows > n_same and sum(map(len, features(n_rows).values())) * bins > MAX_STATE:
-        n_rows -= 1
+    seen: set = set()
+    grown = []                                     # distinct features after each row
+    for sa, fa, sb, fb in zip(*(rows[c] for c in PAIR_COLUMNS)):
+        seen.update(((str(sa), int(fa)), (str(sb), int(fb))))
+        grown.append(len(seen))
+    fits = [r + 1 for r, n in enumerate(grown) if n * bins <= MAX_STATE]
+    n_rows = max(n_same, fits[-1] if fits else 0)
     feats = features(n_rows)
     n = sum(map(len, feats.values()))
     while bins > 2 and n * bins > MAX_STATE:

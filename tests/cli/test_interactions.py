@@ -8,7 +8,8 @@ import jfig
 from jfig.cli import main
 from jfig.data import tokens_from
 from jfig.interactions.rank import RANK_SCHEMA
-from jfig.pipeline.interactions import graph_pairs
+from jfig.interactions.distribution import MAX_STATE
+from jfig.pipeline.interactions import GraphPairs, _distribution_features, graph_pairs
 from tests.support.graphs import graph_from_edges
 from tests.support.tiny_project import SAE_SITES
 
@@ -70,6 +71,25 @@ def test_graph_pairs_put_gating_pairs_first(built):
         [(r["source"], r["target"]) for r in strongest]
     no_atlas = graph_pairs(graph, None, list(SAE_SITES), pairs=6)       # the most connected features instead
     assert len(no_atlas.same_site[SAE_SITES[0]]) == 6 and no_atlas.same_site[SAE_SITES[0]][0].tolist() == [2, 9]
+
+
+def test_the_distribution_keeps_the_strongest_edges_that_fit():
+    a, b = SAE_SITES
+    n = 3000                                                   # 6,000 distinct features: more than 8,192 / 4
+    cross = {"site_a": np.full(n, a, object), "feature_a": np.arange(n), "site_b": np.full(n, b, object),
+             "feature_b": np.arange(n)}
+    same = {a: np.array([[0, 1], [1, 2]])}
+    feats, rows, bins = _distribution_features(GraphPairs(same, cross), 4)
+    kept = len(rows["site_a"])
+    assert bins == 4 and sum(map(len, feats.values())) * 4 <= MAX_STATE < (sum(map(len, feats.values())) + 2) * 4
+    # the same-site features 0..2 of site a come back in the edges: 1,024 edges fill 2,048 = 8,192 / 4 exactly
+    assert kept - 2 == 1024 and rows["feature_a"][2:].tolist() == list(range(1024))
+    def pairs_of(n_features):
+        return GraphPairs({a: np.stack([np.arange(0, n_features, 2), np.arange(1, n_features, 2)], 1)})
+    feats, rows, bins = _distribution_features(pairs_of(3000), 4)
+    assert bins == 2 and len(rows["site_a"]) == 1500           # same-site pairs are kept: bins give way
+    feats, rows, bins = _distribution_features(pairs_of(5000), 4)
+    assert feats == {} and len(rows["site_a"]) == 0            # even 2 bins do not fit: no distribution
 
 
 def test_interactions_errors(built, tmp_path, capsys):
