@@ -28,7 +28,8 @@ from jfig.saes.train.checkpoint import checkpoint_dirs
 from jfig.saes.train.config import CLTConfig, TrainConfig
 from jfig.saes.train.loop import BatchSource, Part, run_loop, run_meta, start_state
 from jfig.saes.train.step import clt_from_state, clt_train_step, empty_clt_state, init_clt_state
-from jfig.saes.train.transcoder import input_norm_of, prepare_inputs, check_transcoder_sites, reads_mlp_input
+from jfig.saes.train.transcoder import (capture_all, capture_tokens, check_transcoder_sites, input_norm_of,
+                                        prepare_inputs, reads_mlp_input, streamed)
 from jfig.saes.transcoder import Transcoder, input_site, output_site
 
 CLT_READ = "ln2.hook_normalized"
@@ -77,15 +78,7 @@ class _CLTCapture:
     def __init__(self, model: Any, tokens: Any, reads: list[str], writes: list[str], drop_first: bool):
         self.sites = [input_site(r) for r in reads]
         self.out_sites = [output_site(w) for w in writes]
-        tokens = np.asarray(tokens)
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        if tokens.size == 0 or tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ShapeError(f"tokens must be a non-empty int array [n_seq, seq]; got dtype {tokens.dtype}, shape "
-                             f"{tokens.shape}")
-        self.tokens = np.asarray(model.check_tokens(tokens))
-        if drop_first and self.tokens.shape[1] < 2:
-            raise ShapeError(f"tokens of length {self.tokens.shape[1]} leave nothing once position 0 is dropped")
+        self.tokens = capture_tokens(model, tokens, drop_first)
         self.model, self.drop_first = model, drop_first
         self.d_in, self.d_out = clt_widths(model, reads, writes)
         self.norms = [input_norm_of(model, r, w, self.d_in) if reads_mlp_input(r) else None
@@ -140,19 +133,7 @@ def capture_clt_pairs(model: Any, tokens: Any, layers: Any = None, *, read_hook:
     one layer, every layer captured in the same run of ``batch_size`` sequences."""
     layers = range(model_layers(model)) if layers is None else layers
     _, reads, writes = clt_sites(layers, read_hook, write_hook, model)
-    capture = _CLTCapture(model, tokens, reads, writes, drop_first)
-    n_seq = capture.tokens.shape[0]
-    bs = max(1, min(batch_size, n_seq))
-    xs, ys = [], []
-    for start in range(0, n_seq, bs):
-        batch = capture.tokens[start:start + bs]
-        n = batch.shape[0]
-        if n < bs:  # pad to one shape so the run compiles once
-            batch = np.concatenate([batch, np.repeat(batch[:1], bs - n, axis=0)])
-        x, y = capture.run(batch, n)
-        xs.append(x)
-        ys.append(y)
-    return jnp.concatenate(xs), jnp.concatenate(ys)
+    return capture_all(_CLTCapture(model, tokens, reads, writes, drop_first), batch_size)
 
 
 def stream_clt_pairs(model: Any, tokens: Any, layers: Any = None, *, batch_size: int, seed: int = 0,
@@ -162,20 +143,7 @@ def stream_clt_pairs(model: Any, tokens: Any, layers: Any = None, *, batch_size:
     runs the model on that step's sequences (a permutation per pass seeded by ``(seed, pass)``)."""
     layers = range(model_layers(model)) if layers is None else layers
     _, reads, writes = clt_sites(layers, read_hook, write_hook, model)
-    capture = _CLTCapture(model, tokens, reads, writes, drop_first)
-    n_seq = capture.tokens.shape[0]
-    per_step = max(1, min(n_seq, batch_size // capture.rows_per_sequence))
-    per_pass = n_seq // per_step
-    cache: dict[int, np.ndarray] = {}
-
-    def batch_at(step: int) -> tuple[jax.Array, jax.Array]:
-        epoch, i = divmod(int(step), per_pass)
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = np.random.default_rng([seed, epoch]).permutation(n_seq)
-        return capture.sequences(cache[epoch][i * per_step:(i + 1) * per_step])
-
-    return batch_at, per_pass
+    return streamed(_CLTCapture(model, tokens, reads, writes, drop_first), batch_size, seed)
 
 
 def _clt_config(cfg: Any) -> CLTConfig:

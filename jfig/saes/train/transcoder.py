@@ -89,21 +89,64 @@ def prepare_inputs(norm: Transcoder, x: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------- capture
 
 
+def capture_tokens(model: Any, tokens: Any, drop_first: bool) -> np.ndarray:
+    """int tokens [n_seq, seq] checked for a capture (a 1-D array is one sequence); ShapeError when empty,
+    not integers, or (with ``drop_first``) too short to keep a position."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.size == 0 or tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ShapeError(f"tokens must be a non-empty int array [n_seq, seq]; got dtype {tokens.dtype}, shape "
+                         f"{tokens.shape}")
+    tokens = np.asarray(model.check_tokens(tokens))
+    if drop_first and tokens.shape[1] < 2:
+        raise ShapeError(f"tokens of length {tokens.shape[1]} leave nothing once position 0 is dropped")
+    return tokens
+
+
+def capture_all(capture: Any, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """Every sequence's pairs from a capture (``.tokens``, ``.run(batch, n)``), ``batch_size`` sequences
+    a run, the last batch padded to the same shape so the run compiles once."""
+    n_seq = capture.tokens.shape[0]
+    bs = max(1, min(batch_size, n_seq))
+    xs, ys = [], []
+    for start in range(0, n_seq, bs):
+        batch = capture.tokens[start:start + bs]
+        n = batch.shape[0]
+        if n < bs:
+            batch = np.concatenate([batch, np.repeat(batch[:1], bs - n, axis=0)])
+        x, y = capture.run(batch, n)
+        xs.append(x)
+        ys.append(y)
+    return jnp.concatenate(xs), jnp.concatenate(ys)
+
+
+def streamed(capture: Any, batch_size: int, seed: int) -> tuple[Callable[[int], tuple[jax.Array, jax.Array]], int]:
+    """``(batch_at, steps_per_pass)`` over a capture: each step runs ``max(1, batch_size //
+    rows_per_sequence)`` whole sequences of a permutation seeded by ``(seed, pass)``, so batch ``s``
+    depends only on ``s`` (what an exact resume needs)."""
+    n_seq = capture.tokens.shape[0]
+    per_step = max(1, min(n_seq, batch_size // capture.rows_per_sequence))
+    per_pass = n_seq // per_step
+    cache: dict[int, np.ndarray] = {}
+
+    def batch_at(step: int) -> tuple[jax.Array, jax.Array]:
+        epoch, i = divmod(int(step), per_pass)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = np.random.default_rng([seed, epoch]).permutation(n_seq)
+        return capture.sequences(cache[epoch][i * per_step:(i + 1) * per_step])
+
+    return batch_at, per_pass
+
+
 class _PairCapture:
     """Pairs ``(x_in, y)`` of sequences of int tokens: one run per batch of sequences, stopping at the
     write site; position 0 dropped with ``drop_first``; rows ``[n_tokens, d]``."""
 
     def __init__(self, model: Any, tokens: Any, read_site: str, write_site: str, drop_first: bool):
         self.site, self.out_site = check_transcoder_sites(read_site, write_site, model)
-        tokens = np.asarray(tokens)
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        if tokens.size == 0 or tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ShapeError(f"tokens must be a non-empty int array [n_seq, seq]; got dtype {tokens.dtype}, shape "
-                             f"{tokens.shape}")
-        self.tokens = np.asarray(model.check_tokens(tokens))
-        if drop_first and self.tokens.shape[1] < 2:
-            raise ShapeError(f"tokens of length {self.tokens.shape[1]} leave nothing once position 0 is dropped")
+        self.tokens = capture_tokens(model, tokens, drop_first)
         self.model, self.drop_first = model, drop_first
         self.d_in, self.d_out = model.site_width(self.site), model.site_width(self.out_site)
         if self.d_in is None or self.d_out is None:
@@ -140,19 +183,7 @@ def capture_pairs(model: Any, tokens: Any, read_site: str, write_site: str, *, b
 
     Runs ``batch_size`` sequences at a time, each run capturing both sites and stopping at the write
     site; ``drop_first`` leaves out position 0 (BOS), whose activations are outliers."""
-    capture = _PairCapture(model, tokens, read_site, write_site, drop_first)
-    n_seq = capture.tokens.shape[0]
-    bs = max(1, min(batch_size, n_seq))
-    xs, ys = [], []
-    for start in range(0, n_seq, bs):
-        batch = capture.tokens[start:start + bs]
-        n = batch.shape[0]
-        if n < bs:  # pad to one shape so the run compiles once
-            batch = np.concatenate([batch, np.repeat(batch[:1], bs - n, axis=0)])
-        x, y = capture.run(batch, n)
-        xs.append(x)
-        ys.append(y)
-    return jnp.concatenate(xs), jnp.concatenate(ys)
+    return capture_all(_PairCapture(model, tokens, read_site, write_site, drop_first), batch_size)
 
 
 def stream_pairs(model: Any, tokens: Any, read_site: str, write_site: str, *, batch_size: int, seed: int = 0,
@@ -163,20 +194,7 @@ def stream_pairs(model: Any, tokens: Any, read_site: str, write_site: str, *, ba
     A step takes ``max(1, batch_size // tokens_per_sequence)`` whole sequences; every pass visits the
     sequences in a permutation seeded by ``(seed, pass)``, so batch ``s`` depends only on ``s`` (what
     an exact resume needs)."""
-    capture = _PairCapture(model, tokens, read_site, write_site, drop_first)
-    n_seq = capture.tokens.shape[0]
-    per_step = max(1, min(n_seq, batch_size // capture.rows_per_sequence))
-    per_pass = n_seq // per_step
-    cache: dict[int, np.ndarray] = {}
-
-    def batch_at(step: int) -> tuple[jax.Array, jax.Array]:
-        epoch, i = divmod(int(step), per_pass)
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = np.random.default_rng([seed, epoch]).permutation(n_seq)
-        return capture.sequences(cache[epoch][i * per_step:(i + 1) * per_step])
-
-    return batch_at, per_pass
+    return streamed(_PairCapture(model, tokens, read_site, write_site, drop_first), batch_size, seed)
 
 
 # ---------------------------------------------------------------------------------- fit
