@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfig.errors import JfigError, ShapeError
-from jfig.saes.train.checkpoint import checkpoint_dirs
 from jfig.saes.train.config import CLTConfig, TrainConfig
 from jfig.saes.train.loop import BatchSource, Part, run_loop, run_meta, start_state
 from jfig.saes.train.step import clt_from_state, clt_train_step, empty_clt_state, init_clt_state
-from jfig.saes.train.transcoder import (capture_all, capture_tokens, check_transcoder_sites, input_norm_of,
+from jfig.saes.train.transcoder import (capture_all, capture_tokens, check_train_request, check_transcoder_sites,
+                                        input_norm_of,
                                         prepare_inputs, reads_mlp_input, streamed)
 from jfig.saes.transcoder import Transcoder, input_site, output_site
 
@@ -219,19 +219,10 @@ def train_clt(model: Any, tokens_or_data: Any, *, layers: Any = None, d_tc: int,
     :func:`jfig.train_transcoder` (exact resume). Every argument is checked before any model run.
     Save the result with :func:`jfig.saes.save_clt`.
     """
-    unknown = set(kw) - set(CLTConfig.__dataclass_fields__)
-    if unknown:
-        raise JfigError(f"train_clt got unknown options {sorted(unknown)}; expected CLTConfig fields")
-    if not isinstance(d_tc, (int, np.integer)) or isinstance(d_tc, bool) or d_tc < 1:
-        raise JfigError(f"d_tc must be a positive int (latents per layer), got {d_tc!r}")
+    check_train_request("train_clt", CLTConfig, kw, d_tc, "latents per layer", checkpoint_dir, resume)
     architecture = architecture or ("topk" if k is not None else "jumprelu")
     CLTConfig(d_sae=int(d_tc), architecture=architecture, k=k, steps=1 if steps is None else steps,
               batch_size=batch_size, lr=lr, seed=seed, **kw)
-    if checkpoint_dir is not None and not resume:
-        folder = Path(checkpoint_dir)
-        if folder.exists() and checkpoint_dirs(folder):
-            raise JfigError(f"{folder} already holds checkpoints and resume=False; pass resume=True to continue "
-                            f"that run, or a fresh checkpoint_dir")
     data = tokens_or_data
     is_pairs = isinstance(data, (tuple, list)) and len(data) == 2 and all(hasattr(a, "shape") for a in data)
     is_fn = callable(data) and not hasattr(data, "shape")

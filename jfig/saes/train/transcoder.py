@@ -86,6 +86,22 @@ def prepare_inputs(norm: Transcoder, x: jax.Array) -> jax.Array:
     return norm.prepare_input(x)
 
 
+def check_train_request(caller: str, config_cls: type, kw: dict, d_tc: Any, what: str,
+                        checkpoint_dir: Any, resume: bool) -> None:
+    """The checks every transcoder trainer makes before any work: no unknown config options, ``d_tc`` a
+    positive int, and (``resume=False``) no checkpoints already in ``checkpoint_dir``."""
+    unknown = set(kw) - set(config_cls.__dataclass_fields__)
+    if unknown:
+        raise JfigError(f"{caller} got unknown options {sorted(unknown)}; expected {config_cls.__name__} fields")
+    if not isinstance(d_tc, (int, np.integer)) or isinstance(d_tc, bool) or d_tc < 1:
+        raise JfigError(f"d_tc must be a positive int ({what}), got {d_tc!r}")
+    if checkpoint_dir is not None and not resume:
+        folder = Path(checkpoint_dir)
+        if folder.exists() and checkpoint_dirs(folder):
+            raise JfigError(f"{folder} already holds checkpoints and resume=False; pass resume=True to continue "
+                            f"that run, or a fresh checkpoint_dir")
+
+
 # ---------------------------------------------------------------------------------- capture
 
 
@@ -299,21 +315,13 @@ def train_transcoder(model: Any, tokens_or_pairs: Any, read_site: str | None = N
     if read_site is None or write_site is None:
         raise JfigError("train_transcoder needs read_site and write_site, or layer= for blocks.L.ln2.hook_normalized "
                         "-> blocks.L.hook_mlp_out")
-    unknown = set(kw) - set(TranscoderConfig.__dataclass_fields__)
-    if unknown:
-        raise JfigError(f"train_transcoder got unknown options {sorted(unknown)}; expected TranscoderConfig fields")
-    if not isinstance(d_tc, (int, np.integer)) or isinstance(d_tc, bool) or d_tc < 1:
-        raise JfigError(f"d_tc must be a positive int (the number of transcoder latents), got {d_tc!r}")
+    check_train_request("train_transcoder", TranscoderConfig, kw, d_tc, "the number of transcoder latents",
+                        checkpoint_dir, resume)
     architecture = architecture or ("topk" if k is not None else "relu")
     check_transcoder_sites(read_site, write_site, model)
     # A config now, so that bad options fail before any model run; steps are set once the data is known.
     TranscoderConfig(d_sae=int(d_tc), architecture=architecture, k=k, steps=1 if steps is None else steps,
                      batch_size=batch_size, lr=lr, seed=seed, skip=skip, **kw)
-    if checkpoint_dir is not None and not resume:
-        folder = Path(checkpoint_dir)
-        if folder.exists() and checkpoint_dirs(folder):
-            raise JfigError(f"{folder} already holds checkpoints and resume=False; pass resume=True to continue "
-                            f"that run, or a fresh checkpoint_dir")
 
     data = tokens_or_pairs
     is_pairs = isinstance(data, (tuple, list)) and len(data) == 2 and all(hasattr(a, "shape") for a in data)
