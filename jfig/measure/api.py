@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..data.progress import progress_bar
-from ..errors import JfigError, ShapeError
+from ..errors import JfigError
 from ..sites import site_key
 from .engine import CLAMP_AT, INPUT_MODES, METHODS, POSITION_MODES, READS, Plan, chunk_effects
 from .prefix import CleanPrefix, prefix_pass

@@ -14,6 +14,7 @@ from ..data.progress import progress_bar
 from ..edits import Ablate, Edit
 from ..errors import JfigError, ShapeError
 from ..models.model import Prefix
+from .prefix import values_input
 from .sources import TranscoderSource, clamp_source, later_sites, value_site
 
 IMPORTANCE_KINDS = ("loss", "kl", "attribution", "rate")
@@ -103,7 +104,7 @@ def _effects(model, sae, tokens, features, *, kind, batch_size, chunk, memory_bu
         if builtin:
             pre = model.prefix(tb, sae.site)
             acts, resid = pre.acts, pre.resid
-            vacts = acts if vsite == sae.site else model.run(tb, capture=(vsite,), stop_at=vsite).cache[vsite]
+            vacts = acts if vsite == sae.site else values_input(model, tb, pre, vsite)   # resid_mid: no extra run
         else:
             cache = model.run(tb, capture=tuple(dict.fromkeys((sae.site, vsite))), stop_at=sae.site).cache
             acts, vacts, resid = cache[sae.site], cache[vsite], None

@@ -81,7 +81,7 @@ def prefix_pass(model, src_sae, feats, tokens, batch_size: int, builtin: bool, c
             pre = model.prefix(tb, site, cache=cache)
             a, r = pre.acts, pre.resid
             kvs.append(pre.cache)
-            v = a if vsite == site else _values_input(model, tb, pre, vsite)
+            v = a if vsite == site else values_input(model, tb, pre, vsite)
         else:
             out = model.run(tb, capture=tuple(dict.fromkeys((site, vsite))), stop_at=site).cache
             a, r, v = out[site], None, out[vsite]
@@ -98,7 +98,7 @@ def prefix_pass(model, src_sae, feats, tokens, batch_size: int, builtin: bool, c
     return jnp.concatenate(acts), resid, jnp.concatenate(vals), kv
 
 
-def _values_input(model, tokens, pre, vsite: str):
+def values_input(model, tokens, pre, vsite: str):
     """Activations at `vsite` (a transcoder's input site, before the prefix's site): the prefix's own
     residual when that is the site (hook_resid_mid for a transcoder writing hook_mlp_out), else a run."""
     if pre.resid is not None and resid_site_for(pre.site) == vsite:
