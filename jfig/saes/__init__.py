@@ -1,13 +1,15 @@
 """Sparse autoencoders: the SAE pytree and its file formats (SAELens, Gemma Scope, jfig's own);
-transcoders (SAELens, circuit-tracer): loading, training, measuring and saving."""
+transcoders (SAELens, circuit-tracer) and crosscoders over several layers: loading, training, measuring
+and saving."""
 
 from jfig.saes.loaders import (load_sae, load_sae_ref, load_sparsity, load_transcoders, save_clt, save_sae,
                                save_transcoder)
 from jfig.saes.sae import SAE, fold_activation_norm_scaling_factor, fold_W_dec_norm
 from jfig.saes.transcoder import Transcoder, attach_input_norms
+from jfig.saes.crosscoder import Crosscoder, load_crosscoder, save_crosscoder
 from jfig.saes.metrics import activation_metrics, sae_metrics, transcoder_metrics, transcoder_pair_metrics
-from jfig.saes.train import (CLTConfig, TrainConfig, TranscoderConfig, fit, fit_clt, fit_transcoder, train_clt,
-                             train_sae, train_transcoder)
+from jfig.saes.train import (CLTConfig, CrosscoderConfig, TrainConfig, TranscoderConfig, fit, fit_clt,
+                             fit_crosscoder, fit_transcoder, train_clt, train_crosscoder, train_sae, train_transcoder)
 from jfig.saes.defaults import DefaultSAESettings, default_saes
 from jfig.saes.matching import FeatureMatching, feature_correlation, match_features, match_sae_sets
 
@@ -16,4 +18,5 @@ __all__ = ["SAE", "DefaultSAESettings", "TrainConfig", "activation_metrics", "de
            "fold_activation_norm_scaling_factor", "Transcoder", "attach_input_norms", "load_transcoders",
            "TranscoderConfig", "fit_transcoder", "save_transcoder", "train_transcoder", "transcoder_metrics",
            "transcoder_pair_metrics", "FeatureMatching", "feature_correlation", "match_features", "match_sae_sets",
-           "CLTConfig", "fit_clt", "save_clt", "train_clt"]
+           "CLTConfig", "fit_clt", "save_clt", "train_clt", "Crosscoder", "CrosscoderConfig", "fit_crosscoder",
+           "load_crosscoder", "save_crosscoder", "train_crosscoder"]

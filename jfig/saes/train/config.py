@@ -148,3 +148,25 @@ class CLTConfig(TrainConfig):
     the unit norm ``normalize_decoder`` keeps) is that of its rows into every layer it writes,
     concatenated. With ``scale_activations`` each layer's inputs and outputs get their own factor.
     """
+
+
+@dataclasses.dataclass(frozen=True)
+class CrosscoderConfig(TrainConfig):
+    """Hyperparameters of one crosscoder training run: every :class:`TrainConfig` field, read for the
+    SAE on the stacked vector ``concat_l x_l`` (``d_sae`` latents, ``k`` kept per token), plus
+    ``interaction_penalty``.
+
+    With ``scale_activations`` each layer gets its own factor (mean norm ``sqrt(d)`` per layer), so no
+    layer dominates the loss because its residual is larger. ``interaction_penalty`` (lambda >= 0)
+    weights :func:`jfig.saes.train.losses.interaction_penalty`, the co-activation-weighted overlap of
+    co-active features' footprints on the MLP neurons that read each layer (needs ``readers`` at
+    training time); 0 trains the plain crosscoder.
+    """
+
+    interaction_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        value = self.interaction_penalty
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not value >= 0:
+            raise JfigError(f"CrosscoderConfig.interaction_penalty must be a number >= 0, got {value!r}")

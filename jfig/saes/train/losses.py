@@ -253,3 +253,38 @@ def _scatter_last(values: jax.Array, index: jax.Array, size: int) -> jax.Array:
     flat_v, flat_i = values.reshape(-1, values.shape[-1]), index.reshape(-1, index.shape[-1])
     rows = jnp.arange(flat_i.shape[0])[:, None]
     return jnp.zeros((flat_i.shape[0], size), values.dtype).at[rows, flat_i].set(flat_v).reshape(*lead, size)
+
+
+def interaction_penalty(f: jax.Array, W_dec: jax.Array, readers: jax.Array) -> jax.Array:
+    """The crosscoder's interaction penalty on a batch: ``f [batch, n]`` activations, ``W_dec [n, L, d]``
+    decoder rows (training units), ``readers [L, d, F, c]`` unit read directions of the F neurons of the
+    MLP reading each layer (c = 1 plain, 2 gated: up and gate). With ``w_ilm = sum_c (W_dec[i, l] .
+    r_lmc)^2``, feature i's squared footprint on neuron m, the penalty is
+
+        mean_batch sum_l sum_{i != j} f_i f_j sum_m w_ilm w_jlm,
+
+    the co-activation-weighted squared Hadamard overlap ``||v_i * v_j||^2`` of every co-active pair
+    (two features feeding one neuron at once is where a nonlinearity stops distributing over them).
+    Computed as ``sum_m (f @ w)^2 - f^2 @ w^2`` per layer: O(batch * n * F), no pair loop."""
+    u = jnp.einsum("nld,ldfc->nlfc", W_dec, readers)
+    w = jnp.sum(u * u, axis=-1)                                # [n, L, F]
+    a = jnp.einsum("bn,nlf->blf", f, w)
+    b = jnp.einsum("bn,nlf->blf", f * f, w * w)
+    return jnp.mean(jnp.sum(a * a - b, axis=(-2, -1)))
+
+
+def crosscoder_loss(params: dict[str, jax.Array], x: jax.Array, dead: jax.Array, cfg: Any,
+                    readers: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`sae_loss` on the stacked, scaled batch ``x [batch, L, d]`` (the crosscoder is an SAE on
+    ``concat_l x_l``; ``W_dec`` stored ``[n, L * d]``), plus ``cfg.interaction_penalty`` times
+    :func:`interaction_penalty` when ``readers`` is given; aux adds ``interaction``."""
+    n_layers, d = x.shape[1], x.shape[2]
+    flat = x.reshape(x.shape[0], n_layers * d)
+    loss, aux = sae_loss(params, flat, dead, cfg)
+    if readers is None:
+        return loss, {**aux, "interaction": jnp.zeros((), loss.dtype)}
+    sae = training_sae(params, cfg)
+    pre = sae.pre_activations(flat)
+    f = sae.activation(pre, jump=lambda z, t: jumprelu(z, t, cfg.jumprelu_bandwidth))
+    penalty = interaction_penalty(f, params["W_dec"].reshape(-1, n_layers, d), readers)
+    return loss + cfg.interaction_penalty * penalty, {**aux, "interaction": penalty}

@@ -26,8 +26,9 @@ import optax
 
 from jfig.errors import JfigError
 from jfig.saes.sae import SAE, fold_activation_norm_scaling_factor
-from jfig.saes.train.config import INIT_ONLY_FIELDS, CLTConfig, TrainConfig, TranscoderConfig
-from jfig.saes.train.losses import clt_loss, clt_mask, sae_loss, training_sae, transcoder_loss
+from jfig.saes.crosscoder import Crosscoder
+from jfig.saes.train.config import INIT_ONLY_FIELDS, CLTConfig, CrosscoderConfig, TrainConfig, TranscoderConfig
+from jfig.saes.train.losses import clt_loss, clt_mask, crosscoder_loss, sae_loss, training_sae, transcoder_loss
 from jfig.saes.transcoder import Transcoder
 
 COUNTER_CAP = 2**30  # tokens-since-fired saturates here instead of overflowing int32
@@ -412,3 +413,81 @@ def clt_from_state(state: TrainState, read_sites: list[str], write_sites: list[s
                         jump="circuit_tracer", metadata=meta)
         out.append(tc if model is None else tc.with_input_norm(model))
     return out
+
+
+# ---------------------------------------------------------------------------------- crosscoders
+
+
+def empty_crosscoder_state(cfg: CrosscoderConfig, n_layers: int, d_in: int) -> TrainState:
+    """A zero crosscoder state of the right structure (the template a checkpoint fills): an SAE state
+    on ``L * d_in`` inputs with one scale per layer (``scale [L]``)."""
+    state = empty_state(cfg, n_layers * d_in)
+    return dataclasses.replace(state, scale=jnp.zeros((n_layers,), jnp.float32))
+
+
+def init_crosscoder_state(cfg: CrosscoderConfig, n_layers: int, d_in: int, sample: Any) -> TrainState:
+    """A fresh crosscoder state from ``sample [n, L, d_in]``: each layer scaled to mean norm
+    ``sqrt(d_in)`` (one factor per layer), then the SAE initialisation of the stacked, scaled rows
+    (``b_dec`` their ``b_dec_init``; unit decoder rows over all layers; ``W_enc = W_dec.T``)."""
+    if not isinstance(cfg, CrosscoderConfig):
+        raise JfigError(f"init_crosscoder_state takes a CrosscoderConfig, got {type(cfg).__name__}")
+    sample = jnp.asarray(sample, jnp.float32).reshape(-1, n_layers, d_in)
+    scale = jnp.asarray([_scale_of(sample[:, i], d_in, cfg, f"activations of crosscoder layer {i}")
+                         for i in range(n_layers)], jnp.float32)
+    flat = (sample * scale[:, None]).reshape(-1, n_layers * d_in)
+    unscaled = dataclasses.replace(cfg, scale_activations=False)
+    state = init_train_state(unscaled, n_layers * d_in, flat)
+    return dataclasses.replace(state, scale=scale, cfg=cfg)
+
+
+def _crosscoder_metrics(loss, aux, since_fired, step, finite, n_tokens, cfg) -> dict[str, jax.Array]:
+    return {**_metrics(loss, aux, since_fired, step, finite, n_tokens, cfg), "interaction": aux["interaction"]}
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _crosscoder_core_step(arrays: tuple, x: jax.Array, readers: jax.Array | None, cfg: TrainConfig
+                          ) -> tuple[tuple, dict[str, jax.Array]]:
+    params, opt_state, step, since_fired, scale = arrays
+    n_layers = scale.shape[0]
+    d_in = params["b_dec"].shape[0] // n_layers
+    x = x.astype(jnp.float32).reshape(-1, n_layers, d_in) * scale[:, None]
+    finite = jnp.all(jnp.isfinite(x))
+    x = jnp.where(finite, x, 0.0)
+    new, loss, aux = _update(params, opt_state, step, since_fired,
+                             lambda p, dead: crosscoder_loss(p, x, dead, cfg, readers), x.shape[0], finite, cfg)
+    return (*new, scale), _crosscoder_metrics(loss, aux, new[3], step, finite, x.shape[0], cfg)
+
+
+def crosscoder_train_step(state: TrainState, x: jax.Array, readers: jax.Array | None = None
+                          ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One Adam update of a crosscoder on ``x [batch, L, d_in]`` (raw; each layer scaled inside); one
+    jitted call. ``readers [L, d_in, F, c]`` (unit columns) switch the interaction penalty on (with
+    ``cfg.interaction_penalty``). Metrics as :func:`train_step`'s (fvu pooled over layers) plus
+    ``interaction`` (the penalty's value, 0 without readers)."""
+    if state.scale.ndim != 1:
+        raise JfigError("crosscoder_train_step needs a crosscoder's state (init_crosscoder_state)")
+    arrays = (state.params, state.opt_state, state.step, state.since_fired, state.scale)
+    (params, opt_state, step, since_fired, scale), metrics = _crosscoder_core_step(
+        arrays, x, readers, cfg=_step_config(state.cfg))
+    return TrainState(params=params, opt_state=opt_state, step=step, since_fired=since_fired, scale=scale,
+                      cfg=state.cfg), metrics
+
+
+def crosscoder_from_state(state: TrainState, sites: list[str], *, metadata: dict[str, Any] | None = None
+                          ) -> Crosscoder:
+    """The inference :class:`~jfig.saes.crosscoder.Crosscoder` of a training state, taking raw
+    activations: layer l's scale ``s_l`` folded in (``W_enc_l * s_l``, ``W_dec[:, l] / s_l``,
+    ``b_dec_l / s_l``); jumprelu gets ``threshold = exp(log_threshold)``; topk keeps ``k``."""
+    cfg = state.cfg
+    p = jax.device_get(state.params)
+    s = jnp.asarray(state.scale)
+    n_layers = s.shape[0]
+    d_in = p["b_dec"].shape[0] // n_layers
+    W_enc = jnp.asarray(p["W_enc"]).reshape(n_layers, d_in, -1) * s[:, None, None]
+    W_dec = jnp.asarray(p["W_dec"]).reshape(-1, n_layers, d_in) / s[None, :, None]
+    b_dec = jnp.asarray(p["b_dec"]).reshape(n_layers, d_in) / s[:, None]
+    meta = {"sites": list(sites), "train_config": dataclasses.asdict(cfg), "train_steps": int(state.step),
+            **(metadata or {})}
+    return Crosscoder(W_enc, p["b_enc"], W_dec, b_dec, sites,
+                      threshold=jnp.exp(p["log_threshold"]) if cfg.architecture == "jumprelu" else None,
+                      architecture=cfg.architecture, k=cfg.k, metadata=meta)

@@ -120,21 +120,20 @@ def capture_tokens(model: Any, tokens: Any, drop_first: bool) -> np.ndarray:
     return tokens
 
 
-def capture_all(capture: Any, batch_size: int) -> tuple[jax.Array, jax.Array]:
-    """Every sequence's pairs from a capture (``.tokens``, ``.run(batch, n)``), ``batch_size`` sequences
-    a run, the last batch padded to the same shape so the run compiles once."""
+def capture_all(capture: Any, batch_size: int) -> tuple[jax.Array, ...]:
+    """Every sequence's rows from a capture (``.tokens``, ``.run(batch, n)`` returning a tuple of arrays:
+    a transcoder's pairs, a crosscoder's stacked activations), ``batch_size`` sequences a run, the last
+    batch padded to the same shape so the run compiles once."""
     n_seq = capture.tokens.shape[0]
     bs = max(1, min(batch_size, n_seq))
-    xs, ys = [], []
+    parts = []
     for start in range(0, n_seq, bs):
         batch = capture.tokens[start:start + bs]
         n = batch.shape[0]
         if n < bs:
             batch = np.concatenate([batch, np.repeat(batch[:1], bs - n, axis=0)])
-        x, y = capture.run(batch, n)
-        xs.append(x)
-        ys.append(y)
-    return jnp.concatenate(xs), jnp.concatenate(ys)
+        parts.append(capture.run(batch, n))
+    return tuple(jnp.concatenate(column) for column in zip(*parts))
 
 
 def streamed(capture: Any, batch_size: int, seed: int) -> tuple[Callable[[int], tuple[jax.Array, jax.Array]], int]:
