@@ -15,8 +15,8 @@ from .edits import Ablate, Clamp, ClampTranscoder, Compose, Patch, PatchHeads, S
 from .errors import FormatError, JfigError, OptionError, ShapeError, SiteError
 from .explorer import attribution_json, explorer_payload, render_page
 from .graph import GraphDiff, InteractionGraph, diff_graphs, load_graph
-from .interactions import (dominance_test, feature_distribution, metric_predictions, neuron_interactions, qk_terms,
-                           query_overlap, rank_interactions)
+from .interactions import (adversarial_pairs, dominance_test, feature_distribution, metric_predictions,
+                           neuron_interactions, qk_terms, query_overlap, rank_interactions, search_pair)
 from .measure import Effects, GatingEffects, feature_importance, measure_effects, measure_gating, weight_effects
 from .models.config import ModelConfig
 from .models.model import Model, Prefix, RunOutput
@@ -43,7 +43,7 @@ __all__ = [
     "sae_metrics", "save_sae", "select_candidates", "sites", "train_sae", "weight_effects",
     "save_transcoder", "train_transcoder", "transcoder_metrics",
     "dominance_test", "feature_distribution", "neuron_interactions", "qk_terms", "query_overlap",
-    "metric_predictions", "rank_interactions",
+    "metric_predictions", "rank_interactions", "adversarial_pairs", "search_pair",
     "FeatureMatching", "match_features",
     "save_clt", "train_clt",
 ]
