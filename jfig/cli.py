@@ -20,6 +20,7 @@ from .graph import NodeIndex, load_graph
 from .models.registry import load_model
 from .data import BEHAVIORS
 from .pipeline import dry_run, load_config, run_analysis, run_build, run_demo, summarize
+from .pipeline.adversarial import AdversarialOptions, parse_pair, run_adversarial
 from .pipeline.attribute import run_attribute
 from .pipeline.behavior import check_graph_dir, graph_saes, parse_feature, run_behavior, steered_generation
 from .pipeline.interactions import InteractionOptions, run_interactions
@@ -302,6 +303,22 @@ def cmd_interactions(args) -> int:
     return 0
 
 
+def cmd_adversarial(args) -> int:
+    """Pairs that rarely fire together but interact strongly, token swaps that make them fire together,
+    and the output effect of their co-occurrence."""
+    src = ViewSources(graph=args.graph, model=args.model, saes=tuple(args.sae), atlas=args.atlas)
+    opts = AdversarialOptions(pairs=args.pairs, steps=args.steps, starts=args.starts, window=args.window,
+                              top_k=args.top_k, candidates=args.candidates, temperature=args.temperature,
+                              max_ratio=None if args.max_ratio <= 0 else args.max_ratio,
+                              per_feature=args.per_feature, explicit=tuple(parse_pair(p) for p in args.pair),
+                              corpus=args.corpus, seed=args.seed)
+    out, examples = run_adversarial(src, args.out, opts, progress=not args.quiet_log)
+    hit = sum(examples["success"].to_pylist()) if examples.num_rows else 0
+    print(f"both features fire together in {hit} of {examples.num_rows} windows after the search; report "
+          f"{out / 'report.md'}, examples {out / 'examples.parquet'} (and .csv)")
+    return 0
+
+
 def cmd_saes(args) -> int:
     """Train (or load from the cache) the default SAEs and print their quality metrics."""
     model = _load(args.model)
@@ -509,6 +526,31 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--seq-len", type=int, default=64)
     it.add_argument("--bins", type=int, default=4, help="bins of the binned mutual information (bin 0: inactive)")
     it.set_defaults(fn=cmd_interactions)
+    ad = sub.add_parser("adversarial", help="feature pairs that rarely co-occur but interact strongly: token swaps "
+                                            "that make them co-occur, and the output effect when they do")
+    ad.add_argument("--graph", required=True, help="graph folder (OUT/graph of a build or demo)")
+    ad.add_argument("--model", default="smollm2-135m", help="the model the graph was built on")
+    ad.add_argument("--sae", action="append", default=[], help="SAE folder or RELEASE:SAE_ID (repeatable; default: the "
+                                                               "graph's SAEs from jfig's cache)")
+    ad.add_argument("--atlas", default=None, help="atlas folder (default: the one beside the graph)")
+    ad.add_argument("--out", default=None, help="folder for report.md, examples.parquet / .csv and pairs.parquet "
+                                                "(default: adversarial beside the graph folder)")
+    ad.add_argument("--pairs", type=int, default=8, help="pairs searched, from the top of the ranking (default 8)")
+    ad.add_argument("--pair", action="append", default=[], metavar="SITE:I,SITE:J",
+                    help="search this edge (source first) instead of the ranking's top (repeatable)")
+    ad.add_argument("--steps", type=int, default=20, help="greedy token-swap steps per pair (default 20)")
+    ad.add_argument("--starts", type=int, default=4, help="starting windows per pair (default 4)")
+    ad.add_argument("--window", type=int, default=16, help="tokens per window, the sequence-start token included")
+    ad.add_argument("--top-k", type=int, default=8, help="tokens per position kept by the gradient's linear score")
+    ad.add_argument("--candidates", type=int, default=16, help="swaps evaluated exactly per window and step")
+    ad.add_argument("--temperature", type=float, default=0.5, help="of the soft minimum of the two features' margins")
+    ad.add_argument("--max-ratio", type=float, default=1.0,
+                    help="keep pairs co-occurring at most this many times as often as independence predicts "
+                         "(0: no filter)")
+    ad.add_argument("--per-feature", type=int, default=1, help="pairs a feature may appear in (default 1)")
+    ad.add_argument("--corpus", default="default", help="the text the graph was built on (a path, or 'default')")
+    ad.add_argument("--seed", type=int, default=0)
+    ad.set_defaults(fn=cmd_adversarial)
     r = sub.add_parser("run", help="next-token prediction and most active SAE features for prompts")
     common(r)
     r.add_argument("prompt", nargs="*", help="prompt text (default: a few demo prompts)")
