@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import JfigError
+from ..saes import SAE
 from .neuron_stream import stream_pairs
 from .pairs import check_pairs
 from .readin import check_finite, check_model_sae, feature_directions, layer_params, mm, norm_map, reading_layer
@@ -80,6 +81,22 @@ def mlp_read_in(model, sae, features, layer: int) -> dict:
     if model.config.mlp == "gated":
         out["gate"] = mm(x, w["W_gate"])
     return out
+
+
+def mlp_readers(model, sites) -> np.ndarray:
+    """[L, d, F, c]: for each residual site, the map from a residual direction to the pre-activations of
+    the first MLP that reads it, at unit norm scale (N(v) @ W_up, and N(v) @ W_gate for gated MLPs:
+    c = 2), the read directions a crosscoder's interaction penalty weighs (``jfig.train_crosscoder(...,
+    interaction_penalty=, readers=)``)."""
+    out = []
+    for site in sites:
+        d = model.site_width(site) if getattr(model, "config", None) is not None else None
+        eye = SAE(W_enc=jnp.eye(d or 1), b_enc=jnp.zeros(d or 1), W_dec=jnp.eye(d or 1), b_dec=jnp.zeros(d or 1),
+                  site=site)                      # one unit feature per residual dimension
+        cfg = check_model_sae(model, eye, "mlp_readers")
+        r = mlp_read_in(model, eye, None, reading_layer(site, cfg.n_layers, "mlp"))
+        out.append(np.stack([np.asarray(r[k]) for k in ("up", "gate") if k in r], axis=-1))
+    return np.stack(out)
 
 
 def neuron_sizes(read_in: dict):
