@@ -8,6 +8,11 @@ of A is the edge of B between the matched features, and an edge touching a featu
 has no counterpart and is counted as "unmatched". Without a matching, graphs whose SAEs differ in
 width at a shared site cannot be compared, and are refused.
 
+A build measures only some sources (the most important features of its model and SAEs), so an edge
+of A can be absent from B because B measured its source and found no edge, or because B never
+measured that source. Given the sources each build measured (``measured=``), the second kind is
+counted as "untested" instead of lost (or gained): its absence says nothing about the interaction.
+
 This module runs no model: the matching is computed beforehand and passed in.
 """
 from __future__ import annotations
@@ -21,7 +26,7 @@ import pyarrow.compute as pc
 
 from ..errors import JfigError, OptionError
 
-STATUSES = ("same", "gained", "lost", "flipped", "strengthened", "weakened", "unmatched")
+STATUSES = ("same", "gained", "lost", "flipped", "strengthened", "weakened", "unmatched", "untested")
 KEY_COLUMNS = ("source_site", "source", "target_site", "target", "modulator_site", "modulator", "positions")
 ENDPOINTS = (("source_site", "source"), ("target_site", "target"), ("modulator_site", "modulator"))
 TABLE_SCHEMA = pa.schema([
@@ -39,8 +44,9 @@ class GraphDiff:
     ``p_value_a``/``p_value_b`` (null where absent), ``source_b``/``target_b``/``modulator_b`` (the
     same features in B's numbering), ``similarity`` (the least match similarity of the edge's
     features; 1 where the SAEs are the same) and ``change`` (weight_b - weight_a, an absent edge
-    counting 0; null on unmatched rows). ``counts``: rows per status (the four base statuses, the
-    strength ones when a ratio was given, "unmatched" when a matching was); ``notes``: what the
+    counting 0; null on unmatched and untested rows). ``counts``: rows per status (the four base
+    statuses, the strength ones when a ratio was given, "unmatched" when a matching was, "untested"
+    when the measured sources were); ``notes``: what the
     comparison could not line up (sites in one graph only, SAEs whose fingerprints differ, duplicate
     keys, features left unmatched)."""
 
@@ -56,6 +62,8 @@ class GraphDiff:
             parts += [f"{c['strengthened']} strengthened", f"{c['weakened']} weakened (by more than x{self.ratio:g})"]
         if "unmatched" in c:
             parts.append(f"{c['unmatched']} touching unmatched features")
+        if "untested" in c:
+            parts.append(f"{c['untested']} whose source the other build did not measure")
         return ", ".join(parts) + f" ({self.table.num_rows} edges in either graph)"
 
     def most_changed(self, n: int = 20, *, min_similarity: float = 0.9) -> pa.Table:
@@ -65,7 +73,8 @@ class GraphDiff:
         if int(n) < 0:
             raise OptionError(f"n must be >= 0 rows, got {n}")
         t = self.table
-        keep = pc.and_(pc.not_equal(t["status"], "unmatched"), pc.greater_equal(t["similarity"], min_similarity))
+        keep = pc.and_(pc.invert(pc.is_in(t["status"], pa.array(["unmatched", "untested"]))),
+                       pc.greater_equal(t["similarity"], min_similarity))
         rows = np.flatnonzero(keep.fill_null(False).to_numpy(zero_copy_only=False))
         change = np.abs(t["change"].to_numpy(zero_copy_only=False)[rows])
         return t.take(rows[np.argsort(-change, kind="stable")[:int(n)]])
@@ -240,7 +249,38 @@ def _status(ka, kb, wa, wb, ratio) -> str:
     return "same"
 
 
-def diff_graphs(a, b, *, matching=None, ratio: float | None = None) -> GraphDiff:
+def measured_sets(measured, maps: dict[str, SiteMap]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """({site: bool [ids]} of A's measured sources, the same of B's) from ``measured`` = (A's, B's
+    {site: feature ids}); JfigError on anything else or on an id outside a matched site's SAE."""
+    if not (isinstance(measured, (tuple, list)) and len(measured) == 2
+            and all(isinstance(m, Mapping) for m in measured)):
+        raise JfigError("measured must be a pair (A's, B's) of {site: feature ids} mappings: the sources each "
+                        f"build measured; got {type(measured).__name__}")
+    out = []
+    for side, given in zip("AB", measured):
+        sets = {}
+        for site, ids in given.items():
+            ids = np.asarray(list(ids), np.int64).reshape(-1)
+            if len(ids) and ids.min() < 0:
+                raise JfigError(f"measured sources of graph {side} at {site} include a negative id ({ids.min()})")
+            width = len((maps[site].fwd if side == "A" else maps[site].inv)) if site in maps else None
+            if width is not None and len(ids) and ids.max() >= width:
+                raise JfigError(f"measured sources of graph {side} at {site} include feature {ids.max()}, outside "
+                                f"its SAE there (0..{width - 1})")
+            hit = np.zeros(max(int(ids.max(initial=-1)) + 1, width or 0), bool)
+            hit[ids] = True
+            sets[site] = hit
+        out.append(sets)
+    return out[0], out[1]
+
+
+def _was_measured(sets: dict[str, np.ndarray], site: str, feature: int) -> bool:
+    """Whether a build measured source `feature` at `site` (a site it lists no sources at: not measured)."""
+    hit = sets.get(site)
+    return hit is not None and 0 <= feature < len(hit) and bool(hit[feature])
+
+
+def diff_graphs(a, b, *, matching=None, ratio: float | None = None, measured=None) -> GraphDiff:
     """Compare graph ``a`` with graph ``b``: every edge of either, labelled 'same' (in both, same
     kind), 'flipped' (in both, excitatory in one and inhibitory in the other), 'lost' (in a only) or
     'gained' (in b only).
@@ -251,10 +291,15 @@ def diff_graphs(a, b, *, matching=None, ratio: float | None = None) -> GraphDiff
       (a ``FeatureMatching``, a {A id: B id} dict or an array [d_sae_a] of B ids with -1 for none).
       Edges are identified through the matched ids; an edge touching a feature with no match is
       'unmatched' (neither gained nor lost). Sites not in it are compared id by id.
+    measured: (A's, B's) measured sources, each {site: feature ids} in its own graph's numbering (a
+      dense build's sources: its candidates.json). An edge of A whose source B did not measure (its
+      match, through `matching`) is 'untested' rather than 'lost'; an edge of B whose source A did not
+      measure is 'untested' rather than 'gained'. A site missing from a mapping: nothing measured there.
     """
     if ratio is not None and not float(ratio) > 1.0:
         raise OptionError(f"ratio must be > 1 (the factor by which |weight| changes), got {ratio}")
     maps = site_maps(matching, a, b) if matching is not None else {}
+    tested_a, tested_b = measured_sets(measured, maps) if measured is not None else (None, None)
     notes = sae_notes(a, b, matched=maps)
     rows_a, na = edge_frame(a)
     rows_b, nb = edge_frame(b)
@@ -298,14 +343,15 @@ def diff_graphs(a, b, *, matching=None, ratio: float | None = None) -> GraphDiff
                 cols[c + suffix].append(gg[c][rr] if rr is not None else None)
         cols["similarity"].append(similarity)
         wa, wb = cols["weight_a"][-1], cols["weight_b"][-1]
-        cols["change"].append(None if status == "unmatched" else (wb or 0.0) - (wa or 0.0))
+        cols["change"].append(None if status in ("unmatched", "untested") else (wb or 0.0) - (wa or 0.0))
 
     for key in keys:
         ra, rb = matched_a.get(key), matched_b.get(key)
         if rb is None:
-            status = "lost"
+            status = "lost" if tested_b is None or _was_measured(tested_b, key[0], int(side_a[1][0, ra])) \
+                else "untested"
         elif ra is None:
-            status = "gained"
+            status = "gained" if tested_a is None or _was_measured(tested_a, key[0], key[1]) else "untested"
         else:
             status = _status(ga["kind"][ra], gb["kind"][rb], ga["weight"][ra], gb["weight"][rb], ratio)
         add(status, ra, rb, float(min(side[3][r] for side, r in ((side_a, ra), (side_b, rb)) if r is not None)))
@@ -315,6 +361,6 @@ def diff_graphs(a, b, *, matching=None, ratio: float | None = None) -> GraphDiff
         add("unmatched", None, r, None)
     table = pa.table({f.name: pa.array(cols[f.name], f.type) for f in TABLE_SCHEMA}, schema=TABLE_SCHEMA)
     shown = STATUSES[:4] + (("strengthened", "weakened") if ratio is not None else ()) + \
-        (("unmatched",) if matching is not None else ())
+        (("unmatched",) if matching is not None else ()) + (("untested",) if measured is not None else ())
     counts = {s: cols["status"].count(s) for s in shown}
     return GraphDiff(table, counts, notes, None if ratio is None else float(ratio))

@@ -222,3 +222,38 @@ def test_bad_matchings_are_refused():
         jfig.diff_graphs(a, b, matching={SITES[0]: wide})
     with pytest.raises(jfig.OptionError, match="n must be >= 0"):
         jfig.diff_graphs(a, b).most_changed(-1)
+
+
+def test_edges_whose_source_the_other_build_did_not_measure_are_untested():
+    perms = two_perms()
+    a = with_saes(planted())
+    rows = a.edges.to_pylist()
+    f0 = rows[0]["source"]                                # B's build did not measure A's source f0 (its match)
+    k = sum(r["source"] == f0 and r["source_site"] == SITES[0] for r in rows)
+    full = planted(perms, extra=[(perms[0][5], perms[1][0], 1)])     # and B found an edge from A's feature 5
+    keep = pa.array([not (r["source_site"] == SITES[0] and r["source"] == perms[0][f0])
+                     for r in full.edges.to_pylist()])
+    b = with_saes(jfig.InteractionGraph.from_tables(full.nodes, full.edges.filter(keep), full.manifest))
+    matching = dict(zip(SITES, perms))
+    plain = jfig.diff_graphs(a, b, matching=matching)
+    assert plain.counts["lost"] == k and plain.counts["gained"] == 1
+    src_a = {SITES[0]: range(4)}
+    src_b = {SITES[0]: [perms[0][i] for i in range(4) if i != f0] + [perms[0][5]]}
+    d = jfig.diff_graphs(a, b, matching=matching, measured=(src_a, src_b))
+    assert d.counts == {"same": 11 - k, "gained": 0, "lost": 0, "flipped": 0, "unmatched": 0, "untested": k + 1}
+    un = [r for r in d.table.to_pylist() if r["status"] == "untested"]
+    assert sorted(r["source"] for r in un) == sorted([f0] * k + [5])
+    assert all(r["change"] is None for r in un)
+    assert d.most_changed(100).num_rows == 11 - k
+    assert f"{k + 1} whose source the other build did not measure" in d.summary()
+    # an edge whose source both builds measured stays lost or gained
+    both = jfig.diff_graphs(a, b, matching=matching, measured=({SITES[0]: [0, 1, 2, 3, 5]},
+                                                              {SITES[0]: perms[0].tolist()}))
+    assert (both.counts["lost"], both.counts["gained"], both.counts["untested"]) == (k, 1, 0)
+    # without a matching the ids are compared as they are
+    same = jfig.diff_graphs(a, a, measured=({SITES[0]: [0]}, {SITES[0]: [0]}))
+    assert same.counts["same"] == 11 and same.counts["untested"] == 0
+    for bad, message in ((src_a, "must be a pair"), ((src_a, {SITES[0]: [9]}), "feature 9, outside its SAE"),
+                         (({SITES[0]: [-1]}, src_b), "negative id")):
+        with pytest.raises(jfig.JfigError, match=message):
+            jfig.diff_graphs(a, b, matching=matching, measured=bad)
