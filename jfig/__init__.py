@@ -17,13 +17,15 @@ from .explorer import attribution_json, explorer_payload, render_page
 from .graph import GraphDiff, InteractionGraph, diff_graphs, load_graph
 from .interactions import (adversarial_pairs, dominance_test, feature_distribution, metric_predictions,
                            neuron_interactions, qk_terms, query_overlap, rank_interactions, search_pair)
-from .measure import Effects, GatingEffects, feature_importance, measure_effects, measure_gating, weight_effects
+from .measure import (Effects, GatingEffects, crosscoder_effects, feature_importance, measure_effects, measure_gating,
+                      weight_effects)
 from .models.config import ModelConfig
 from .models.model import Model, Prefix, RunOutput
 from .models.registry import DEFAULT_MODEL, load_model
 from .models.tokenizer import Tokenizer
-from .pipeline import BuildOptions, build_graph
-from .saes import (SAE, FeatureMatching, Transcoder, default_saes, load_sae, load_transcoders, match_features,
+from .pipeline import BuildOptions, build_graph, crosscoder_graph
+from .saes import (SAE, Crosscoder, FeatureMatching, Transcoder, default_saes, load_crosscoder, save_crosscoder,
+                   train_crosscoder, load_sae, load_transcoders, match_features,
                    sae_metrics, save_clt, save_sae, save_transcoder, train_clt, train_sae, train_transcoder,
                    transcoder_metrics)
 from .steering import observe_cascade, predict_cascade
@@ -46,4 +48,5 @@ __all__ = [
     "metric_predictions", "rank_interactions", "adversarial_pairs", "search_pair",
     "FeatureMatching", "match_features",
     "save_clt", "train_clt",
+    "Crosscoder", "load_crosscoder", "save_crosscoder", "train_crosscoder", "crosscoder_effects", "crosscoder_graph",
 ]

@@ -9,7 +9,7 @@ from .adversarial import (ADVERSARIAL_SCHEMA, OutputEffect, SearchResult, advers
 from .attention import QKTerms, QueryOverlap, qk_terms, query_overlap
 from .distribution import DistributionAccumulator, FeatureDistribution, atlas_edges, feature_distribution
 from .dominance import DominanceTest, dominance_test
-from .neurons import NeuronInteractions, mlp_read_in, neuron_interactions
+from .neurons import NeuronInteractions, mlp_read_in, mlp_readers, neuron_interactions
 from .pairs import all_pairs, check_pairs, coactive_pairs
 from .predict import (EDGE_KINDS, PREDICTION_SCHEMA, edge_labels, metric_predictions, precision_at_k,
                       predictions_markdown, roc_auc)
@@ -20,6 +20,6 @@ __all__ = ["ADVERSARIAL_SCHEMA", "DistributionAccumulator", "DominanceTest", "ED
            "NeuronInteractions", "OutputEffect", "PREDICTION_SCHEMA", "QKTerms", "QueryOverlap", "RANK_SCHEMA",
            "SearchResult", "adversarial_pairs", "all_pairs", "atlas_edges", "canonical_pairs", "check_pairs",
            "coactive_pairs", "dominance_test", "edge_labels", "feature_distribution", "first_reader",
-           "metric_predictions", "mlp_read_in", "neuron_interactions", "norm_map", "norm_scale", "output_effects",
+           "metric_predictions", "mlp_read_in", "mlp_readers", "neuron_interactions", "norm_map", "norm_scale", "output_effects",
            "pair_frequency", "pair_summary", "plot_interactions", "precision_at_k", "predictions_markdown", "qk_terms",
            "query_overlap", "rank_interactions", "reading_layer", "roc_auc", "search_pair", "special_token_ids"]

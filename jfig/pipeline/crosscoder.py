@@ -92,7 +92,8 @@ def crosscoder_graph(model, crosscoder: Crosscoder, tokens, *, sources=None, sou
     manifest = {"kind": "crosscoder", "crosscoder_sites": list(crosscoder.sites), "saes": widths,
                 "options": {**{k: v for k, v in opts.items() if k != "clean"}, "alpha": alpha,
                             "correction": correction, "null_sources": null_sources, "null_quantile": null_quantile},
-                "n_tested": int(decision.n_tested), "tokens": list(tokens.shape)}
+                "n_tested": int(decision.n_tested), "tokens": list(tokens.shape),
+                "sources": eff.sources.features.tolist()}
     graph = assemble_graph(records, None, node_info=NodeInfo(None), sites=model.sites, positions="same",
                            manifest=manifest, sources=list(zip(eff.sources.sites, eff.sources.features.tolist())))
     log.info("crosscoder graph: %d sources, %d tested pairs, %d edges", len(eff.sources), decision.n_tested,
