@@ -272,7 +272,7 @@ def cmd_diff(args) -> int:
                           min_similarity=args.min_similarity)
     elif args.sae_a or args.sae_b:
         raise JfigError("--sae-a / --sae-b name the SAEs whose features --match matches; pass --match too")
-    diff = run_diff(args.a, args.b, args.out, match=match, ratio=args.ratio)
+    diff = run_diff(args.a, args.b, args.out, match=match, ratio=args.ratio, untested=args.untested)
     print(f"A = {args.a}, B = {args.b}: {diff.summary()}")
     for note in diff.notes:
         print(f"note: {note}")
@@ -490,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also label edges whose |weight| grew (strengthened) or shrank (weakened) by more than a "
                          "factor R, e.g. 2")
     df.add_argument("--top", type=int, default=10, help="most changed interactions printed (default 10)")
+    df.add_argument("--untested", action="store_true",
+                    help="count an edge whose source the other build never measured (read from the candidates.json "
+                         "each build left beside its graph) as untested instead of lost or gained")
     df.add_argument("--match", choices=("decoder", "activation", "both"), default=None,
                     help="match the two graphs' SAE features (decoder cosine, activation correlation, or both) and "
                          "compare edges through the matched ids: graphs of different SAEs")

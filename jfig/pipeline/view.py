@@ -3,6 +3,7 @@ it, the model and the graph's SAEs (found in jfig's cache by fingerprint) made i
 written to one file or served with the steering simulator; and two graphs compared edge by edge."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -24,6 +25,8 @@ from ..saes import load_sae_ref, match_sae_sets
 from ..saes.matching import METHODS
 from .analysis import find_atlas
 from .behavior import cached_saes_for, check_graph_dir
+from .dense import plan_dense
+from .stages import plan_sources
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +193,31 @@ def diff_matching(match: DiffMatch, a, b) -> dict:
     return matching
 
 
-def run_diff(a, b, out=None, *, match: DiffMatch | None = None, ratio: float | None = None) -> GraphDiff:
+def measured_sources(graph_dir, graph=None) -> dict[str, list[int]]:
+    """{site: source features} the build of a saved graph measured: read from the candidates.json its
+    build left beside it (GRAPH_DIR/.. as build_graph's out_dir, or GRAPH_DIR/../build as `jfig build`
+    and `jfig demo`), with the graph's max_sources applied as the build applied it."""
+    graph_dir = Path(graph_dir)
+    found = [p / "candidates.json" for p in (graph_dir.parent, graph_dir.parent / "build")
+             if (p / "candidates.json").exists()]
+    if not found:
+        raise JfigError(f"no candidates.json beside {graph_dir} (looked in {graph_dir.parent} and "
+                        f"{graph_dir.parent / 'build'}): the sources its build measured are not known")
+    pairs = json.loads(found[0].read_text())["pairs"]
+    graph = graph if graph is not None else load_graph(graph_dir)
+    cap = graph.manifest.get("options", {}).get("max_sources")
+    planned = plan_dense(pairs["dense"], cap) if "dense" in pairs else plan_sources(pairs, cap)
+    out: dict[str, list[int]] = {}
+    for site, feature, *_ in planned:
+        out.setdefault(site, []).append(int(feature))
+    return out
+
+
+def run_diff(a, b, out=None, *, match: DiffMatch | None = None, ratio: float | None = None,
+             untested: bool = False) -> GraphDiff:
     """Compare two saved graphs (through a matching of their SAEs' features when `match` is given);
-    write the edge table as CSV to `out` when given."""
+    write the edge table as CSV to `out` when given. untested: count the edges whose source the other
+    build never measured (its candidates.json, see measured_sources) as 'untested'."""
     a_dir, b_dir = check_graph_dir(a), check_graph_dir(b)
     if out is not None and not Path(out).resolve().parent.exists():
         raise JfigError(f"the folder of --out ({Path(out).parent}) does not exist")
@@ -202,7 +227,8 @@ def run_diff(a, b, out=None, *, match: DiffMatch | None = None, ratio: float | N
                 raise JfigError(f"SAE {p} is neither an existing path nor RELEASE:SAE_ID")
     ga, gb = load_graph(a_dir), load_graph(b_dir)
     matching = diff_matching(match, ga, gb) if match is not None else None
-    diff = diff_graphs(ga, gb, matching=matching, ratio=ratio)
+    measured = (measured_sources(a_dir, ga), measured_sources(b_dir, gb)) if untested else None
+    diff = diff_graphs(ga, gb, matching=matching, ratio=ratio, measured=measured)
     if out is not None:
         tmp = Path(out).with_name(Path(out).name + ".tmp")
         pacsv.write_csv(diff.table, tmp)

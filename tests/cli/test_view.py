@@ -116,6 +116,19 @@ def test_diff_and_attribution_export(built, tmp_path, capsys):
         t = list(csv.DictReader(fh))
     assert len(t) == 24 and [r["status"] for r in t].count("lost") == 2 and t[0]["status"] == "flipped"
     assert main(["diff", str(out / "graph"), str(tmp_path / "nothing")]) == 2
+    # --untested reads the sources each build measured from the candidates.json beside its graph
+    assert main(["diff", str(out / "graph"), str(b), "--untested"]) == 2
+    assert "no candidates.json beside" in capsys.readouterr().err
+    a = tmp_path / "a" / "build"
+    g.save(a / "graph")
+    every = {SAE_SITES[0]: list(range(16))}
+    lost = {r["source"] for r in rows[-2:]}
+    for folder, sources in ((a, every), (tmp_path, {SAE_SITES[0]: sorted(set(range(16)) - lost)})):
+        (folder / "candidates.json").write_text(json.dumps({"pairs": {"dense": {
+            "sources": sources, "target_sites": {SAE_SITES[0]: [SAE_SITES[1]]}, "d_sae": {}}}, "report": []}))
+    assert main(["diff", str(a / "graph"), str(b), "--untested"]) == 0
+    assert ("21 same, 0 gained, 0 lost, 1 sign-flipped, 2 whose source the other build did not measure"
+            in capsys.readouterr().out)
     slice_file = tmp_path / "slice.json"
     assert main(["export-attribution", str(out / "graph"), *model_args(root), "--prompt", "alpha beta gamma",
                  "--out", str(slice_file)]) == 0
