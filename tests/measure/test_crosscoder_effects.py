@@ -113,3 +113,13 @@ def test_errors(setup):
     wide = Crosscoder(jnp.zeros((3, 8, 4)), jnp.zeros(4), jnp.ones((4, 3, 8)), jnp.zeros((3, 8)), SITES)
     with pytest.raises(ShapeError, match="width"):
         crosscoder_effects(model, wide, tokens, [0], progress=False)
+
+
+def test_no_retrace_for_other_sources(setup, count_traces):
+    model, cc, tokens = setup
+    homes = cc.home_layers()
+    first, second = np.flatnonzero(homes == 0)[:2], np.flatnonzero(homes == 0)[2:4]
+    crosscoder_effects(model, cc, tokens, first, inputs_per_source=4, chunk_size=2, progress=False)
+    with count_traces() as traces:                # same home layer and shapes, other features: no trace
+        crosscoder_effects(model, cc, tokens, second, inputs_per_source=4, chunk_size=2, progress=False)
+    assert traces.count == 0

@@ -134,3 +134,12 @@ def test_errors(tmp_path):
         load_crosscoder(tmp_path / "bad")
     with pytest.raises(FormatError, match="no crosscoder.json"):
         load_crosscoder(tmp_path)
+
+
+def test_one_compiled_step(count_traces):
+    x, _ = planted(n=1024)
+    cfg = CrosscoderConfig(d_sae=8, architecture="topk", k=2, steps=3, batch_size=128, log_every=3)
+    fit_crosscoder(x, SITES, D, cfg, progress=False)
+    with count_traces() as traces:               # another run with another seed: the step is reused
+        fit_crosscoder(x, SITES, D, CrosscoderConfig(**{**cfg.__dict__, "seed": 1}), progress=False)
+    assert traces.count == 0
