@@ -1,6 +1,8 @@
 """Behaviours: prompt suites with a metric, seed features, k-hop subgraphs of the interaction graph,
 and the tests that make a subgraph a circuit (sufficiency, necessity, self-containment, heads)."""
 from .circuit import HEAD_CIRCUITS, BehaviorCircuit, behavior_subgraph, circuit_report
+from .circuit_search import (CircuitComparison, CircuitEdge, FeatureCircuit, compare_circuits, direct_circuit_metric,
+                             feature_circuit, random_circuits, set_faithfulness)
 from .heads import EdgeHeads, HeadEffects, can_carry, edge_heads, head_patching
 from .metric import Baseline, logit_diff, suite_baseline
 from .modularity import overlap, self_containment
@@ -10,9 +12,10 @@ from .suite import BehaviorSuite, SuiteTokens, as_suite, behavior_suite, load_su
 from .validate import CircuitTest, circuit_test, matched_controls, set_metrics
 
 __all__ = [
-    "Baseline", "BehaviorCircuit", "BehaviorSuite", "CircuitTest", "EdgeHeads", "FeatureScores", "HEAD_CIRCUITS",
+    "Baseline", "BehaviorCircuit", "BehaviorSuite", "CircuitComparison", "CircuitEdge", "CircuitTest", "EdgeHeads", "FeatureScores", "HEAD_CIRCUITS",
     "HeadEffects", "Seed", "Subgraph", "SuiteTokens", "ablation_effects", "as_suite", "behavior_subgraph",
-    "behavior_suite", "can_carry", "circuit_report", "circuit_test", "edge_heads", "feature_scores", "find_seeds", "head_patching",
-    "internal_fraction", "khop_subgraph", "load_suite", "logit_diff", "matched_controls", "overlap",
-    "self_containment", "set_metrics", "suite_baseline", "tokenize_suite",
+    "behavior_suite", "can_carry", "circuit_report", "circuit_test", "compare_circuits", "direct_circuit_metric", "edge_heads",
+    "feature_circuit", "FeatureCircuit", "feature_scores", "find_seeds", "head_patching",
+    "internal_fraction", "khop_subgraph", "load_suite", "logit_diff", "matched_controls", "overlap", "random_circuits",
+    "self_containment", "set_faithfulness", "set_metrics", "suite_baseline", "tokenize_suite",
 ]
