@@ -21,6 +21,13 @@ cost O(d^3) on the host and force pairs between features that are nobody's best 
 Correlations are streamed: each batch of tokens is encoded by both SAEs on device and folded into
 running means, variances and the [d_a, d_b] co-moment (merged batch by batch with Chan's update,
 so float32 accumulation does not cancel); no more than one batch of activations is held.
+
+:func:`match_across` is the same matching between dictionaries of *different* sites (another layer,
+or the attention / MLP output that writes into a residual site): both sites are captured in one run
+of the model, decoder cosines need the two sites to share a width (``d_in``), and a third
+similarity, ``causal`` (a standardised effect of clamping A's feature on B's, measured by the caller
+with ``jfig.measure``), can be given as a matrix. :func:`mutual_best` and the ``*_moments`` helpers
+are the pieces both entry points share.
 """
 from __future__ import annotations
 
@@ -36,8 +43,12 @@ import pyarrow as pa
 
 from ..errors import JfigError, OptionError, ShapeError, SiteError
 from ..models.validation import check_saes, check_token_rows
+from ..sites import site_key
 
 METHODS = ("decoder", "activation", "both")
+ACROSS_METHODS = ("decoder", "activation", "causal", "both", "all")
+COMPONENTS = {"decoder": ("decoder",), "activation": ("activation",), "causal": ("causal",),
+              "both": ("decoder", "activation"), "all": ("decoder", "activation", "causal")}
 HIGHEST = jax.lax.Precision.HIGHEST    # float32 products in full (no TF32 on GPUs)
 SCORE_BYTES = 1 << 28           # a block of similarities on device: at most this many bytes
 ROWS_PER_SEQUENCE = 128         # activations given as rows are folded batch_size * this rows at a time
@@ -119,13 +130,15 @@ def check_pair(sae_a, sae_b) -> None:
 
 # ------------------------------------------------------------------------------ streamed correlation
 
-def _empty_moments(d_a: int, d_b: int):
+def empty_moments(d_a: int, d_b: int):
+    """Moments of no tokens: (count, mean_a [d_a], mean_b [d_b], sum of squared deviations a [d_a],
+    b [d_b], co-moment [d_a, d_b]), float32 on device."""
     z = partial(jnp.zeros, dtype=jnp.float32)
     return (z(()), z((d_a,)), z((d_b,)), z((d_a,)), z((d_b,)), z((d_a, d_b)))
 
 
 @jax.jit
-def _fold(moments, fa, fb, w):
+def fold_moments(moments, fa, fb, w):
     """Moments (count, means, sums of squared deviations, co-moment) merged with one batch of
     feature activations fa [rows, d_a], fb [rows, d_b] whose rows count with weight w [rows] (0 or 1)."""
     n, ma, mb, va, vb, c = moments
@@ -189,7 +202,7 @@ def _row_batches(acts, d_in: int, batch_rows: int, what: str):
 def _moments(sae_a, sae_b, *, model, model_b, tokens, activations, activations_b, batch_size: int,
              skip_positions: int):
     """Device moments of A's and B's activations over the same tokens (see module docstring)."""
-    moments = _empty_moments(sae_a.d_sae, sae_b.d_sae)
+    moments = empty_moments(sae_a.d_sae, sae_b.d_sae)
     if activations is not None:
         if model is not None or tokens is not None:
             raise OptionError("pass activations= or model= with tokens=, not both")
@@ -201,7 +214,7 @@ def _moments(sae_a, sae_b, *, model, model_b, tokens, activations, activations_b
             if a is None or b is None or not np.array_equal(a[1], b[1]):
                 raise ShapeError("activations and activations_b hold different numbers of token rows; they must be "
                                  "the same tokens, row for row")
-            moments = _fold(moments, _encode_rows(sae_a, a[0]), _encode_rows(sae_b, b[0]), a[1])
+            moments = fold_moments(moments, _encode_rows(sae_a, a[0]), _encode_rows(sae_b, b[0]), a[1])
         return moments
     if model is None or tokens is None:
         raise OptionError("activation correlation needs activations=, or model= and tokens= to run the model on")
@@ -214,18 +227,61 @@ def _moments(sae_a, sae_b, *, model, model_b, tokens, activations, activations_b
                           f"tokens), got {skip_positions}")
     for toks, w in _token_batches(tokens, batch_size, skip_positions):
         t = jnp.asarray(toks)
-        moments = _fold(moments, _features_on(model, sae_a, t, site=sae_a.site),
+        moments = fold_moments(moments, _features_on(model, sae_a, t, site=sae_a.site),
                         _features_on(model_b, sae_b, t, site=sae_b.site), jnp.asarray(w))
     return moments
 
 
-def _correlation(moments):
+def moments_correlation(moments):
     """[d_a, d_b] Pearson correlations (0 where a feature never varies) and the token count."""
     n, _, _, va, vb, c = moments
     sa, sb = jnp.sqrt(va), jnp.sqrt(vb)
     denom = sa[:, None] * sb[None, :]
     ok = (sa[:, None] > 0) & (sb[None, :] > 0)
     return jnp.clip(jnp.where(ok, c / jnp.where(ok, denom, 1.0), 0.0), -1.0, 1.0), int(n)
+
+
+def moments_std(moments) -> tuple[np.ndarray, np.ndarray]:
+    """(std_a [d_a], std_b [d_b]): each feature's population standard deviation over the tokens folded
+    in (zeros included: a sparse feature's spread over all tokens)."""
+    n, _, _, va, vb, _ = moments
+    n = max(float(n), 1.0)
+    return np.sqrt(np.asarray(va, np.float64) / n), np.sqrt(np.asarray(vb, np.float64) / n)
+
+
+@partial(jax.jit, static_argnames=("sites", "stop"))
+def _features_at_sites(model, sae_a, sae_b, tokens, *, sites, stop):
+    """A's and B's features [batch * seq, d_a], [batch * seq, d_b] from one run capturing both sites."""
+    cache = model.run(tokens, capture=sites, stop_at=stop, logits=False).cache
+    fa, fb = sae_a.encode(cache[sae_a.site]), sae_b.encode(cache[sae_b.site])
+    return fa.reshape(-1, fa.shape[-1]), fb.reshape(-1, fb.shape[-1])
+
+
+def site_moments(sae_a, sae_b, *, model=None, tokens=None, activations=None, activations_b=None,
+                 batch_size: int = 8, skip_positions: int = 0):
+    """Streamed moments (as :func:`empty_moments` lays them out) of two SAEs' features over the same
+    tokens, the SAEs at any two sites of one model: ``model`` with ``tokens`` [n, seq] runs once per
+    batch, capturing both sites and stopping at the later one; or ``activations`` [..., d_in_a] and
+    ``activations_b`` [..., d_in_b] (arrays or iterables), the same tokens row for row."""
+    if activations is not None:
+        if activations_b is None and sae_a.site != sae_b.site:
+            raise OptionError(f"activations_b= is needed: SAE B reads {sae_b.site}, not A's {sae_a.site}")
+        return _moments(sae_a, sae_b, model=None, model_b=None, tokens=None, activations=activations,
+                        activations_b=activations_b, batch_size=batch_size, skip_positions=skip_positions)
+    if model is None or tokens is None:
+        raise OptionError("activation correlation needs activations=, or model= and tokens= to run the model on")
+    check_saes(model, [sae_a])
+    check_saes(model, [sae_b])
+    tokens = check_token_rows(tokens, model.vocab_size, what="tokens")
+    if not 0 <= skip_positions < tokens.shape[1]:
+        raise OptionError(f"skip_positions must be in 0..{tokens.shape[1] - 1} (sequences of {tokens.shape[1]} "
+                          f"tokens), got {skip_positions}")
+    sites = tuple(dict.fromkeys(sorted((sae_a.site, sae_b.site), key=site_key)))
+    moments = empty_moments(sae_a.d_sae, sae_b.d_sae)
+    for toks, w in _token_batches(tokens, batch_size, skip_positions):
+        fa, fb = _features_at_sites(model, sae_a, sae_b, jnp.asarray(toks), sites=sites, stop=sites[-1])
+        moments = fold_moments(moments, fa, fb, jnp.asarray(w))
+    return moments
 
 
 def feature_correlation(sae_a, sae_b, *, model=None, model_b=None, tokens=None, activations=None,
@@ -240,22 +296,44 @@ def feature_correlation(sae_a, sae_b, *, model=None, model_b=None, tokens=None, 
     check_pair(sae_a, sae_b)
     m = _moments(sae_a, sae_b, model=model, model_b=model_b, tokens=tokens, activations=activations,
                  activations_b=activations_b, batch_size=batch_size, skip_positions=skip_positions)
-    return np.asarray(_correlation(m)[0])
+    return np.asarray(moments_correlation(m)[0])
 
 
 # ------------------------------------------------------------------------------ the assignment
 
+@dataclass(frozen=True)
+class MutualBest:
+    """Per A feature ``[d_a]``: ``best`` B feature, its ``similarity`` (the method's score; -inf where
+    the row had no finite score), ``decoder_cosine``, ``correlation`` and ``causal`` with it (NaN where
+    not given); ``best_a [d_b]``: each B feature's best A feature; ``match [d_a]``: ``best`` where
+    mutual and at least the threshold, else -1."""
+
+    best: np.ndarray
+    similarity: np.ndarray
+    decoder_cosine: np.ndarray
+    correlation: np.ndarray
+    causal: np.ndarray
+    best_a: np.ndarray
+    match: np.ndarray
+
+
 @partial(jax.jit, static_argnames=("method",))
-def _block_best(wa, wb, corr, *, method):
-    """For a block of A's rows: each row's best B feature, its score, cosine and correlation; and for
-    each B feature the block's best row and score. wa [k, d_in] and wb [d_b, d_in] unit rows; corr
-    [k, d_b] or None."""
-    cos = jnp.matmul(wa, wb.T, precision=HIGHEST)                     # [k, d_b]
-    score = cos if method == "decoder" else corr if method == "activation" else jnp.minimum(cos, corr)
+def _block_best(wa, wb, corr, causal, *, method):
+    """For a block of A's rows: each row's best B feature, its score, cosine, correlation and causal
+    score; and for each B feature the block's best row and score. wa [k, d_in] and wb [d_b, d_in] unit
+    rows (None when the method has no decoder part and the widths differ); corr, causal [k, d_b] or
+    None. NaN scores (an unmeasured causal row) never win."""
+    cos = None if wa is None else jnp.matmul(wa, wb.T, precision=HIGHEST)        # [k, d_b]
+    named = {"decoder": cos, "activation": corr, "causal": causal}
+    parts = COMPONENTS[method]
+    score = named[parts[0]]
+    for part in parts[1:]:
+        score = jnp.minimum(score, named[part])
+    score = jnp.where(jnp.isnan(score), -jnp.inf, score)
     best = jnp.argmax(score, axis=1)                                   # [k]
-    pick = lambda m: jnp.take_along_axis(m, best[:, None], axis=1)[:, 0]  # noqa: E731
-    row_corr = pick(corr) if corr is not None else jnp.full(best.shape, jnp.nan)
-    return best, pick(score), pick(cos), row_corr, jnp.argmax(score, axis=0), jnp.max(score, axis=0)
+    nan = jnp.full(best.shape, jnp.nan)
+    pick = lambda m: nan if m is None else jnp.take_along_axis(m, best[:, None], axis=1)[:, 0]  # noqa: E731
+    return best, pick(score), pick(cos), pick(corr), pick(causal), jnp.argmax(score, axis=0), jnp.max(score, axis=0)
 
 
 def _unit_rows(w):
@@ -264,23 +342,39 @@ def _unit_rows(w):
     return w / jnp.where(norm > 0, norm, 1.0)
 
 
-def _assign(sae_a, sae_b, corr, method: str, min_similarity: float, block: int | None):
-    d_a, d_b = sae_a.d_sae, sae_b.d_sae
-    wa, wb = _unit_rows(sae_a.W_dec), _unit_rows(sae_b.W_dec)
+def mutual_best(dec_a, dec_b, *, method: str, min_similarity: float, correlation=None, causal=None,
+                block: int | None = None) -> MutualBest:
+    """One-to-one assignment of A's features to B's by mutual best similarity (module docstring).
+
+    dec_a [d_a, d_in], dec_b [d_b, d_in]: decoder rows (None for both when ``method`` has no decoder
+    part); correlation, causal: [d_a, d_b] similarity matrices (device or host) when the method
+    uses them; method: a key of ``COMPONENTS`` (a combined method scores a pair by its smallest part).
+    Scored ``block`` A rows at a time on device (default: as many as fit 256 MB)."""
+    need = COMPONENTS[method]
+    given = {"decoder": dec_a, "activation": correlation, "causal": causal}
+    missing = [p for p in need if given[p] is None]
+    if missing:
+        raise OptionError(f"method={method!r} needs the {missing} similarity, which was not given")
+    d_a, d_b = (len(dec_a), len(dec_b)) if dec_a is not None else np.shape(correlation if correlation is not None
+                                                                             else causal)
+    wa, wb = (_unit_rows(dec_a), _unit_rows(dec_b)) if dec_a is not None else (None, None)
+    corr = None if correlation is None else jnp.asarray(correlation, jnp.float32)
+    caus = None if causal is None else jnp.asarray(causal, jnp.float32)
     k = min(d_a, block or max(1, SCORE_BYTES // (4 * 3 * d_b)))
-    best, score, cos, cc = (np.zeros(d_a, np.int64), np.zeros(d_a, np.float32), np.zeros(d_a, np.float32),
-                            np.zeros(d_a, np.float32))
+    out_rows = [np.zeros(d_a, np.int64)] + [np.zeros(d_a, np.float32) for _ in range(4)]
     col_arg, col_max = np.zeros(d_b, np.int64), np.full(d_b, -np.inf, np.float32)
+    cut = lambda m, s: None if m is None else jax.lax.dynamic_slice_in_dim(m, s, k, axis=0)  # noqa: E731
     for start in range(0, d_a, k):
         s = min(start, d_a - k)                     # the last block overlaps the one before: one shape
-        c = None if corr is None else jax.lax.dynamic_slice_in_dim(corr, s, k, axis=0)
-        out = [np.asarray(x) for x in _block_best(jax.lax.dynamic_slice_in_dim(wa, s, k, axis=0), wb, c,
-                                                   method=method)]
-        best[s:s + k], score[s:s + k], cos[s:s + k], cc[s:s + k] = out[:4]
-        better = out[5] > col_max                    # strict: ties keep the lowest A id, as argmax does
-        col_arg[better], col_max[better] = out[4][better] + s, out[5][better]
+        out = [np.asarray(x) for x in _block_best(cut(wa, s), wb, cut(corr, s), cut(caus, s), method=method)]
+        for row, value in zip(out_rows, out[:5]):
+            row[s:s + k] = value
+        better = out[6] > col_max                    # strict: ties keep the lowest A id, as argmax does
+        col_arg[better], col_max[better] = out[5][better] + s, out[6][better]
+    best, score = out_rows[0], out_rows[1]
     mutual = (col_arg[best] == np.arange(d_a)) & (score >= min_similarity)
-    return best, score, cos, cc, col_arg, np.where(mutual, best, -1)
+    return MutualBest(best=best, similarity=score, decoder_cosine=out_rows[2], correlation=out_rows[3],
+                      causal=out_rows[4], best_a=col_arg, match=np.where(mutual, best, -1))
 
 
 def match_features(sae_a, sae_b, *, method: str = "decoder", min_similarity: float = 0.5, model=None,
@@ -314,16 +408,101 @@ def match_features(sae_a, sae_b, *, method: str = "decoder", min_similarity: flo
         raise OptionError(f"method={method!r} correlates activations: pass activations=, or model= and tokens=")
     corr, n_tokens = None, 0
     if given:
-        corr, n_tokens = _correlation(_moments(sae_a, sae_b, model=model, model_b=model_b, tokens=tokens,
+        corr, n_tokens = moments_correlation(_moments(sae_a, sae_b, model=model, model_b=model_b, tokens=tokens,
                                                activations=activations, activations_b=activations_b,
                                                batch_size=batch_size, skip_positions=skip_positions))
         if n_tokens < 2:
             raise JfigError(f"activation correlation needs at least 2 tokens, got {n_tokens}")
-    best, score, cos, cc, best_a, match = _assign(sae_a, sae_b, corr, method, float(min_similarity), block)
-    return FeatureMatching(site=sae_a.site, method=method, min_similarity=float(min_similarity), best=best,
-                           similarity=score, decoder_cosine=cos,
-                           correlation=cc if corr is not None else np.full(len(best), np.nan, np.float32),
-                           best_a=best_a, match=match, n_tokens=n_tokens)
+    r = mutual_best(sae_a.W_dec, sae_b.W_dec, method=method, min_similarity=float(min_similarity), correlation=corr,
+                    block=block)
+    return FeatureMatching(site=sae_a.site, method=method, min_similarity=float(min_similarity), best=r.best,
+                           similarity=r.similarity, decoder_cosine=r.decoder_cosine, correlation=r.correlation,
+                           best_a=r.best_a, match=r.match, n_tokens=n_tokens)
+
+
+@dataclass(frozen=True, eq=False)
+class CrossMatching(FeatureMatching):
+    """A :class:`FeatureMatching` between SAE A at ``site`` and SAE B at ``site_b`` (another layer or
+    component). ``causal [d_sae_a]``: the standardised causal effect of each A feature on its best B
+    feature (NaN where not measured or not given)."""
+
+    site_b: str = ""
+    causal: np.ndarray | None = None
+
+    def table(self) -> pa.Table:
+        """:meth:`FeatureMatching.table` plus a ``causal`` column."""
+        t = super().table()
+        return t.append_column("causal", pa.array(self.causal if self.causal is not None
+                                                  else np.full(self.d_sae_a, np.nan), pa.float32()))
+
+    def summary(self) -> str:
+        return (f"{self.site} -> {self.site_b}: {self.n_matched} of {self.d_sae_a} A features matched one to one to "
+                f"B's {self.d_sae_b} by {self.method} (similarity >= {self.min_similarity:g}"
+                + (f", correlations over {self.n_tokens} tokens)" if self.n_tokens else ")"))
+
+
+def match_across(sae_a, sae_b, *, method: str = "decoder", min_similarity: float = 0.5, model=None, tokens=None,
+                 activations=None, activations_b=None, causal=None, moments=None, batch_size: int = 8,
+                 skip_positions: int = 0, block: int | None = None) -> CrossMatching:
+    """Match the features of ``sae_a`` to those of ``sae_b`` when the two read *different* sites (an
+    earlier and a later layer; a residual site and the attention or MLP output written into it), one
+    to one by mutual best similarity, as :func:`match_features` does at one site.
+
+    method: "decoder" (decoder cosine: both sites must have the same width), "activation" (Pearson
+    correlation over tokens), "causal" (the ``causal`` matrix), "both" (decoder and activation, the
+    smaller) or "all" (the smallest of the three).
+    Activations: ``model`` with ``tokens`` [n, seq] (both sites captured in one run per batch of
+    ``batch_size`` sequences; positions < ``skip_positions`` left out), or ``activations`` (A's site)
+    with ``activations_b`` (B's site), or ``moments`` already streamed by :func:`site_moments`.
+    causal: [d_sae_a, d_sae_b] standardised effects of A's features on B's (NaN rows: not measured,
+    never matched), e.g. ``jfig.analysis.lineage.causal_similarity``. min_similarity: in [-1, 1] for
+    cosines and correlations; any finite number when the method includes ``causal``.
+
+    >>> m = match_across(sae6, sae10, method="both", model=model, tokens=tokens)   # doctest: +SKIP
+    >>> m.match                                                   # [d_sae_a] ids of sae10, -1 unmatched
+    """
+    if method not in ACROSS_METHODS:
+        raise OptionError(f"method must be one of {ACROSS_METHODS}, got {method!r}")
+    parts = COMPONENTS[method]
+    if not np.isfinite(float(min_similarity)) or ("causal" not in parts and not -1.0 <= float(min_similarity) <= 1.0):
+        raise OptionError(f"min_similarity must be in [-1, 1] (a cosine or a correlation), or finite when the method "
+                          f"includes causal, got {min_similarity}")
+    if block is not None and int(block) < 1:
+        raise OptionError(f"block must be >= 1 features, got {block}")
+    if batch_size < 1:
+        raise OptionError(f"batch_size must be >= 1, got {batch_size}")
+    if "decoder" in parts and sae_a.d_in != sae_b.d_in:
+        raise ShapeError(f"decoder cosines need one width: SAE A at {sae_a.site} has d_in {sae_a.d_in}, SAE B at "
+                         f"{sae_b.site} has d_in {sae_b.d_in}; use method='activation' or 'causal'")
+    if causal is not None:
+        causal = np.asarray(causal, np.float32)
+        if causal.shape != (sae_a.d_sae, sae_b.d_sae):
+            raise ShapeError(f"causal has shape {causal.shape}, expected [d_sae_a, d_sae_b] = "
+                             f"[{sae_a.d_sae}, {sae_b.d_sae}]")
+    elif "causal" in parts:
+        raise OptionError(f"method={method!r} needs causal=, a [{sae_a.d_sae}, {sae_b.d_sae}] matrix of "
+                          f"standardised effects (jfig.analysis.lineage.causal_similarity)")
+    given = moments is not None or activations is not None or model is not None or tokens is not None
+    if "activation" in parts and not given:
+        raise OptionError(f"method={method!r} correlates activations: pass moments=, activations= with "
+                          f"activations_b=, or model= and tokens=")
+    corr, n_tokens = None, 0
+    if given:
+        if moments is None:
+            moments = site_moments(sae_a, sae_b, model=model, tokens=tokens, activations=activations,
+                                   activations_b=activations_b, batch_size=batch_size, skip_positions=skip_positions)
+        if tuple(np.shape(moments[5])) != (sae_a.d_sae, sae_b.d_sae):
+            raise ShapeError(f"moments hold a co-moment of shape {tuple(np.shape(moments[5]))}, expected "
+                             f"[{sae_a.d_sae}, {sae_b.d_sae}] for these two SAEs")
+        corr, n_tokens = moments_correlation(moments)
+        if n_tokens < 2:
+            raise JfigError(f"activation correlation needs at least 2 tokens, got {n_tokens}")
+    same_width = sae_a.d_in == sae_b.d_in
+    r = mutual_best(sae_a.W_dec if same_width else None, sae_b.W_dec if same_width else None, method=method,
+                    min_similarity=float(min_similarity), correlation=corr, causal=causal, block=block)
+    return CrossMatching(site=sae_a.site, method=method, min_similarity=float(min_similarity), best=r.best,
+                         similarity=r.similarity, decoder_cosine=r.decoder_cosine, correlation=r.correlation,
+                         best_a=r.best_a, match=r.match, n_tokens=n_tokens, site_b=sae_b.site, causal=r.causal)
 
 
 def match_sae_sets(saes_a: Iterable, saes_b: Iterable, **options) -> dict[str, FeatureMatching]:
