@@ -12,6 +12,8 @@ from jfig.saes.train import (CLTConfig, CrosscoderConfig, TrainConfig, Transcode
                              fit_crosscoder, fit_transcoder, train_clt, train_crosscoder, train_sae, train_transcoder)
 from jfig.saes.defaults import DefaultSAESettings, default_saes
 from jfig.saes.matching import FeatureMatching, feature_correlation, match_features, match_sae_sets
+from jfig.saes.nfm import NFM, bi_interaction, load_nfm, nfm_params, save_nfm
+from jfig.saes.nfm_metrics import nfm_metrics
 
 __all__ = ["SAE", "DefaultSAESettings", "TrainConfig", "activation_metrics", "default_saes", "fit", "load_sae", "load_sae_ref",
            "load_sparsity", "sae_metrics", "save_sae", "train_sae", "fold_W_dec_norm",
@@ -19,4 +21,5 @@ __all__ = ["SAE", "DefaultSAESettings", "TrainConfig", "activation_metrics", "de
            "TranscoderConfig", "fit_transcoder", "save_transcoder", "train_transcoder", "transcoder_metrics",
            "transcoder_pair_metrics", "FeatureMatching", "feature_correlation", "match_features", "match_sae_sets",
            "CLTConfig", "fit_clt", "save_clt", "train_clt", "Crosscoder", "CrosscoderConfig", "fit_crosscoder",
-           "load_crosscoder", "save_crosscoder", "train_crosscoder"]
+           "load_crosscoder", "save_crosscoder", "train_crosscoder", "NFM", "bi_interaction", "load_nfm",
+           "nfm_metrics", "nfm_params", "save_nfm"]

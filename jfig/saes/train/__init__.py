@@ -15,6 +15,8 @@ and ReLU+L1.
   :func:`stream_clt_pairs` and :func:`train_clt`.
 - :mod:`.crosscoder`: acausal crosscoders over several layers' residual streams, with an optional
   interaction penalty: :func:`fit_crosscoder`, :func:`capture_stacked` and :func:`train_crosscoder`.
+- :mod:`.nfm`: neural factorization machines on an SAE's features (:func:`fit_nfm`, :func:`train_nfm`)
+  and the matched-parameter secondary SAE on its error (:func:`train_secondary_sae`).
 """
 
 from jfig.saes.train.checkpoint import load_checkpoint, save_checkpoint
@@ -23,6 +25,8 @@ from jfig.saes.train.config import (B_DEC_INITS, DECAYS, TRAIN_ARCHITECTURES, CL
                                    TranscoderConfig)
 from jfig.saes.train.crosscoder import capture_stacked, crosscoder_sites, fit_crosscoder, train_crosscoder
 from jfig.saes.train.fit import capture_activations, fit, train_sae
+from jfig.saes.train.nfm import (NFMConfig, NFMState, fit_nfm, init_nfm_state, matched_d_sae, nfm_from_state,
+                                 nfm_train_step, train_nfm, train_secondary_sae)
 from jfig.saes.train.losses import (auxk_loss, clt_loss, crosscoder_loss, interaction_penalty, dead_latent_fvu, dictionary_loss, heaviside_step, jumprelu, sae_loss,
                                     sparse_decode, training_sae, transcoder_loss)
 from jfig.saes.train.step import (TrainState, clt_from_state, clt_train_step, crosscoder_from_state,
@@ -33,6 +37,8 @@ from jfig.saes.train.transcoder import (capture_pairs, check_transcoder_sites, f
                                         train_transcoder)
 
 __all__ = [
+    "NFMConfig", "NFMState", "fit_nfm", "init_nfm_state", "matched_d_sae", "nfm_from_state", "nfm_train_step",
+    "train_nfm", "train_secondary_sae",
     "CrosscoderConfig", "capture_stacked", "crosscoder_from_state", "crosscoder_loss", "crosscoder_sites",
     "crosscoder_train_step", "empty_crosscoder_state", "fit_crosscoder", "init_crosscoder_state",
     "interaction_penalty", "train_crosscoder",
