@@ -2,4 +2,13 @@
 machines read (2x2 designs by intervention and by stimulus), and model neurons best explained by
 feature products, set against the graph's gating hyperedges."""
 
-__all__: list[str] = []
+from .designs import (FourCellFit, InterventionDesign, Readout, feature_readout, four_cell_fit, intervention_design,
+                      logit_readout, neuron_readout)
+from .neurons import (GatingEnrichment, IntegrationNeurons, gating_enrichment, gating_pairs,
+                      integration_from_activations, integration_neurons)
+from .stimulus import StimulusDesign, fit_stimulus_design, load_design_prompts, prompt_features, stimulus_design
+
+__all__: list[str] = ["FourCellFit", "GatingEnrichment", "IntegrationNeurons", "InterventionDesign", "Readout",
+                      "StimulusDesign", "feature_readout", "fit_stimulus_design", "four_cell_fit", "gating_enrichment",
+                      "gating_pairs", "integration_from_activations", "integration_neurons", "intervention_design",
+                      "load_design_prompts", "logit_readout", "neuron_readout", "prompt_features", "stimulus_design"]
