@@ -106,11 +106,12 @@ def _explicit_rows(ranked_all: pa.Table, opts: AdversarialOptions, sae_widths: d
             raise JfigError(f"--pair {ss}:{s},{ts}:{t} is not a {'/'.join(opts.kinds)} edge of the graph with atlas "
                             f"statistics (source first; see the ranking with --pairs instead)")
         rows.append(keys.index((ss, s, ts, t)))
-    return ranked_all.take(rows)
+    return ranked_all.take(pa.array(rows, pa.int64()))
 
 
-def select_pairs(graph, atlas: Atlas, opts: AdversarialOptions) -> tuple[pa.Table, list[str]]:
-    """(ADVERSARIAL_SCHEMA rows to search, notes): --pair pairs, or the top of the ranking (module docstring)."""
+def select_pairs(graph, atlas: Atlas, opts: AdversarialOptions, exclude=()) -> tuple[pa.Table, list[str]]:
+    """(ADVERSARIAL_SCHEMA rows to search, notes): --pair pairs, or the top of the ranking (module docstring);
+    `exclude`: (site, feature) ends a ranked pair must not have (e.g. those of pairs already chosen)."""
     widths = {s["site"]: int(s["d_sae"]) for s in graph.manifest.get("saes", [])}
     if opts.explicit:
         ranked = adversarial_pairs(atlas, graph.edges, kinds=opts.kinds)
@@ -118,7 +119,7 @@ def select_pairs(graph, atlas: Atlas, opts: AdversarialOptions) -> tuple[pa.Tabl
     ranked = adversarial_pairs(atlas, graph.edges, kinds=opts.kinds, max_ratio=opts.max_ratio)
     notes = [f"{ranked.num_rows:,} {'/'.join(opts.kinds)} edges with atlas counts"
              + (f" co-occur at most {opts.max_ratio:g}x as often as independence predicts" if opts.max_ratio else "")]
-    uses: dict = {}
+    uses: dict = {tuple(e): opts.per_feature for e in exclude}
     skipped_start, skipped_repeat, keep = set(), 0, []
     start_cache: dict = {}
     for r, row in enumerate(ranked.select(["source_site", "source", "target_site", "target"]).to_pylist()):
@@ -140,7 +141,7 @@ def select_pairs(graph, atlas: Atlas, opts: AdversarialOptions) -> tuple[pa.Tabl
                      f"{', '.join(f'{s}:{f}' for s, f in sorted(skipped_start))}")
     if skipped_repeat:
         notes.append(f"{skipped_repeat} higher-ranked pair(s) skipped: a feature already in {opts.per_feature} pair(s)")
-    return ranked.take(keep), notes
+    return ranked.take(pa.array(keep, pa.int64())), notes
 
 
 def corpus_tokens(model, manifest: dict, corpus: str, atlas: Atlas) -> np.ndarray:
@@ -195,7 +196,7 @@ def _text(tok, ids, changed=None) -> str:
     parts = [tok.decode([int(i)]) for i in ids]
     if changed is not None:
         parts = [f"⟦{p}⟧" if c else p for p, c in zip(parts, changed)]
-    return "".join(parts).replace("\n", "⏎").replace("|", "¦")
+    return "".join(parts).replace("\n", "⏎").replace("|", "¦")       # one line, no Markdown table breaks
 
 
 def _tokens_text(tok, ids) -> str:

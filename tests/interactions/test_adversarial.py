@@ -4,14 +4,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import jfig
 from jfig import Ablate, JfigError, Patch
+from jfig.cli import main
 from jfig.atlas import Atlas
+from jfig.data import tokens_from
+from jfig.data.files import fingerprint
 from jfig.interactions import adversarial, adversarial_pairs, output_effects, search_pair
 from jfig.interactions.adversarial import embedding_matrix, linear_scores, pair_margins, pair_objective
 from jfig.testing import tiny_model
+from tests.support.graphs import graph_from_edges
+from tests.support.tiny_project import SAE_SITES, make_project
 
 S0, S1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
@@ -97,6 +103,7 @@ def test_linear_scores_are_the_one_hot_gradient_and_first_order_in_the_swap():
     score = np.asarray(linear_scores(model, toks, g))                            # [n, S, V]
     E = embedding_matrix(model)
 
+    @jax.jit
     def objective_of_onehot(onehot):                                           # [n, S, V] -> [n]
         m, _ = _margins_with_embedding(model, sa, sb, toks, pos, jnp.einsum("nsv,vd->nsd", onehot, E))
         return pair_objective(m, scales, temp)
@@ -109,16 +116,11 @@ def test_linear_scores_are_the_one_hot_gradient_and_first_order_in_the_swap():
     assert (score[np.arange(2)[:, None], np.arange(9)[None], tokens] == 0).all()
     # first order: moving row 0's embedding at t a fraction h of the way to token v changes the
     # objective by h * score (central difference)
-    @jax.jit
-    def along(h, t, v):
-        x = jnp.take(E, toks, axis=0)
-        x = x.at[0, t].add(h * (E[v] - E[toks[0, t]]))
-        m, _ = _margins_with_embedding(model, sa, sb, toks, pos, x)
-        return pair_objective(m, scales, temp)[0]
-
     h = 1e-2
     for t, v in ((8, 17), (3, 40), (5, 2)):
-        fd = (float(along(h, t, v)) - float(along(-h, t, v))) / (2 * h)
+        step = (jax.nn.one_hot(v, 64) - onehot[0, t]) * h
+        up, down = onehot.at[0, t].add(step), onehot.at[0, t].add(-step)
+        fd = (float(objective_of_onehot(up)[0]) - float(objective_of_onehot(down)[0])) / (2 * h)
         assert fd == pytest.approx(score[0, t, v], rel=2e-2, abs=1e-4)
 
 
@@ -265,3 +267,70 @@ def test_output_effects_equal_hand_runs_with_ablate_edits():
     assert (eff.interaction > 1e-4).all() and (eff.kl[2] > 1e-6).all()
     np.testing.assert_array_equal(eff.top_down[:, 0], np.argmin(lp[3] - lp[0], -1))
     np.testing.assert_array_equal(eff.top_up[:, 0], np.argmax(lp[3] - lp[0], -1))
+
+
+# ------------------------------------------------------------------------------------------- command
+
+@pytest.fixture(scope="module")
+def tiny_graph(tmp_path_factory):
+    """The tiny project (tests/support/tiny_project.py) with a graph of every (l0, l2) feature pair as an edge
+    in OUT/graph, its atlas in OUT/atlas, and the corpus options and fingerprint in the manifest."""
+    root, model = make_project(tmp_path_factory.mktemp("adv_proj"))
+    out = tmp_path_factory.mktemp("adv") / "out"
+    saes = [jfig.load_sae(root / "saes" / "l0"), jfig.load_sae(root / "saes" / "l2")]
+    tokens = tokens_from(str(root / "texts"), model, 16, seed=0, max_tokens=16 * 16)[:16]
+    jfig.build_atlas(model, saes, tokens, window=2, progress=False).save(out / "atlas")
+    i, j = np.divmod(np.arange(256), 16)
+    rng = np.random.default_rng(0)
+    g = graph_from_edges(list(SAE_SITES), [0] * 256, i, [1] * 256, j, rng.choice([-1, 1], 256),
+                         rng.uniform(0.1, 2, 256), n_features=16)
+    manifest = {**g.manifest, "saes": [{"site": s, "d_sae": 16} for s in SAE_SITES], "corpus_hash":
+                fingerprint(tokens.tobytes()), "options": {"seq_len": 16, "max_sequences": 16, "seed": 0}}
+    jfig.InteractionGraph.from_tables(g.nodes, g.edges, manifest).save(out / "graph")
+    return root, out
+
+
+def adv_args(root, out, *extra):
+    return ["adversarial", "--graph", str(out / "graph"), "--model", str(root / "model"), "--sae",
+            str(root / "saes" / "l0"), "--sae", str(root / "saes" / "l2"), "--corpus", str(root / "texts"), *extra]
+
+
+def test_command_writes_the_report_and_the_examples(tiny_graph, tmp_path, capsys):
+    root, out = tiny_graph
+    dest = tmp_path / "adv"
+    assert main(adv_args(root, out, "--out", str(dest), "--pairs", "2", "--steps", "2", "--starts", "2", "--window",
+                         "8", "--candidates", "4", "--top-k", "3", "--max-ratio", "0")) == 0
+    assert "windows after the search" in capsys.readouterr().out
+    pairs, ex = pq.read_table(dest / "pairs.parquet"), pq.read_table(dest / "examples.parquet")
+    assert pairs.num_rows == 2 and pairs["rank"].to_pylist() == [1, 2]
+    assert len(set(pairs["source"].to_pylist())) == 2 and len(set(pairs["target"].to_pylist())) == 2   # one pair each
+    assert ex.num_rows == 4 and set(ex["pair"].to_pylist()) == {1, 2}
+    assert ((np.asarray(ex["objective_after"]) >= np.asarray(ex["objective_before"]) - 1e-6)).all()
+    assert (dest / "examples.csv").stat().st_size > 0
+    report = (dest / "report.md").read_text()
+    assert report.startswith("# Adversarial pairs of") and "| 1 |" in report and "## 2." in report
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--max-ratio", "1e-9"), "no pairs to search"),
+    (("--pair", "blocks.1.hook_resid_post:3,blocks.2.hook_resid_post:4"), "has no SAE in this graph"),
+    (("--pair", "blocks.0.hook_resid_post:16,blocks.2.hook_resid_post:4"), "out of range"),
+    (("--pair", "blocks.2.hook_resid_post:4,blocks.0.hook_resid_post:3"), "is not a"),
+    (("--pair", "blocks.0.hook_resid_post:3"), "expected SOURCE_SITE:FEATURE,TARGET_SITE:FEATURE"),
+    (("--steps", "0"), "--steps must be"),
+])
+def test_command_errors_come_before_the_model_loads(tiny_graph, capsys, extra, message):
+    root, out = tiny_graph
+    args = adv_args(root, out, *extra)
+    args[args.index("--model") + 1] = str(root / "no-such-model")      # loading it would fail differently
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_command_needs_an_atlas(tiny_graph, tmp_path, capsys):
+    root, out = tiny_graph
+    lone = tmp_path / "lone"
+    jfig.load_graph(out / "graph").save(lone / "graph")
+    args = adv_args(root, lone)
+    assert main(args) == 2
+    assert "no atlas beside the graph" in capsys.readouterr().err
