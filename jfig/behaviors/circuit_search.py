@@ -53,14 +53,16 @@ import pyarrow as pa
 from ..edits import Clamp, SAEEdit, SetFeatures, ShiftFeatures, where_positions
 from ..errors import JfigError, ShapeError, SiteError
 from ..graph import InteractionGraph
+from ..models.model import Prefix
 from ..sites import RESIDUAL_BASIS, parse_site, site_layer
-from .metric import logit_diff
+from .metric import final_site, logit_diff, residual_logit_diff
 from .seeds import edit_positions
 from .subgraph import Subgraph
 from .suite import SuiteTokens, as_suite, tokenize_suite
 
 log = logging.getLogger(__name__)
 ABLATIONS = ("corrupted", "mean", "zero")
+REST = -1            # a site's rest node: every feature of the site that is not a candidate
 
 
 # ------------------------------------------------------------------------------------------ the edit
@@ -227,6 +229,22 @@ def _metric_chunk(model, saes, metric, data, ablate, removed, contrib, target):
 
 
 @eqx.filter_jit
+def _suffix_chunk(model, saes, data, start, acts, resid, ablate, removed, contrib, target):
+    """As _metric_chunk for the logit difference on a built-in model, each state run from the clean prefix
+    at the first search site `start` (acts, resid: that site's activations and the residual its suffix
+    needs): the layers before it are run once, not once per state."""
+    site = final_site(model)
+    rows = jnp.arange(data.tokens.shape[0])
+
+    def one(a, r):
+        hold = {s: jnp.zeros_like(a[s]) for s in a}
+        edits = _edits(saes, data, a, hold, r, contrib, target)
+        x = model.run_suffix(Prefix(start, acts, resid), edits=edits, capture=(site,)).cache[site]
+        return residual_logit_diff(model.config, model.params, x[rows, data.last], data.answer, data.distractor).sum()
+    return jax.vmap(one)(ablate, removed)
+
+
+@eqx.filter_jit
 def _read_chunk(model, saes, data, ablate, hold, read):
     """Feature values {site: [c, b, w, k]} of the features `read` {site: int [k]} in each of c states
     (ablate / hold {site: bool [c, d_sae]}; no edge ablated)."""
@@ -247,11 +265,14 @@ def _pad(a: np.ndarray, rows: int) -> np.ndarray:
 
 class Evaluator:
     """Runs states of the search in vmapped chunks of `chunk` over prompt batches of `batch_size` and
-    counts the states run (`n_states`)."""
+    counts the states run (`n_states`). With the logit difference on a built-in model each state runs
+    from a clean prefix at the first search site (edits change nothing before it)."""
 
     def __init__(self, model, saes: dict, metric: Callable, data: SearchData, *, batch_size: int, chunk: int):
         self.model, self.saes, self.metric, self.data = model, saes, metric, data
         self.batch_size, self.chunk, self.n_states = batch_size, chunk, 0
+        self.start = next(iter(saes)) if metric is logit_diff and model.config is not None else None
+        self.prefixes: dict = {}
         self.edges = {s: (np.zeros(data.clean[s].shape[:2] + (1,), np.float32), np.zeros(1, np.int32)) for s in saes}
 
     def set_edges(self, contrib: dict, target: dict) -> None:
@@ -286,11 +307,22 @@ class Evaluator:
             for a in range(0, c, self.chunk):
                 am = {s: jnp.asarray(_pad(m[a:a + self.chunk], self.chunk)) for s, m in ablate.items()}
                 rm = {s: jnp.asarray(_pad(r[a:a + self.chunk], self.chunk)) for s, r in removed.items()}
-                got = np.asarray(_metric_chunk(self.model, self.saes, self.metric, part, am, rm, contrib, target),
-                                 np.float64)
+                if self.start is None:
+                    got = _metric_chunk(self.model, self.saes, self.metric, part, am, rm, contrib, target)
+                else:
+                    pre = self.prefix(lo, part.tokens)
+                    got = _suffix_chunk(self.model, self.saes, part, self.start, pre.acts, pre.resid, am, rm, contrib,
+                                        target)
+                got = np.asarray(got, np.float64)
                 total[a:a + self.chunk] += got[:min(self.chunk, c - a)]
         self.n_states += c
         return total / n
+
+    def prefix(self, lo: int, tokens) -> Prefix:
+        """The clean prefix at the first search site of the prompt batch starting at row `lo` (kept)."""
+        if lo not in self.prefixes:
+            self.prefixes[lo] = self.model.prefix(tokens, self.start)
+        return self.prefixes[lo]
 
     def read(self, ablate: dict, hold: dict, read: dict) -> dict:
         """{site: [c, n, w, k]}: the features `read` {site: int [k]} in each state (ablate / hold
@@ -375,6 +407,8 @@ class FeatureCircuit:
     node_delta: dict                   # {(site, feature): metric change when ablated (last test)}
     edges: tuple                       # CircuitEdge, ...
     n_candidate_edges: int
+    rest_sites: tuple                  # sites whose rest node (every non-candidate feature) the circuit keeps
+    rest_delta: dict                   # {site: metric change when its rest node was ablated (last test)}
     candidates: dict                   # {site: [features]} (the search's universe)
     attribution: dict                  # {site: [attribution of each candidate]}
     clean: float
@@ -382,6 +416,7 @@ class FeatureCircuit:
     start: float                       # only the candidates kept
     node_metric: float                 # after node pruning (every candidate edge among the nodes kept)
     metric: float                      # the circuit's metric
+    sparse_metric: float               # the circuit without its rest nodes (its features and edges only)
     direct_metric: float | None = None
     n_prompts: int = 0
     n_states: int = 0
@@ -399,6 +434,10 @@ class FeatureCircuit:
     @property
     def node_faithfulness(self) -> float:
         return self.retained(self.node_metric)
+
+    @property
+    def sparse_faithfulness(self) -> float:
+        return self.retained(self.sparse_metric)
 
     @property
     def candidate_faithfulness(self) -> float:
@@ -459,9 +498,12 @@ class FeatureCircuit:
         return {"behavior": self.behavior, "threshold": self.threshold, "ablation": self.ablation,
                 "sites": list(self.sites), "n_prompts": self.n_prompts, "options": self.options,
                 "metric": {"clean": self.clean, "none": self.none, "candidates": self.start,
-                           "nodes": self.node_metric, "circuit": self.metric, "direct": self.direct_metric},
+                           "nodes": self.node_metric, "circuit": self.metric, "sparse": self.sparse_metric,
+                           "direct": self.direct_metric},
                 "faithfulness": {"circuit": self.faithfulness, "nodes": self.node_faithfulness,
-                                 "candidates": self.candidate_faithfulness, "direct": self.direct_faithfulness},
+                                 "sparse": self.sparse_faithfulness, "candidates": self.candidate_faithfulness,
+                                 "direct": self.direct_faithfulness},
+                "rest_sites": list(self.rest_sites), "rest_delta": self.rest_delta,
                 "n_nodes": len(self.nodes), "n_edges": len(self.edges), "n_candidate_edges": self.n_candidate_edges,
                 "nodes": [{"site": s, "feature": f, "delta": self.node_delta[(s, f)]} for s, f in self.nodes],
                 "edges": [e._asdict() for e in self.edges],
@@ -480,12 +522,17 @@ class FeatureCircuit:
                  f"| clean model | {self.clean:.4f} | 1 |", f"| every search-site feature ablated | {self.none:.4f} | 0 |",
                  f"| candidates only | {self.start:.4f} | {self.candidate_faithfulness:.3f} |",
                  f"| circuit nodes (all their edges) | {self.node_metric:.4f} | {self.node_faithfulness:.3f} |",
-                 f"| circuit | {self.metric:.4f} | {self.faithfulness:.3f} |"]
+                 f"| circuit | {self.metric:.4f} | {self.faithfulness:.3f} |",
+                 f"| circuit without its rest nodes | {self.sparse_metric:.4f} | {self.sparse_faithfulness:.3f} |"]
         if self.direct_metric is not None:
             lines.append(f"| circuit, direct ablation check | {self.direct_metric:.4f} | {self.direct_faithfulness:.3f} |")
-        lines += ["", f"{len(self.nodes)} nodes, {len(self.edges)} of {self.n_candidate_edges} candidate edges kept.", "",
-                  "| site | candidates | nodes |", "|---|---|---|"]
-        lines += [f"| {s} | {len(self.candidates[s])} | {', '.join(map(str, per_site[s])) or '-'} |" for s in self.sites]
+        lines += ["", f"{len(self.nodes)} feature nodes, {len(self.edges)} of {self.n_candidate_edges} candidate edges "
+                      f"kept; rest nodes (a site's non-candidate features together) kept at "
+                      f"{', '.join(self.rest_sites) or 'no site'}.", "",
+                  "| site | candidates | feature nodes | rest node (metric change when ablated) |", "|---|---|---|---|"]
+        lines += [f"| {s} | {len(self.candidates[s])} | {', '.join(map(str, per_site[s])) or '-'} | "
+                  f"{('kept' if s in self.rest_sites else 'pruned') if s in self.rest_delta else '-'}"
+                  f"{f' ({self.rest_delta[s]:+.4f})' if s in self.rest_delta else ''} |" for s in self.sites]
         if self.edges:
             lines += ["", "| edge | metric change when ablated | contribution |", "|---|---|---|"]
             for e in sorted(self.edges, key=lambda e: -abs(e.delta))[:20]:
@@ -554,14 +601,24 @@ def pick_candidates(saes: dict, attribution: dict, candidates) -> dict:
             for s in saes}
 
 
-def node_masks_from(saes: dict, keep: dict, c: int = 1) -> dict:
-    """{site: bool [c, d_sae]} ablating every feature not in keep {site: features}."""
+def node_masks_from(saes: dict, keep: dict, candidates: dict, c: int = 1) -> dict:
+    """{site: bool [c, d_sae]} ablating every feature not in keep {site: features}; REST in keep[site] keeps
+    the site's non-candidate features (candidates {site: features})."""
     out = {}
     for s, sae in saes.items():
         m = np.ones(sae.d_sae, bool)
-        m[np.asarray(list(keep.get(s, [])), np.int64)] = False
+        m[np.asarray([f for f in keep.get(s, ()) if f != REST], np.int64)] = False
+        if REST in keep.get(s, ()):
+            m[rest_mask(sae.d_sae, candidates[s])] = False
         out[s] = np.repeat(m[None], c, 0)
     return out
+
+
+def rest_mask(d_sae: int, candidates) -> np.ndarray:
+    """bool [d_sae]: the features that are not candidates (a site's rest node)."""
+    m = np.ones(d_sae, bool)
+    m[np.asarray(list(candidates), np.int64)] = False
+    return m
 
 
 def edge_contributions(ev: Evaluator, saes: dict, nodes: list) -> dict:
@@ -591,8 +648,9 @@ def edge_contributions(ev: Evaluator, saes: dict, nodes: list) -> dict:
 
 
 def feature_circuit(model, saes, suite, metric: Callable = logit_diff, *, threshold: float, sites=None,
-                    candidates=8, ablation: str = "corrupted", edges: bool = True, n: int | None = 32, seed: int = 0,
-                    check: bool = True, batch_size: int = 16, chunk: int = 8) -> FeatureCircuit:
+                    candidates=8, ablation: str = "corrupted", rest: bool = True, edges: bool = True,
+                    n: int | None = 32, seed: int = 0, check: bool = True, batch_size: int = 16,
+                    chunk: int = 8) -> FeatureCircuit:
     """The circuit of a behaviour over SAE features (module docstring has the definitions).
 
     model: a jfig Model; saes: SAEs (list or {site: SAE}); suite: a behaviour name, .jsonl path,
@@ -601,7 +659,9 @@ def feature_circuit(model, saes, suite, metric: Callable = logit_diff, *, thresh
     difference). threshold: an item stays when ablating it changes the mean metric by more than
     threshold · |m_clean - m_none|. sites: the search sites (residual, hook_attn_out, hook_mlp_out SAE
     sites; None: every such SAE site). candidates: features per site by |attribution| (or {site:
-    [features]}). ablation: "corrupted" (aligned corrupted prompts only), "mean" or "zero". edges: prune
+    [features]}). ablation: "corrupted" (aligned corrupted prompts only), "mean" or "zero". rest: each site's
+    non-candidate features form one more node, which the search keeps or prunes like the others (False: they
+    are ablated throughout, and the candidates are the whole universe). edges: prune
     edges among the kept nodes (False: nodes only). check: recompute the circuit's metric with
     `direct_circuit_metric`. batch_size prompts per run, chunk states per vmapped run.
     """
@@ -619,8 +679,8 @@ def feature_circuit(model, saes, suite, metric: Callable = logit_diff, *, thresh
     attribution = candidate_attribution(model, saes, metric, data, batch_size=batch_size)
     cand = pick_candidates(saes, attribution, candidates)
     d = {s: sae.d_sae for s, sae in saes.items()}
-    base = ev.metrics({s: np.stack([np.zeros(d[s], bool), np.ones(d[s], bool), node_masks_from(saes, cand)[s][0]])
-                       for s in saes})
+    base = ev.metrics({s: np.stack([np.zeros(d[s], bool), np.ones(d[s], bool),
+                                    node_masks_from(saes, cand, cand)[s][0]]) for s in saes})
     clean, none, start = (float(x) for x in base)
     span = clean - none
     if abs(span) < 1e-9:
@@ -630,25 +690,32 @@ def feature_circuit(model, saes, suite, metric: Callable = logit_diff, *, thresh
     log.info("%s: %d prompts; metric clean %.4f, all ablated %.4f, candidates only %.4f", name, len(rows), clean,
              none, start)
 
-    keep = {s: set(int(f) for f in cand[s]) for s in saes}
+    keep = {s: set(int(f) for f in cand[s]) | ({REST} if rest and len(cand[s]) < d[s] else set()) for s in saes}
     node_delta: dict = {}
     for s in reversed(search_sites):                       # nodes, from the output backwards
-        def node_metric_of(sets, s=s):
-            masks = node_masks_from(saes, keep, len(sets))
+        others = rest_mask(d[s], cand[s])
+
+        def node_metric_of(sets, s=s, others=others):
+            masks = node_masks_from(saes, keep, cand, len(sets))
             for k, gone in enumerate(sets):
-                masks[s][k, list(gone)] = True
+                masks[s][k, [f for f in gone if f != REST]] = True
+                if REST in gone:
+                    masks[s][k, others] = True
             return ev.metrics(masks)
         kept, removed, change, passes = greedy_prune(sorted(keep[s]), node_metric_of, tol)
         keep[s] = set(kept)
         node_delta.update({(s, f): v for f, v in change.items()})
-        log.info("%s: %d of %d candidates kept (%d removed, %d passes)", s, len(kept), len(cand[s]), len(removed),
-                 passes)
-    nodes = [(s, f) for s in search_sites for f in sorted(keep[s])]
-    node_masks = node_masks_from(saes, keep)
+        log.info("%s: %d of %d candidates kept%s (%d removed, %d passes)", s, len(set(kept) - {REST}), len(cand[s]),
+                 " and the rest node" if REST in kept else "", len(removed), passes)
+    nodes = [(s, f) for s in search_sites for f in sorted(keep[s]) if f != REST]
+    rest_sites = tuple(s for s in search_sites if REST in keep[s])
+    node_masks = node_masks_from(saes, keep, cand)
+    sparse_masks = node_masks_from(saes, {s: keep[s] - {REST} for s in saes}, cand)
     node_metric = float(ev.metrics(node_masks)[0])
 
     kept_edges, n_candidate_edges, edge_delta, contrib = [], 0, {}, {}
     final = node_metric
+    sparse = float(ev.metrics(sparse_masks)[0])
     if edges and len(nodes) > 1:
         contrib = edge_contributions(ev, saes, nodes)
         n_candidate_edges = len(contrib)
@@ -658,13 +725,13 @@ def feature_circuit(model, saes, suite, metric: Callable = logit_diff, *, thresh
         position = {e: (s, k) for s in saes for k, e in enumerate(index[s])}
         gone_edges: set = set()
 
-        def edge_metric_of(sets):
+        def edge_metric_of(sets, masks=node_masks):
             removed = {s: np.zeros((len(sets), max(len(index[s]), 1)), np.float32) for s in saes}
             for k, extra in enumerate(sets):
                 for e in gone_edges | extra:
                     s, col = position[e]
                     removed[s][k, col] = 1.0
-            return ev.metrics({s: np.repeat(m, len(sets), 0) for s, m in node_masks.items()}, removed)
+            return ev.metrics({s: np.repeat(m, len(sets), 0) for s, m in masks.items()}, removed)
 
         for s in reversed(search_sites):                   # edges by downstream site, from the output backwards
             if not index[s]:
@@ -675,6 +742,7 @@ def feature_circuit(model, saes, suite, metric: Callable = logit_diff, *, thresh
             kept_edges += kept
             log.info("edges into %s: %d of %d kept (%d passes)", s, len(kept), len(index[s]), passes)
         final = float(edge_metric_of([frozenset()])[0])
+        sparse = float(edge_metric_of([frozenset()], sparse_masks)[0])
         kept_edges = sorted(kept_edges, key=lambda e: (search_sites.index(e[0][0]), e[0][1],
                                                        search_sites.index(e[1][0]), e[1][1]))
     pos = data.positions
@@ -684,10 +752,11 @@ def feature_circuit(model, saes, suite, metric: Callable = logit_diff, *, thresh
     circuit = FeatureCircuit(
         behavior=name, threshold=threshold, ablation=ablation, sites=search_sites, nodes=tuple(nodes),
         node_delta={k: node_delta[k] for k in nodes}, edges=edge_rows, n_candidate_edges=n_candidate_edges,
+        rest_sites=rest_sites, rest_delta={s: node_delta[(s, REST)] for s in saes if (s, REST) in node_delta},
         candidates={s: [int(x) for x in cand[s]] for s in saes},
         attribution={s: [float(attribution[s][f]) for f in cand[s]] for s in saes}, clean=clean, none=none,
-        start=start, node_metric=node_metric, metric=final, n_prompts=len(rows),
-        options=dict(n=n, seed=seed, edges=edges, metric=getattr(metric, "__name__", repr(metric)),
+        start=start, node_metric=node_metric, metric=final, sparse_metric=sparse, n_prompts=len(rows),
+        options=dict(n=n, seed=seed, rest=rest, edges=edges, metric=getattr(metric, "__name__", repr(metric)),
                      candidates=candidates if not isinstance(candidates, dict) else "given"))
     circuit.n_states = ev.n_states
     if check:
@@ -702,7 +771,8 @@ def feature_circuit(model, saes, suite, metric: Callable = logit_diff, *, thresh
 
 def direct_circuit_metric(model, saes: dict, data: SearchData, circuit: FeatureCircuit,
                           metric: Callable = logit_diff) -> float:
-    """The circuit's mean metric recomputed without the search's machinery: every contribution of an
+    """The circuit's mean metric (rest nodes included) recomputed without the search's machinery: every
+    contribution of an
     ablated edge from its own run (the upstream feature ablated with a stock `Clamp` to its per-token
     ablation value, the features between held at their clean values), then one run per prompt batch with
     every feature outside the nodes ablated (stock `SetFeatures` for mean / zero ablation) and every
@@ -732,6 +802,8 @@ def direct_circuit_metric(model, saes: dict, data: SearchData, circuit: FeatureC
     for s in sites:
         outside = np.ones(saes[s].d_sae, bool)
         outside[[f for t, f in nodes if t == s]] = False
+        if s in circuit.rest_sites:
+            outside[rest_mask(saes[s].d_sae, circuit.candidates[s])] = False
         if circuit.ablation in ("mean", "zero"):
             values = data.ablated[s][0, 0] if circuit.ablation == "mean" else 0.0
             edits.append(SetFeatures(saes[s], outside, values, positions=pos))

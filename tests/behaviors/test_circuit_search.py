@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jfig
 from jfig.behaviors import (SuiteTokens, compare_circuits, feature_circuit, khop_subgraph, logit_diff,
                             random_circuits, set_faithfulness)
 from jfig.behaviors.circuit_search import greedy_prune
@@ -168,3 +169,49 @@ def test_compare_with_a_behaviour_subgraph_and_random_sets(planted, circuit):
     sets = random_circuits(c, {s: range(8) for s in saes}, 20, seed=1)
     f = set_faithfulness(model, saes, batch, c, sets)
     assert f.shape == (20,) and np.mean(f) < c.faithfulness - 0.3
+
+
+def test_a_second_search_compiles_nothing(planted, circuit, count_traces):
+    model, saes, batch = planted
+    with count_traces() as c:
+        again = feature_circuit(model, saes, batch, threshold=0.2, candidates=8, check=False)
+    assert c.count == 0                     # states, masks and edge contributions are traced leaves
+    assert set(again.nodes) < set(circuit.nodes)
+
+
+def test_search_on_a_built_in_model_runs_states_from_a_prefix_and_matches_direct_runs(tiny_llama):
+    """A tiny Llama with random ReLU SAEs at resid_post, attn_out and mlp_out: the search's states run from a
+    clean prefix at the first search site, the direct check runs whole models; both give the same metric."""
+    model = tiny_llama
+    d, k = model.config.d_model, 24
+    saes = []
+    for i, site in enumerate(("blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.2.hook_resid_post")):
+        w = jax.random.normal(jax.random.PRNGKey(i), (d, k)) / np.sqrt(d)
+        saes.append(jfig.SAE(W_enc=w, b_enc=jnp.zeros(k), W_dec=w.T, b_dec=jnp.zeros(d), site=site))
+    rng = np.random.default_rng(0)
+    n, width = 6, 7
+    tokens = rng.integers(1, model.config.vocab_size, (n, width)).astype(np.int32)
+    corrupted = tokens.copy()
+    corrupted[:, 2] = rng.integers(1, model.config.vocab_size, n)
+    batch = SuiteTokens(tokens, np.full(n, width - 1), np.full(n, 3, np.int32), np.full(n, 5, np.int32), corrupted,
+                        np.full(n, width - 1), np.ones(n, bool))
+    c = feature_circuit(model, saes, batch, threshold=0.01, candidates=3, ablation="mean")   # stock SetFeatures
+    assert c.sites == tuple(s.site for s in saes)                                             # in the check
+    assert c.direct_metric == pytest.approx(c.metric, abs=2e-5)
+    assert len(c.nodes) > 0 and c.n_candidate_edges > 0
+    full = float(np.mean(logit_diff(model, jnp.asarray(tokens), jnp.asarray(batch.last), jnp.asarray(batch.answer),
+                                    jnp.asarray(batch.distractor))))
+    assert c.clean == pytest.approx(full, abs=2e-5)
+
+
+def test_a_needed_feature_outside_the_candidates_keeps_its_site_rest_node(planted):
+    model, saes, batch = planted
+    c = feature_circuit(model, saes, batch, threshold=0.05, candidates={S0: [1], S1: [2], S2: [3]})
+    assert set(c.nodes) == {(S0, 1), (S1, 2), (S2, 3)} and edge_set(c) == set(CHAIN)
+    assert c.rest_sites == (S0,)                       # 0#4 (0.45 of 4.9) is in site 0's rest, noise elsewhere
+    assert c.rest_delta[S0] < -0.2 and max(abs(c.rest_delta[S1]), abs(c.rest_delta[S2])) < 0.2
+    assert c.direct_metric == pytest.approx(c.metric, abs=1e-5)
+    assert c.sparse_faithfulness < c.faithfulness - 0.05    # without the rest node 0#4's path is gone
+    without = feature_circuit(model, saes, batch, threshold=0.05, candidates={S0: [1], S1: [2], S2: [3]},
+                              rest=False, check=False)
+    assert without.rest_sites == () and without.metric == pytest.approx(c.sparse_metric, abs=1e-5)
