@@ -3,7 +3,7 @@ machines read (2x2 designs by intervention and by stimulus), and model neurons b
 feature products, set against the graph's gating hyperedges."""
 
 from .designs import (FourCellFit, InterventionDesign, Readout, feature_readout, four_cell_fit, intervention_design,
-                      logit_readout, neuron_readout)
+                      logit_readout, neuron_readout, site_values)
 from .neurons import (GatingEnrichment, IntegrationNeurons, gating_enrichment, gating_pairs,
                       integration_from_activations, integration_neurons)
 from .stimulus import StimulusDesign, fit_stimulus_design, load_design_prompts, prompt_features, stimulus_design
@@ -11,4 +11,5 @@ from .stimulus import StimulusDesign, fit_stimulus_design, load_design_prompts, 
 __all__: list[str] = ["FourCellFit", "GatingEnrichment", "IntegrationNeurons", "InterventionDesign", "Readout",
                       "StimulusDesign", "feature_readout", "fit_stimulus_design", "four_cell_fit", "gating_enrichment",
                       "gating_pairs", "integration_from_activations", "integration_neurons", "intervention_design",
-                      "load_design_prompts", "logit_readout", "neuron_readout", "prompt_features", "stimulus_design"]
+                      "load_design_prompts", "logit_readout", "neuron_readout", "prompt_features", "site_values",
+                      "stimulus_design"]

@@ -230,15 +230,17 @@ def bucket(arrays, n: int):
 
 # ------------------------------------------------------------------------------------------ runs
 
-def read_values(keys, saes_by_site: dict, idx, minus, out, rows, pos):
-    """[M, n_readouts (padded, group after group)] from a RunOutput at positions pos [M] of rows."""
+def read_values(keys, saes_by_site: dict, idx, minus, out, rows, pos, read: str = "post"):
+    """[M, n_readouts (padded, group after group)] from a RunOutput at positions pos [M] of rows; SAE
+    features as activations (read "post") or encoder pre-activations ("pre")."""
     vals = []
     for (kind, site), i, mi in zip(keys, idx, minus):
         if kind == "logit":
             lg = out.logits[rows, pos]                                             # [M, V]
             v = jnp.take(lg, i, axis=-1) - jnp.where(mi >= 0, jnp.take(lg, jnp.maximum(mi, 0), axis=-1), 0.0)
         elif kind == "feature":
-            v = jnp.take(saes_by_site[site].encode(out.cache[site][rows, pos]), i, axis=-1)
+            sae, x = saes_by_site[site], out.cache[site][rows, pos]
+            v = jnp.take(sae.encode(x) if read == "post" else sae.pre_activations(x), i, axis=-1)
         else:
             v = jnp.take(out.cache[site][rows, pos], i, axis=-1)
         vals.append(v)
@@ -254,8 +256,8 @@ def clamp_edits(sae_a, sae_b, fa, fb, va, vb, positions):
 
 
 @eqx.filter_jit
-def _design_cells(model, sae_a, sae_b, read_saes, keys, idx, minus, start, stop, want_logits, acts, resid, kv, tokens,
-                  pos, fa, fb, level_a, level_b):
+def _design_cells(model, sae_a, sae_b, read_saes, keys, idx, minus, start, stop, want_logits, read, acts, resid, kv,
+                  tokens, pos, fa, fb, level_a, level_b):
     """Readouts [Q, 2, 2, M, n] for partners fb [Q] with levels level_b [Q, 2] (a: level_a [2]).
 
     Built-in models run the clamped position only (acts / resid [M, 1, d] from the clean prefix at
@@ -269,11 +271,11 @@ def _design_cells(model, sae_a, sae_b, read_saes, keys, idx, minus, start, stop,
             edits = clamp_edits(sae_a, sae_b, fa, b, va, vb, None)
             out = model.run_suffix(Prefix(start, acts, resid, kv), edits=edits, capture=capture,
                                    stop_at=None if want_logits else stop, logits=want_logits, positions=pos[:, None])
-            return read_values(keys, read_saes, idx, minus, out, rows, jnp.zeros_like(pos))
+            return read_values(keys, read_saes, idx, minus, out, rows, jnp.zeros_like(pos), read)
         mask = jax.nn.one_hot(pos, tokens.shape[1], dtype=bool)
         out = model.run(tokens, edits=clamp_edits(sae_a, sae_b, fa, b, va, vb, mask), capture=capture,
                         stop_at=None if want_logits else stop, logits=want_logits)
-        return read_values(keys, read_saes, idx, minus, out, rows, pos)
+        return read_values(keys, read_saes, idx, minus, out, rows, pos, read)
 
     def partner(args):
         b, lb = args
@@ -353,18 +355,26 @@ def choose_positions(fa: np.ndarray, fb: np.ndarray, positions, skip: int, n_inp
 def intervention_design(model, saes, feature_a, feature_b, readouts, tokens, *, off: str = "opposite",
                         on_quantile: float = 0.9, off_quantile: float = 0.1, levels=None, positions="max_a",
                         skip_positions: int = 1, n_inputs: int = 32, n_null: int = 16, null_pool=None,
+                        read: str = "post", values: dict | None = None, prefix: Prefix | None = None,
                         batch_size: int = 16, seed: int = 0) -> InterventionDesign:
     """A 2x2 intervention design of SAE features a = (site, id) and b = (site, id) on `readouts`.
 
     Each input (a row of tokens [N, S]) is clamped at one position (`positions`: a's strongest
     position at or after `skip_positions`, b's, the last one, or int [N]) with a and b at their off
     or on levels (module docstring; `levels` ((a_off, a_on), (b_off, b_on)) overrides them), and
-    every readout is read there in the four cells. Up to `n_inputs` rows. `n_null` random partners
+    every readout is read there in the four cells (SAE-feature readouts as activations, read "post",
+    or encoder pre-activations, "pre", as measure_gating's `read`). Up to `n_inputs` rows. `n_null` random partners
     of a (features of b's site that fire on these tokens, or drawn from `null_pool`, ids) give the
     null of |mean D|; 0 skips it (p_null NaN). Returns InterventionDesign ([M, R] per input, [R]).
+
+    Many designs on the same tokens share two passes: `values`, `site_values(model, saes, sites, tokens)`
+    for the two features' sites, and `prefix`, `model.prefix(tokens, start, cache=True)` at the earlier
+    of the two sites (built-in models); each is computed here when not given.
     """
     if off not in OFF_LEVELS:
         raise JfigError(f"off must be one of {OFF_LEVELS}, got {off!r}")
+    if read not in ("post", "pre"):
+        raise JfigError(f"read must be 'post' or 'pre', got {read!r}")
     for name, q in (("on_quantile", on_quantile), ("off_quantile", off_quantile)):
         if not 0.0 <= q <= 1.0:
             raise JfigError(f"{name} must be in [0, 1], got {q}")
@@ -382,7 +392,15 @@ def intervention_design(model, saes, feature_a, feature_b, readouts, tokens, *, 
     start, later = sorted((site_a, site_b), key=site_key)
     readouts = check_readouts(model, saes, readouts, start)
     tokens = np.asarray(model.check_tokens(tokens))
-    values = site_values(model, saes, (site_a, site_b), tokens, batch_size)
+    if values is None:
+        values = site_values(model, saes, (site_a, site_b), tokens, batch_size)
+    for s in (site_a, site_b):
+        if s not in values or values[s][0].shape[:2] != tokens.shape or values[s][1].shape != values[s][0].shape:
+            raise JfigError(f"values must hold (post, pre) [{tokens.shape[0]}, {tokens.shape[1]}, d_sae] for site {s} "
+                            f"(site_values of these tokens)")
+    if prefix is not None and (prefix.site != start or prefix.cache is None or prefix.acts.shape[:2] != tokens.shape):
+        raise JfigError(f"prefix must be model.prefix(tokens, {start!r}, cache=True) of these "
+                        f"{tokens.shape[0]} x {tokens.shape[1]} tokens")
     rows, pos = choose_positions(values[site_a][0][..., fa], values[site_b][0][..., fb], positions, skip_positions,
                                  n_inputs, seed)
     if rows.size < 2:
@@ -419,16 +437,18 @@ def intervention_design(model, saes, feature_a, feature_b, readouts, tokens, *, 
     read_saes = {s: saes[s] for k, s in keys if k == "feature"}
     toks = tokens[rows]
     if model.apply_fn is None:
-        pre = model.prefix(toks, start, cache=True)
-        r = np.arange(rows.size)
+        if prefix is None:
+            pre, r = model.prefix(toks, start, cache=True), np.arange(rows.size)
+        else:
+            pre, r = prefix, rows
         acts = pre.acts[r, pos][:, None]
         resid = None if pre.resid is None else pre.resid[r, pos][:, None]
-        kv, run_tokens = pre.cache, None
+        kv, run_tokens = type(pre.cache)(pre.cache.k[:, r], pre.cache.v[:, r]), None
     else:
         acts = resid = kv = None
         run_tokens = jnp.asarray(toks)
     y = np.asarray(_design_cells(model, saes[site_a], None if site_a == site_b else saes[site_b], read_saes, keys,
-                                 idx, minus, start, stop, want_logits, acts, resid, kv, run_tokens,
+                                 idx, minus, start, stop, want_logits, read, acts, resid, kv, run_tokens,
                                  jnp.asarray(pos), jnp.int32(fa), jnp.asarray(partners, jnp.int32),
                                  jnp.asarray(lv_a, jnp.float32), jnp.asarray(lv_b, jnp.float32)), np.float64)
     # y [Q, 2, 2, M, groups x width] -> [Q, M, R, 2, 2] in readout order

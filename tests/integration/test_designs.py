@@ -8,7 +8,7 @@ import jfig
 from jfig.edits import Clamp
 from jfig.errors import JfigError
 from jfig.integration import (feature_readout, fit_stimulus_design, four_cell_fit, intervention_design, logit_readout,
-                              neuron_readout, stimulus_design)
+                              neuron_readout, site_values, stimulus_design)
 from jfig.measure import measure_gating
 from jfig.models.model import Model
 from jfig.testing import tiny_model
@@ -112,6 +112,11 @@ def test_position_sparse_cells_equal_full_runs():
     want = np.stack([np.asarray(sae1.encode(out.cache["blocks.1.hook_resid_post"]))[r, pos, 3],
                      np.asarray(out.cache["blocks.1.mlp.hook_post"])[r, pos, 5], np.asarray(out.logits)[r, pos, 7]], 1)
     np.testing.assert_allclose(d.cells.transpose(0, 2, 3, 1).reshape(-1, 3), want, rtol=1e-4, atol=1e-5)
+    shared = intervention_design(model, [sae0, sae1], (sae0.site, int(a)), (sae0.site, int(b)), reads, tokens,
+                                 off="opposite", n_inputs=6, n_null=2,
+                                 values=site_values(model, {sae0.site: sae0}, [sae0.site], tokens, 16),
+                                 prefix=model.prefix(tokens, sae0.site, cache=True))
+    np.testing.assert_allclose(shared.cells, d.cells, rtol=1e-5, atol=1e-6)
 
 
 def test_intervention_errors(planted):
