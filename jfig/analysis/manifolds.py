@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 from matplotlib.figure import Figure
 from scipy.cluster import hierarchy
-from scipy.spatial.distance import pdist
+from scipy.spatial.distance import pdist, squareform
 
 from ..errors import JfigError, OptionError, ShapeError
 from ..sites import sort_sites
@@ -117,9 +117,9 @@ def two_nn_dimension(x) -> float:
     x = np.asarray(x, np.float64)
     if x.ndim != 2 or len(x) < 3:
         return float("nan")
-    d2 = np.maximum(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1), 0.0)
-    np.fill_diagonal(d2, np.inf)
-    r = np.sqrt(np.sort(d2, axis=1)[:, :2])
+    dist = squareform(pdist(x))                                     # [n, n], O(n^2) memory, not O(n^2 d)
+    np.fill_diagonal(dist, np.inf)
+    r = np.sort(dist, axis=1)[:, :2]
     ok = r[:, 0] > 0
     if ok.sum() < 3:
         return float("nan")
