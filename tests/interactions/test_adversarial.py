@@ -186,6 +186,15 @@ def test_search_finds_the_planted_pair_and_never_lowers_the_objective():
     np.testing.assert_allclose(sae_a.encode(cache[sae_a.site])[:, 7, 0], res.acts_after[:, 0], rtol=1e-5)
     np.testing.assert_allclose(sae_b.encode(cache[sae_b.site])[:, 7, 1], res.acts_after[:, 1], rtol=1e-5)
 
+    # at a local maximum (every editable position holds a B; any swap lowers b's margin) nothing changes
+    best = np.array([[0, B, B, B, B, B, B, A]])
+    frozen = np.ones(8, bool)
+    frozen[3] = False
+    stay = search_pair(model, sae_a, 0, sae_b, 1, best, 7, steps=2, top_k=4, n_candidates=3, exclude_tokens=[0, 5],
+                       frozen=frozen)                                   # 3 real swaps, each worse than none
+    np.testing.assert_array_equal(stay.tokens_after, best)
+    np.testing.assert_allclose(stay.objective, np.broadcast_to(stay.objective[:1], stay.objective.shape), rtol=1e-6)
+
 
 def test_search_leaves_positions_after_p_and_frozen_positions_alone():
     model, sa, sb, tokens = random_setup()
