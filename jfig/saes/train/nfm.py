@@ -32,7 +32,7 @@ import optax
 from jfig.data import tokens_from
 from jfig.data.files import fingerprint
 from jfig.errors import JfigError, ShapeError
-from jfig.saes.nfm import NFM, TARGETS, nfm_params
+from jfig.saes.nfm import NFM, TARGETS
 from jfig.saes.sae import SAE
 from jfig.saes.train.checkpoint import checkpoint_dirs
 from jfig.saes.train.config import DECAYS, TrainConfig
@@ -412,8 +412,8 @@ def train_nfm(model: Any, sae: SAE, corpus_or_tokens: Any, *, k: int, hidden: in
     batch_at, per_pass = streamed(capture, batch_size, seed)
     cfg = NFMConfig(k=int(k), hidden=hidden, steps=per_pass if steps is None else steps, batch_size=batch_size,
                     lr=lr, seed=seed, **kw)
-    nfm, history = fit_nfm(batch_at, sae.d_sae, sae.d_in, site, cfg, target=target, checkpoint_dir=checkpoint_dir,
-                           progress=progress, meta={"sae": sae_fingerprint(sae)})
+    nfm, _ = fit_nfm(batch_at, sae.d_sae, sae.d_in, site, cfg, target=target, checkpoint_dir=checkpoint_dir,
+                     progress=progress, meta={"sae": sae_fingerprint(sae)})
     return nfm
 
 
