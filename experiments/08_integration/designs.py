@@ -8,7 +8,7 @@ Three questions on a saved graph (its SAEs from jfig's cache, its atlas beside i
 1. Intervention designs. For every (source, modulator) pair of the graph's gating hyperedges, clamp both
    off / on at the source's strongest position and read the gated targets: the four-cell fit's D per
    input, its sign-flip p-value and a null of random partners (the source with random features of the
-   modulator's site). The same for random pairs of the graph's sources at that site, read on the same
+   modulator's site; D's t statistic across inputs against theirs). The same for random pairs of the graph's sources at that site, read on the same
    targets, read as encoder pre-activations (as the build read them). Off levels: "low" (the 10th
    percentile of non-zero activations; D / (Δa·Δb) is the graph's factorial statistic), "absent" (0)
    and "opposite" (the low end of the encoder pre-activation, the source document's design). The
@@ -125,7 +125,7 @@ def run_designs(model, saes, graph, tokens, args):
                 rows.append(dict(pair=kind, site=site, a=a, b=b, target_site=ro.site, target=ro.index, off=variant,
                                  n_inputs=len(d.inputs), at_bos=float(np.mean(d.positions == 0)), A=d.A[r], B=d.B[r], C=d.C[r], D=d.D[r], gating=d.gating[r],
                                  graph_gating=weight.get((site, a, b, ro.site, ro.index), np.nan),
-                                 p_sign=d.p_sign[r], p_null=d.p_null[r],
+                                 t=d.t[r], p_sign=d.p_sign[r], p_null=d.p_null[r],
                                  D_b_absent=pres[(True, False)][1][r], n_b_absent=pres[(True, False)][0],
                                  D_b_present=pres[(True, True)][1][r], n_b_present=pres[(True, True)][0]))
             per_pair.append(dict(pair=kind, site=site, a=a, b=b, off=variant, n_targets=len(reads),
@@ -153,6 +153,13 @@ def summarise_designs(rows, alpha=0.01):
             entry[kind] = dict(n_triples=int(k.sum()), significant_sign_flip=int((p[k] < alpha).sum()),
                                p_null_below_0_1=int((pn < 0.1).sum()), median_abs_gating=float(np.median(g)),
                                median_abs_D=float(np.median(np.abs([r["D"] for r, kk in zip(sel, k) if kk]))))
+        for kind in ("gating", "random"):
+            k = [r for r in sel if r["pair"] == kind]
+            for where in ("b_present", "b_absent"):
+                v = np.asarray([r[f"D_{where}"] for r in k], np.float64)
+                entry[kind][f"median_abs_D_{where}"] = float(np.nanmedian(np.abs(v))) if np.isfinite(v).any() \
+                    else float("nan")
+                entry[kind][f"inputs_{where}"] = int(sum({(r["a"], r["b"]): r[f"n_{where}"] for r in k}.values()))
         ga = np.abs([r["gating"] for r in sel if r["pair"] == "gating"])
         ra = np.abs([r["gating"] for r in sel if r["pair"] == "random"])
         entry["mann_whitney_p_gating_larger"] = float(sps.mannwhitneyu(ga, ra, alternative="greater").pvalue)
@@ -216,6 +223,31 @@ def finite_max(x) -> float:
     return float(np.max(np.where(np.isfinite(x), x, -np.inf), initial=-np.inf))
 
 
+def matched_enrichment(r, g, seed: int, n_perm: int = 10000, n_bins: int = 10) -> dict:
+    """Mean rank (best neuron, each criterion) of the gating pairs against random candidates drawn from the
+    same co-occurrence decile as each gating pair (a pair that fires together more often can carry more
+    product variance); p = P(random mean rank <= observed)."""
+    rows = np.asarray([int(np.flatnonzero((r.pairs == p).all(1))[0]) for p in g])
+    co = r.cooccurrence.astype(np.float64)
+    edges = np.quantile(co, np.linspace(0, 1, n_bins + 1)[1:-1])
+    bins = np.searchsorted(edges, co, side="right")
+    others = np.setdiff1d(np.arange(len(co)), rows)
+    rng = np.random.default_rng(seed)
+    out = {"gating_cooccurrence": co[rows].tolist(), "cooccurrence_percentile": [
+        float((co < co[t]).mean()) for t in rows]}
+    for c in ("weight", "difference", "variance"):
+        score = r.pair_scores(c)
+        rank = np.empty(len(score))
+        rank[np.argsort(-score, kind="stable")] = np.arange(1, len(score) + 1)
+        draws = np.stack([rng.choice(others[bins[others] == bins[t]] if (bins[others] == bins[t]).any() else others,
+                                     n_perm) for t in rows], axis=1)              # [n_perm, G]
+        null = rank[draws].mean(1)
+        obs = rank[rows].mean()
+        out[c] = dict(mean_rank_gating=float(obs), mean_rank_matched=float(null.mean()),
+                      p=float((1 + (null <= obs).sum()) / (1 + n_perm)))
+    return out
+
+
 def run_neurons(model, saes, graph, atlas, tokens, args, out: Path):
     pairs, _ = gating_table(graph)
     site = sorted({p[0] for p in pairs})[0]
@@ -246,6 +278,7 @@ def run_neurons(model, saes, graph, atlas, tokens, args, out: Path):
                                                                              "variance", "p_value", "cooccurrence")}})
         summary[label] = {c: gating_enrichment(sub, g, criterion=c, top=0.1, n_perm=10000, seed=args.seed).__dict__
                           for c in ("weight", "difference", "variance")}
+    summary["cooccurrence_matched"] = matched_enrichment(r, g, args.seed)
     best = r.pair_scores("variance")
     top = np.argsort(-best)[:20]
     gk = key(g)

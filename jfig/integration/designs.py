@@ -33,9 +33,11 @@ only by the intervention, and where it was present naturally.
 
 Significance: per input D is a paired contrast; `p_sign` is the sign-flip test across inputs
 (`jfig.stats.robust_pvalues`: the larger of the saddle-point sign-flip and the skewness-corrected t
-p-value). `p_null` compares |mean D| with `n_null` random partners: feature a with random features
-of b's site (firing on these tokens, each at its own levels), p = (1 + #{|D_null| ≥ |D|}) /
-(1 + n_null).
+p-value). `p_null` compares the pair's t statistic of D across inputs (mean / standard error: free
+of the readout's and the partner's scale, which |D| is not) with those of `n_null` random partners:
+feature a with random features of b's site (firing on these tokens, each at its own levels),
+p = (1 + #{|t_null| ≥ |t|}) / (1 + n_null). A D that is the same on every input has |t| = ∞, a D
+that is 0 on every input t = 0.
 """
 from __future__ import annotations
 
@@ -123,7 +125,8 @@ class InterventionDesign:
     FourCellFit ([M, R] each); A, B, C, D [R]: their means over inputs. gating [R]: D / (Δ_a·Δ_b).
     levels_a / levels_b: (off, on). inputs [M] rows of the tokens, positions [M] the clamped (and
     read) position, present [M, 2]: whether a / b fire there naturally. p_sign [R]: sign-flip test
-    of D across inputs. null_features [Q] (b's site), null_D [Q, R] their mean D, p_null [R].
+    of D across inputs. t [R]: mean D over its standard error across inputs. null_features [Q] (b's
+    site), null_D [Q, R] and null_t [Q, R] their mean D and t, p_null [R].
     """
 
     feature_a: tuple[str, int]
@@ -143,8 +146,10 @@ class InterventionDesign:
     D: np.ndarray
     gating: np.ndarray
     p_sign: np.ndarray
+    t: np.ndarray
     null_features: np.ndarray
     null_D: np.ndarray
+    null_t: np.ndarray
     p_null: np.ndarray
 
     def by_presence(self) -> dict:
@@ -322,6 +327,16 @@ def feature_levels(post: np.ndarray, pre: np.ndarray, off: str, on_quantile: flo
     return np.stack([lo, on], axis=1)
 
 
+def t_across_inputs(D: np.ndarray) -> np.ndarray:
+    """[..., R] mean / standard error over inputs of D [..., M, R]: ±inf where D is one nonzero value on every
+    input, 0 where it is 0 on every input."""
+    mean, sd = D.mean(-2), D.std(-2, ddof=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = mean / (sd / np.sqrt(D.shape[-2]))
+        flat = np.where(mean != 0, np.copysign(np.inf, mean), 0.0)
+    return np.where(sd > 1e-12 * np.maximum(np.abs(mean), 1e-30), t, flat)
+
+
 def choose_positions(fa: np.ndarray, fb: np.ndarray, positions, skip: int, n_inputs: int, seed: int):
     """(rows [M], positions [M]) from a's and b's activations [N, S]: the strongest position of a ("max_a")
     or b ("max_b") at or after `skip` in rows where it fires, the last position ("last"), or one given
@@ -464,9 +479,10 @@ def intervention_design(model, saes, feature_a, feature_b, readouts, tokens, *, 
     fit = FourCellFit(*(x[0] for x in (fits.A, fits.B, fits.C, fits.D)))
     R = len(readouts)
     p_sign = robust_pvalues(fit.D[None], np.ones((1, rows.size)))[0]
-    null_D = D_all[1:]
-    p_null = ((1.0 + (np.abs(null_D) >= np.abs(D_all[0])[None] * (1 - 1e-9)).sum(0)) / (1.0 + len(null_D))
-              if len(null_D) else np.full(R, np.nan))
+    t_all = np.nan_to_num(t_across_inputs(fits.D), nan=0.0, posinf=np.inf, neginf=-np.inf)  # [Q, R]
+    null_D, null_t = D_all[1:], t_all[1:]
+    p_null = ((1.0 + (np.abs(null_t) >= np.abs(t_all[0])[None] * (1 - 1e-9)).sum(0)) / (1.0 + len(null_t))
+              if len(null_t) else np.full(R, np.nan))
     present = np.stack([values[site_a][0][rows, pos, fa] > 0, values[site_b][0][rows, pos, fb] > 0], axis=1)
     span = (lv_a[1] - lv_a[0]) * (lv_b[0, 1] - lv_b[0, 0])
     return InterventionDesign(
@@ -474,4 +490,4 @@ def intervention_design(model, saes, feature_a, feature_b, readouts, tokens, *, 
         levels_a=(float(lv_a[0]), float(lv_a[1])), levels_b=(float(lv_b[0, 0]), float(lv_b[0, 1])), inputs=rows,
         positions=pos, present=present, cells=cells[0], fit=fit, A=fit.A.mean(0), B=fit.B.mean(0),
         C=fit.C.mean(0), D=D_all[0], gating=D_all[0] / span if span != 0 else np.full(R, np.nan), p_sign=p_sign,
-        null_features=partners[1:], null_D=null_D, p_null=p_null)
+        t=t_all[0], null_features=partners[1:], null_D=null_D, null_t=null_t, p_null=p_null)

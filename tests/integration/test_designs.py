@@ -50,7 +50,7 @@ def test_planted_gate_found_and_unrelated_pair_not(planted):
     np.testing.assert_allclose(d.levels_a, (0.0, ca), rtol=1e-6)
     assert d.p_sign[0] < 1e-4 and d.p_null[0] == pytest.approx(1 / 9)
     assert not d.p_sign[1] < 0.5
-    assert np.all(d.null_D[:, 0] == 0.0)
+    assert np.all(d.null_D[:, 0] == 0.0) and np.all(d.null_t[:, 0] == 0.0) and d.t[0] == np.inf
     assert d.by_presence()[(True, True)][0] == 16
 
     u = intervention_design(model, saes, (s0, 0), (s0, 1), [feature_readout(s1, 6), feature_readout(s1, 7),
