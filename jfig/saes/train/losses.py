@@ -126,16 +126,20 @@ def transcoder_loss(params: dict[str, jax.Array], x: jax.Array, y: jax.Array, de
 
 def dictionary_loss(pre: jax.Array, target: jax.Array, W_dec: jax.Array, offset: jax.Array,
                     threshold: jax.Array | None, dead: jax.Array, cfg: TrainConfig, *,
-                    relu_topk: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    relu_topk: bool = True, dense_decode: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss shared by SAEs and transcoders: pre-activations ``pre [batch, d_sae]`` reconstruct
     ``target [batch, d]`` as ``f @ W_dec + offset`` (``offset``: ``b_dec [d]``, or ``[batch, d]``
     with a skip connection), plus the architecture's sparsity term (module docstring). TopK keeps
-    the k largest pre-activations, relu'd when ``relu_topk`` (SAEs) or raw (transcoders)."""
+    the k largest pre-activations, relu'd when ``relu_topk`` (SAEs) or raw (transcoders). ``dense_decode``
+    decodes TopK's k values as a dense ``[batch, d_sae]`` matmul instead of gathering k decoder rows per
+    token: the same numbers up to summation order, and far faster for wide targets (a crosscoder's
+    stacked layers), where the gather and its scatter-add gradient move ``batch * k * d`` floats."""
     if cfg.architecture == "topk":
         values, index = jax.lax.top_k(pre, cfg.k)  # [batch, k]
         if relu_topk:
             values = jax.nn.relu(values)
-        y_hat = sparse_decode(values, index, W_dec) + offset
+        dense = _scatter_last(values, index, cfg.d_sae) if dense_decode else None
+        y_hat = (dense @ W_dec if dense_decode else sparse_decode(values, index, W_dec)) + offset
         on = values != 0
         fired = jnp.zeros((cfg.d_sae,), jnp.int32).at[index.reshape(-1)].add(on.reshape(-1).astype(jnp.int32))
         l0 = jnp.mean(jnp.sum(on, axis=-1))
@@ -276,15 +280,15 @@ def interaction_penalty(f: jax.Array, W_dec: jax.Array, readers: jax.Array) -> j
 def crosscoder_loss(params: dict[str, jax.Array], x: jax.Array, dead: jax.Array, cfg: Any,
                     readers: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`sae_loss` on the stacked, scaled batch ``x [batch, L, d]`` (the crosscoder is an SAE on
-    ``concat_l x_l``; ``W_dec`` stored ``[n, L * d]``), plus ``cfg.interaction_penalty`` times
+    ``concat_l x_l``; ``W_dec`` stored ``[n, L * d]``; TopK decoded densely), plus ``cfg.interaction_penalty`` times
     :func:`interaction_penalty` when ``readers`` is given; aux adds ``interaction``."""
     n_layers, d = x.shape[1], x.shape[2]
     flat = x.reshape(x.shape[0], n_layers * d)
-    loss, aux = sae_loss(params, flat, dead, cfg)
-    if readers is None:
-        return loss, {**aux, "interaction": jnp.zeros((), loss.dtype)}
     sae = training_sae(params, cfg)
     pre = sae.pre_activations(flat)
+    loss, aux = dictionary_loss(pre, flat, sae.W_dec, sae.b_dec, sae.threshold, dead, cfg, dense_decode=True)
+    if readers is None:
+        return loss, {**aux, "interaction": jnp.zeros((), loss.dtype)}
     f = sae.activation(pre, jump=lambda z, t: jumprelu(z, t, cfg.jumprelu_bandwidth))
     penalty = interaction_penalty(f, params["W_dec"].reshape(-1, n_layers, d), readers)
     return loss + cfg.interaction_penalty * penalty, {**aux, "interaction": penalty}
