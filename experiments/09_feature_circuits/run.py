@@ -38,7 +38,7 @@ HERE = Path(__file__).parent
 RESID = ("blocks.10.hook_resid_post", "blocks.14.hook_resid_post")
 EXTRA = ("blocks.12.hook_attn_out", "blocks.12.hook_mlp_out")
 EXTRA_SAE = dict(d_sae=512, k=16, tokens=16384, epochs=12)        # about 10 minutes on 2 CPU cores, once
-SETTINGS = dict(behavior="ioi", n=10, candidates=12, threshold=0.01, sweep=(0.003, 0.03), n_random=30,
+SETTINGS = dict(behavior="ioi", n=10, candidates=8, threshold=0.02, sweep=(0.01, 0.05), n_random=30,
                 topk=(12, 48, 192, 512))
 
 
@@ -88,14 +88,15 @@ def main() -> None:
     (res / "sweep.json").write_text(json.dumps(sweep_rows, indent=1))
     lines = ["| threshold | nodes | edges (of candidate edges) | faithfulness | nodes-only faithfulness | "
              "nested in the previous row | states run | seconds |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['threshold']:g} | {r['nodes']} | {r['edges']} ({r['candidate_edges']}) | {r['faithfulness']:.3f} | "
-              f"{r['node_faithfulness']:.3f} | {'yes' if r['nodes_subset_of_previous'] and r['edges_subset_of_previous'] else 'no'} | "
-              f"{r['states']} | {r['seconds']:.0f} |" for r in sweep_rows]
+    nested = ["yes" if r["nodes_subset_of_previous"] and r["edges_subset_of_previous"] else "no" for r in sweep_rows]
+    lines += [f"| {r['threshold']:g} | {r['nodes']} | {r['edges']} ({r['candidate_edges']}) | "
+              f"{r['faithfulness']:.3f} | {r['node_faithfulness']:.3f} | {y} | {r['states']} | {r['seconds']:.0f} |"
+              for r, y in zip(sweep_rows, nested)]
     (res / "sweep.md").write_text("\n".join(lines) + "\n")
 
     t = time.time()
     sub = behavior_subgraph(model, graph_saes, graph, s["behavior"], k=2, n=s["n"], n_random=0, n_null=0,
-                            heads=False)
+                            min_effect=0.02, heads=False)
     sub.write(out / "behavior_subgraph")
     cmp = compare_circuits(model, saes, s["behavior"], circuit, sub)
     (res / "comparison.md").write_text(cmp.table())

@@ -519,13 +519,15 @@ class FeatureCircuit:
                  f"{len(self.sites)} sites ({self.ablation} ablation, threshold {self.threshold:g} of "
                  f"|m_clean - m_none|, {self.n_prompts} prompts, {self.n_states} states run in {self.seconds:.0f} s).",
                  "", "| quantity | metric | faithfulness |", "|---|---|---|",
-                 f"| clean model | {self.clean:.4f} | 1 |", f"| every search-site feature ablated | {self.none:.4f} | 0 |",
+                 f"| clean model | {self.clean:.4f} | 1 |",
+                 f"| every search-site feature ablated | {self.none:.4f} | 0 |",
                  f"| candidates only | {self.start:.4f} | {self.candidate_faithfulness:.3f} |",
                  f"| circuit nodes (all their edges) | {self.node_metric:.4f} | {self.node_faithfulness:.3f} |",
                  f"| circuit | {self.metric:.4f} | {self.faithfulness:.3f} |",
                  f"| circuit without its rest nodes | {self.sparse_metric:.4f} | {self.sparse_faithfulness:.3f} |"]
         if self.direct_metric is not None:
-            lines.append(f"| circuit, direct ablation check | {self.direct_metric:.4f} | {self.direct_faithfulness:.3f} |")
+            lines.append(f"| circuit, direct ablation check | {self.direct_metric:.4f} | "
+                         f"{self.direct_faithfulness:.3f} |")
         lines += ["", f"{len(self.nodes)} feature nodes, {len(self.edges)} of {self.n_candidate_edges} candidate edges "
                       f"kept; rest nodes (a site's non-candidate features together) kept at "
                       f"{', '.join(self.rest_sites) or 'no site'}.", "",
@@ -553,9 +555,10 @@ def check_search_args(threshold, candidates, ablation: str, metric, batch_size: 
     if not callable(metric):
         raise JfigError(f"metric must be a function (model, tokens, last, answer, distractor, edits) -> [n] like "
                         f"jfig.behaviors.logit_diff, got {type(metric).__name__}")
-    if not isinstance(candidates, dict) and (isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer))
-                                             or candidates < 1):
-        raise JfigError(f"candidates must be an int >= 1 (features per site) or {{site: [features]}}, got {candidates!r}")
+    whole = isinstance(candidates, (int, np.integer)) and not isinstance(candidates, bool)
+    if not isinstance(candidates, dict) and (not whole or candidates < 1):
+        raise JfigError(f"candidates must be an int >= 1 (features per site) or {{site: [features]}}, "
+                        f"got {candidates!r}")
     for name, v in (("batch_size", batch_size), ("chunk", chunk)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise JfigError(f"{name} must be an int >= 1, got {v!r}")
@@ -817,15 +820,18 @@ def direct_circuit_metric(model, saes: dict, data: SearchData, circuit: FeatureC
 # ------------------------------------------------------------------------------------------ comparison
 
 def set_faithfulness(model, saes, suite, circuit: FeatureCircuit, node_sets: list, metric: Callable = logit_diff,
-                     *, batch_size: int = 16, chunk: int = 8) -> np.ndarray:
+                     *, rest_sites=(), batch_size: int = 16, chunk: int = 8) -> np.ndarray:
     """[len(node_sets)]: faithfulness of node sets [(site, feature)] under the circuit's metric, ablation and
-    sites (every feature outside a set ablated; features at other sites are ignored)."""
+    sites (every feature outside a set ablated; features at other sites are ignored). At `rest_sites` the
+    features that are not the circuit's candidates are kept too (the rest nodes)."""
     saes = model.check_saes(saes)
     saes = {s: saes[s] for s in circuit.sites}
     _, batch = suite_tokens(model, suite, circuit.options.get("n"), circuit.options.get("seed", 0))
     data = search_data(model, saes, batch, rows_for(batch, circuit.ablation), circuit.ablation, batch_size=batch_size)
     ev = Evaluator(model, saes, metric, data, batch_size=batch_size, chunk=chunk)
     masks = {s: np.ones((len(node_sets), sae.d_sae), bool) for s, sae in saes.items()}
+    for s in rest_sites:
+        masks[s][:, rest_mask(saes[s].d_sae, circuit.candidates[s])] = False
     for k, nodes in enumerate(node_sets):
         for s, f in nodes:
             if s in masks:
@@ -865,9 +871,11 @@ def compare_circuits(model, saes, suite, circuit: FeatureCircuit, subgraph, metr
                      batch_size: int = 16, chunk: int = 8) -> CircuitComparison:
     """The feature circuit against a behaviour subgraph (a BehaviorCircuit or Subgraph of the interaction
     graph): node Jaccard (all nodes, and at the sites both cover), edge Jaccard at the shared sites (the
-    subgraph's first-order edges against the circuit's edges), and each one's faithfulness under the
-    circuit's metric, ablation and sites (the subgraph's nodes at sites the search did not cover are
-    ignored; its faithfulness is that of its nodes with all their edges)."""
+    subgraph's first-order edges against the circuit's edges), and faithfulness under the circuit's metric,
+    ablation and sites (every feature outside a set ablated; subgraph nodes at sites the search did not
+    cover are ignored): of the circuit's features alone and of the subgraph's features alone (all their
+    edges, no rest nodes: like with like), and the circuit's own faithfulness (rest nodes kept, pruned
+    edges ablated)."""
     sub = getattr(subgraph, "subgraph", subgraph)
     if not isinstance(sub, Subgraph):
         raise JfigError(f"expected a BehaviorCircuit or a Subgraph, got {type(subgraph).__name__}")
@@ -881,11 +889,11 @@ def compare_circuits(model, saes, suite, circuit: FeatureCircuit, subgraph, metr
                if e.source_site in shared and e.target_site in shared}
     faith = set_faithfulness(model, saes, suite, circuit, [circuit.nodes, sub.nodes], metric,
                              batch_size=batch_size, chunk=chunk)
-    rows = ({"set": "feature circuit (nodes only)", "nodes": len(a), "nodes_shared_sites": len(a_s),
+    rows = ({"set": "feature circuit: its features alone", "nodes": len(a), "nodes_shared_sites": len(a_s),
              "edges_shared_sites": len(a_edges), "faithfulness": float(faith[0])},
-            {"set": "feature circuit (nodes and edges)", "nodes": len(a), "nodes_shared_sites": len(a_s),
+            {"set": "feature circuit: features, pruned edges, rest nodes", "nodes": len(a), "nodes_shared_sites": len(a_s),
              "edges_shared_sites": len(a_edges), "faithfulness": float(circuit.faithfulness)},
-            {"set": "behaviour subgraph", "nodes": len(b), "nodes_shared_sites": len(b_s),
+            {"set": "behaviour subgraph: its features alone", "nodes": len(b), "nodes_shared_sites": len(b_s),
              "edges_shared_sites": len(b_edges), "faithfulness": float(faith[1])})
     overlap = {"shared_sites": shared, "node_jaccard": jaccard(a, b), "shared_nodes": len(a & b),
                "node_jaccard_shared_sites": jaccard(a_s, b_s), "edge_jaccard_shared_sites": jaccard(a_edges, b_edges),

@@ -164,7 +164,7 @@ def test_compare_with_a_behaviour_subgraph_and_random_sets(planted, circuit):
     assert o["node_jaccard"] == pytest.approx(3 / 4)          # the subgraph misses 0#4
     assert o["edge_jaccard_shared_sites"] == pytest.approx(2 / 3)
     faith = {r["set"]: r["faithfulness"] for r in cmp.rows}
-    assert faith["behaviour subgraph"] < faith["feature circuit (nodes only)"]
+    assert faith["behaviour subgraph: its features alone"] < faith["feature circuit: its features alone"]
     assert "node Jaccard" in cmp.table().replace("Node", "node")
     sets = random_circuits(c, {s: range(8) for s in saes}, 20, seed=1)
     f = set_faithfulness(model, saes, batch, c, sets)
@@ -180,12 +180,13 @@ def test_a_second_search_compiles_nothing(planted, circuit, count_traces):
 
 
 def test_search_on_a_built_in_model_runs_states_from_a_prefix_and_matches_direct_runs(tiny_llama):
-    """A tiny Llama with random ReLU SAEs at resid_post, attn_out and mlp_out: the search's states run from a
-    clean prefix at the first search site, the direct check runs whole models; both give the same metric."""
+    """A tiny Llama with random ReLU SAEs at attn_out and resid_post: the search's states run from a clean
+    prefix at the first search site (which needs the residual before it), the direct check runs whole
+    models; both give the same metric."""
     model = tiny_llama
     d, k = model.config.d_model, 24
     saes = []
-    for i, site in enumerate(("blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.2.hook_resid_post")):
+    for i, site in enumerate(("blocks.1.hook_attn_out", "blocks.2.hook_resid_post")):
         w = jax.random.normal(jax.random.PRNGKey(i), (d, k)) / np.sqrt(d)
         saes.append(jfig.SAE(W_enc=w, b_enc=jnp.zeros(k), W_dec=w.T, b_dec=jnp.zeros(d), site=site))
     rng = np.random.default_rng(0)
