@@ -19,8 +19,10 @@ Three questions on a saved graph (its SAEs from jfig's cache, its atlas beside i
    by OLS; the number of features with a Bonferroni-significant interaction, against the same count
    with the truth labels shuffled (the null).
 3. Integration neurons at the MLP that reads the gating pairs' site: per neuron, the product term of
-   each candidate pair over a linear fit of every SAE feature; whether the gating pairs rank higher
-   than random co-active pairs (atlas) and random firing pairs (hypergeometric and permutation tests).
+   each candidate pair over a linear fit of the 512 most frequent SAE features (and the candidates');
+   whether the gating pairs rank higher than random co-active pairs (atlas), random firing pairs,
+   their shared feature with random partners, and candidates of the same co-occurrence decile
+   (hypergeometric and permutation tests).
 
 Writes results/designs_*.csv, results/neurons_*.csv and results/designs_summary.json.
 """
@@ -258,7 +260,11 @@ def run_neurons(model, saes, graph, atlas, tokens, args, out: Path):
     co = co[rng.choice(len(co), min(args.candidates, len(co)), replace=False)]
     fires = np.flatnonzero(atlas.firing_rate(site) > 0)
     rand = np.stack([rng.choice(fires, 2, replace=False) for _ in range(args.candidates)])
-    cand = np.unique(np.sort(np.concatenate([g, co, rand]), axis=1), axis=0)
+    srcs = np.unique(g[:, 0] if len(np.unique(g[:, 0])) <= len(np.unique(g[:, 1])) else g[:, 1])
+    partners = np.setdiff1d(fires, g.reshape(-1))
+    same = np.stack([np.stack([np.full(40, s_), rng.choice(partners, 40, replace=False)], 1) for s_ in srcs]
+                    ).reshape(-1, 2)                       # the gating pairs' shared feature with random partners
+    cand = np.unique(np.sort(np.concatenate([g, co, rand, same]), axis=1), axis=0)
     counts = site_values(model, saes, [site], tokens, 16)[site][0][:, 1:].reshape(-1, sae.d_sae)
     counts = (counts > 0).sum(0)
     linear = np.union1d(np.argsort(-counts, kind="stable")[:args.linear], cand.reshape(-1))
@@ -272,7 +278,8 @@ def run_neurons(model, saes, graph, atlas, tokens, args, out: Path):
                "median_r2_linear": float(np.nanmedian(r.r2_linear)),
                "median_r2_linear_adjusted": float(np.nanmedian(1 - (1 - r.r2_linear) * (r.n_tokens - 1)
                                                                / (r.n_tokens - len(linear) - 1)))}
-    for label, pool in (("vs_coactive", key(co) | key(g)), ("vs_random", key(rand) | key(g)), ("vs_all", None)):
+    for label, pool in (("vs_coactive", key(co) | key(g)), ("vs_random", key(rand) | key(g)),
+                        ("vs_same_feature", key(same) | key(g)), ("vs_all", None)):
         keep = np.asarray([pool is None or tuple(p) in pool for p in r.pairs.tolist()])
         sub = type(r)(**{**r.__dict__, **{k: getattr(r, k)[keep] for k in ("pairs", "weight", "difference",
                                                                              "variance", "p_value", "cooccurrence")}})
