@@ -84,6 +84,8 @@ def arguments():
     p.add_argument("--no-components", action="store_true", help="skip part 3 (it may train SAEs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--manifolds-only", action="store_true", help="only part 5 (manifolds), written to "
+                                                                   "results/lineage_manifolds.json")
     p.add_argument("--init-check-only", action="store_true", help="only compare the SAEs' decoder rows with their "
                                                                     "initialisation (no model runs after loading)")
     return p.parse_args()
@@ -155,6 +157,66 @@ def narrow_acts(model, sae, tokens) -> np.ndarray:
     return np.asarray(out)[:, SKIP:]
 
 
+PROBES = {"digits": [str(d) for d in range(10)],
+          "days": ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"],
+          "months": ["january", "february", "march", "april", "may", "june", "july", "august", "september",
+                     "october", "november", "december"]}
+
+
+def manifold_part(saes, atlas, graph, model, live, decoder_matchings, out: Path, seed: int) -> dict:
+    """Decoder clusters per site, co-activation communities over the graph's features, and probe groups
+    (features whose top token is a digit, a day or a month name): each described, tabled and drawn."""
+    t1 = time.time()
+    labels = top_token_labels(atlas, model.tokenizer, [(s.site, f) for s in saes for f in range(s.d_sae)])
+    groups = []
+    for s in saes:
+        feats = {s.site: np.flatnonzero(live[s.site])}
+        groups += feature_manifolds(s, labels=labels, features=feats, graph=graph, null_samples=200, seed=seed)
+    node_feats = {}
+    for site, f in zip(graph.nodes["site"].to_pylist(), graph.nodes["feature"].to_pylist()):
+        node_feats.setdefault(site, []).append(f)
+    groups += feature_manifolds(saes, atlas=atlas, graph=graph, labels=labels, features=node_feats,
+                                clusterings="coactivation", null_samples=200, seed=seed)
+    for s in saes:
+        for name, words in PROBES.items():
+            members = [(s.site, f) for f in range(s.d_sae) if labels[(s.site, f)].strip().lower() in words]
+            if len(members) >= 6:
+                groups.append(group_manifold(s, members, graph=graph, labels=labels, null_samples=200, seed=seed,
+                                             source=f"probe: {name}"))
+    log(f"{len(groups)} groups ({sum(g.is_manifold for g in groups)} low-dimensional) in {time.time() - t1:.0f} s")
+    # a one-site decoder group has no edges inside (the graph's edges go between sites): take it with its
+    # decoder matches at the next site
+    by_site = {s.site: i for i, s in enumerate(saes)}
+    extended = []
+    for g in groups:
+        i = by_site[g.members[0][0]]
+        if g.source != "decoder" or i + 1 >= len(saes):
+            extended.append(None)
+            continue
+        m = decoder_matchings[i]
+        nxt = [(saes[i + 1].site, int(m.match[f])) for _, f in g.members if m.match[f] >= 0]
+        extended.append(group_manifold(saes, g.members + nxt, graph=graph, null_samples=200, seed=seed)
+                        if nxt else None)
+    table = manifold_table(groups)
+    for name in ("edges", "density", "null_density", "null_p"):
+        table = table.append_column(f"with_next_{name}", pa.array(
+            [None if e is None else getattr(e, name) for e in extended], table[name].type))
+    write_csv(table, out / "manifold_groups.csv")
+    low = sorted([g for g in groups if g.is_manifold], key=lambda g: (g.participation_ratio, -g.size))
+    shown = low[:9] or sorted(groups, key=lambda g: g.participation_ratio / max(g.dimension_null, 1e-9))[:6]
+    if shown:
+        plot_manifolds(shown, out / "manifold_groups.png")
+    return dict(groups=len(groups), by_source={k: sum(g.source == k for g in groups)
+                                               for k in sorted({g.source for g in groups})},
+                low_dimensional=sum(g.is_manifold for g in groups), plotted="low-dimensional" if low else
+                "none is low-dimensional: the groups of lowest PR / null PR",
+                rows=[dict(source=g.source, size=g.size, sites=list(g.sites), pr=round(g.participation_ratio, 2),
+                           pr_null=round(g.dimension_null, 2), two_nn=round(g.two_nn, 2),
+                           explained_2=round(float(g.explained[:2].sum()), 3), edges=g.edges,
+                           density=g.density, null_density=g.null_density, null_p=g.null_p, labels=g.labels[:16])
+                      for g in groups])
+
+
 def main():
     args = arguments()
     out = Path(args.out)
@@ -176,6 +238,12 @@ def main():
     log("decoder rows vs their initialisation: median cosine " + ", ".join(
         f"{r['site']} {r['cos_to_init_median']:.2f}" for r in init[:-1]))
     if args.init_check_only:
+        return
+    if args.manifolds_only:
+        decoder = [match_across(a, b, min_similarity=args.min_similarity) for a, b in zip(saes[:-1], saes[1:])]
+        result = manifold_part(saes, atlas, graph, model, live, decoder, out, args.seed)
+        (out / "lineage_manifolds.json").write_text(json.dumps(result, indent=1, default=float))
+        log(f"done in {time.time() - T0:.0f} s")
         return
     summary["decoder_init"] = init
 
@@ -297,46 +365,7 @@ def main():
         f"wide features with a parent, narrow features by children {dist_corr}")
 
     # ------------------------------------------------------------ 5. manifolds
-    t1 = time.time()
-    labels = top_token_labels(atlas, model.tokenizer, [(s.site, f) for s in saes for f in range(s.d_sae)])
-    groups = []
-    for s in saes:
-        feats = {s.site: np.flatnonzero(live[s.site])}
-        groups += feature_manifolds(s, labels=labels, features=feats, graph=graph, null_samples=200, seed=args.seed)
-    node_feats = {}
-    for site, f in zip(graph.nodes["site"].to_pylist(), graph.nodes["feature"].to_pylist()):
-        node_feats.setdefault(site, []).append(f)
-    groups += feature_manifolds(saes, atlas=atlas, graph=graph, labels=labels, features=node_feats,
-                                clusterings="coactivation", null_samples=200, seed=args.seed)
-    log(f"{len(groups)} groups ({sum(g.is_manifold for g in groups)} low-dimensional) in {time.time() - t1:.0f} s")
-    # a one-site decoder group has no edges inside (the graph's edges go between sites): take it with its
-    # decoder matches at the next site
-    by_site = {s.site: i for i, s in enumerate(saes)}
-    extended = []
-    for g in groups:
-        i = by_site[g.members[0][0]]
-        if g.source != "decoder" or i + 1 >= len(saes):
-            extended.append(None)
-            continue
-        m = crit["decoder"][i]
-        nxt = [(saes[i + 1].site, int(m.match[f])) for _, f in g.members if m.match[f] >= 0]
-        extended.append(group_manifold(saes, g.members + nxt, graph=graph, null_samples=200, seed=args.seed)
-                        if nxt else None)
-    table = manifold_table(groups)
-    for name in ("edges", "density", "null_density", "null_p"):
-        table = table.append_column(f"with_next_{name}", pa.array(
-            [None if e is None else getattr(e, name) for e in extended], table[name].type))
-    write_csv(table, out / "manifold_groups.csv")
-    low = sorted([g for g in groups if g.is_manifold], key=lambda g: (g.participation_ratio, -g.size))
-    if low:
-        plot_manifolds(low[:9], out / "manifold_groups.png")
-    summary["manifolds"] = dict(
-        groups=len(groups), by_source={k: sum(g.source == k for g in groups) for k in ("decoder", "coactivation")},
-        low_dimensional=sum(g.is_manifold for g in groups),
-        sizes=[g.size for g in groups], participation=[round(g.participation_ratio, 2) for g in groups],
-        dimension_null=[round(g.dimension_null, 2) for g in groups],
-        examples=[dict(members=len(g.members), pr=round(g.participation_ratio, 2), two_nn=round(g.two_nn, 2),
-                       labels=g.labels[:12], source=g.source) for g in low[:9]])
+    summary["manifolds"] = manifold_part(saes, atlas, graph, model, live, crit["decoder"], out, args.seed)
 
     # ------------------------------------------------------------ 3. components
     if not args.no_components:
