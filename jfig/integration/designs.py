@@ -395,6 +395,12 @@ def intervention_design(model, saes, feature_a, feature_b, readouts, tokens, *, 
             raise JfigError(f"{name} must be in [0, 1], got {q}")
     if n_inputs < 2:
         raise JfigError(f"n_inputs must be >= 2 (a test across inputs), got {n_inputs}")
+    if n_null < 0:
+        raise JfigError(f"n_null must be >= 0 random partners, got {n_null}")
+    if levels is not None:
+        lv = np.asarray(levels, np.float64)
+        if lv.shape != (2, 2) or not np.isfinite(lv).all():
+            raise JfigError(f"levels must be finite ((a_off, a_on), (b_off, b_on)), got {levels!r}")
     saes = model.check_saes(saes)
     site_a, fa = check_feature(saes, feature_a, "feature_a")
     site_b, fb = check_feature(saes, feature_b, "feature_b")
@@ -432,9 +438,6 @@ def intervention_design(model, saes, feature_a, feature_b, readouts, tokens, *, 
     lv_a = feature_levels(post_a, pre_a, off, on_quantile, off_quantile)[0]
     lv_b = feature_levels(post_b[:, partners], pre_b[:, partners], off, on_quantile, off_quantile)
     if levels is not None:
-        lv = np.asarray(levels, np.float64)
-        if lv.shape != (2, 2) or not np.isfinite(lv).all():
-            raise JfigError(f"levels must be finite ((a_off, a_on), (b_off, b_on)), got {levels!r}")
         lv_a, lv_b[0] = lv[0], lv[1]
     if not np.isfinite(lv_a).all() or not np.isfinite(lv_b[0]).all():
         raise JfigError(f"feature {'a' if not np.isfinite(lv_a).all() else 'b'} never fires on these tokens, so it "

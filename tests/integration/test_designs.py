@@ -128,6 +128,10 @@ def test_intervention_errors(planted):
         intervention_design(model, saes, (s0, 4), (s0, 5), feature_readout(s1, 6), tokens, off="zero")
     with pytest.raises(JfigError, match="before the first clamped site"):
         intervention_design(model, saes, (s1, 4), (s1, 5), feature_readout(s0, 6), tokens)
+    with pytest.raises(JfigError, match="levels must be finite"):
+        intervention_design(model, saes, (s0, 4), (s0, 5), feature_readout(s1, 6), tokens, levels=((0.0, 1.0),))
+    with pytest.raises(JfigError, match="n_null must be >= 0"):
+        intervention_design(model, saes, (s0, 4), (s0, 5), feature_readout(s1, 6), tokens, n_null=-1)
     with pytest.raises(JfigError, match="no SAE at site"):
         intervention_design(model, saes, ("blocks.9.hook_resid_post", 4), (s0, 5), feature_readout(s1, 6), tokens)
 
