@@ -624,12 +624,13 @@ def rest_mask(d_sae: int, candidates) -> np.ndarray:
     return m
 
 
-def edge_contributions(ev: Evaluator, saes: dict, nodes: list) -> dict:
+def edge_contributions(ev: Evaluator, saes: dict, nodes: list, candidates: dict) -> dict:
     """{((a, i), (b, j)): D [n, w]} for every pair of `nodes` [(site, feature)] at sites a before b: the change of
     f_j at b when (a, i) alone is ablated with every feature of every search site strictly between held at its
-    clean value (module docstring). One state per (upstream node, downstream site), vmapped."""
+    clean value (module docstring). One state per (upstream node, downstream site), vmapped; every candidate
+    {site: features} is read, so the compiled shapes do not depend on which nodes were kept."""
     sites = list(saes)
-    read = {s: np.asarray(sorted(f for t, f in nodes if t == s) or [0], np.int32) for s in sites}
+    read = {s: np.asarray(list(candidates[s]) or [0], np.int32) for s in sites}
     combos = [(u, b) for u in nodes for b in sites if sites.index(b) > sites.index(u[0])
               and any(t == b for t, _ in nodes)]
     if not combos:
@@ -720,7 +721,7 @@ def feature_circuit(model, saes, suite, metric: Callable = logit_diff, *, thresh
     final = node_metric
     sparse = float(ev.metrics(sparse_masks)[0])
     if edges and len(nodes) > 1:
-        contrib = edge_contributions(ev, saes, nodes)
+        contrib = edge_contributions(ev, saes, nodes, cand)
         n_candidate_edges = len(contrib)
         index = {s: [e for e in contrib if e[1][0] == s] for s in search_sites}
         ev.set_edges({s: np.stack([contrib[e] for e in index[s]], -1) for s in saes if index[s]},
