@@ -154,7 +154,8 @@ class CLTConfig(TrainConfig):
 class CrosscoderConfig(TrainConfig):
     """Hyperparameters of one crosscoder training run: every :class:`TrainConfig` field, read for the
     SAE on the stacked vector ``concat_l x_l`` (``d_sae`` latents, ``k`` kept per token), plus
-    ``interaction_penalty``.
+    ``interaction_penalty``. AuxK's default ``aux_k`` is half of one layer's width (``d // 2``), not of
+    the stacked width: what an SAE at one of the sites would use.
 
     With ``scale_activations`` each layer gets its own factor (mean norm ``sqrt(d)`` per layer), so no
     layer dominates the loss because its residual is larger. ``interaction_penalty`` (lambda >= 0)

@@ -25,6 +25,7 @@ A transcoder (:func:`transcoder_loss`) reconstructs its output ``y`` from its in
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any
 
@@ -144,7 +145,7 @@ def dictionary_loss(pre: jax.Array, target: jax.Array, W_dec: jax.Array, offset:
         fired = jnp.zeros((cfg.d_sae,), jnp.int32).at[index.reshape(-1)].add(on.reshape(-1).astype(jnp.int32))
         l0 = jnp.mean(jnp.sum(on, axis=-1))
         sparsity = dead_latent_fvu(pre, dead, jax.lax.stop_gradient(target - y_hat), W_dec,
-                                   cfg.resolved_aux_k(target.shape[-1]))
+                                   cfg.resolved_aux_k(target.shape[-1]), dense_decode=dense_decode)
         coeff = cfg.aux_coeff
     elif cfg.architecture == "jumprelu":
         bandwidth = cfg.jumprelu_bandwidth
@@ -173,14 +174,19 @@ def auxk_loss(sae: SAE, pre: jax.Array, dead: jax.Array, error: jax.Array, aux_k
     return dead_latent_fvu(pre, dead, error, sae.W_dec, aux_k)
 
 
-def dead_latent_fvu(pre: jax.Array, dead: jax.Array, error: jax.Array, W_dec: jax.Array, aux_k: int) -> jax.Array:
+def dead_latent_fvu(pre: jax.Array, dead: jax.Array, error: jax.Array, W_dec: jax.Array, aux_k: int, *,
+                    dense_decode: bool = False) -> jax.Array:
     """AuxK for any dictionary with decoder ``W_dec [d_sae, d]``: the ``aux_k`` largest relu'd
-    pre-activations among dead latents reconstruct ``error [batch, d]`` (see :func:`auxk_loss`)."""
+    pre-activations among dead latents reconstruct ``error [batch, d]`` (see :func:`auxk_loss`);
+    ``dense_decode`` as in :func:`dictionary_loss` (the gather would hold ``batch * aux_k * d`` floats,
+    and XLA reserves the branch's buffers even while no latent is dead)."""
 
     def auxk(pre: jax.Array, W_dec: jax.Array) -> jax.Array:
         values, index = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), aux_k)
         values = jnp.where(dead[index], jax.nn.relu(values), 0.0)
-        return jnp.nan_to_num(fvu(error, sparse_decode(values, index, W_dec)))
+        e_hat = (_scatter_last(values, index, pre.shape[-1]) @ W_dec if dense_decode
+                 else sparse_decode(values, index, W_dec))
+        return jnp.nan_to_num(fvu(error, e_hat))
 
     return jax.lax.cond(jnp.any(dead), auxk, lambda *_: jnp.zeros((), pre.dtype), pre, W_dec)
 
@@ -284,6 +290,8 @@ def crosscoder_loss(params: dict[str, jax.Array], x: jax.Array, dead: jax.Array,
     :func:`interaction_penalty` when ``readers`` is given; aux adds ``interaction``."""
     n_layers, d = x.shape[1], x.shape[2]
     flat = x.reshape(x.shape[0], n_layers * d)
+    if cfg.aux_k is None:                                      # AuxK sized for one layer, not the stack
+        cfg = dataclasses.replace(cfg, aux_k=min(cfg.d_sae, max(1, d // 2)))
     sae = training_sae(params, cfg)
     pre = sae.pre_activations(flat)
     loss, aux = dictionary_loss(pre, flat, sae.W_dec, sae.b_dec, sae.threshold, dead, cfg, dense_decode=True)
