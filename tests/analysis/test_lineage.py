@@ -113,9 +113,10 @@ def test_streamed_cross_site_correlation_equals_numpy_in_one_run():
     model = tiny_model(n_layers=2, d_model=D)
     toks = np.random.default_rng(2).integers(0, 64, (7, 16))      # the last batch of 3 padded
     a = jfig.SAE.init_random(jax.random.PRNGKey(0), D, 10, "blocks.0.hook_resid_post")
-    for site in ("blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"):
+    outputs = ("blocks.1.hook_attn_out", "blocks.1.hook_mlp_out")
+    cache = model.run(jnp.asarray(toks), capture=(a.site, *outputs)).cache
+    for site in outputs:
         b = jfig.SAE.init_random(jax.random.PRNGKey(1), D, 12, site)
-        cache = model.run(jnp.asarray(toks), capture=(a.site, site)).cache
         fa = np.asarray(a.encode(cache[a.site]), np.float64)[:, 1:].reshape(-1, 10)
         fb = np.asarray(b.encode(cache[site]), np.float64)[:, 1:].reshape(-1, 12)
         with np.errstate(invalid="ignore", divide="ignore"):
