@@ -9,12 +9,14 @@ from . import data, edits, errors, sites
 from .analysis import Analysis, EstimatorComparison, analyze, compare_estimators
 from .atlas import Atlas, build_atlas
 from .attribution import AttributionGraph, attribution_graph
-from .behaviors import BehaviorCircuit, BehaviorSuite, behavior_subgraph, behavior_suite, load_suite
+from .behaviors import (BehaviorCircuit, BehaviorSuite, FeatureCircuit, behavior_subgraph, behavior_suite,
+                        compare_circuits, feature_circuit, load_suite)
 from .candidates import Candidates, select_candidates
 from .edits import Ablate, Clamp, ClampTranscoder, Compose, Patch, PatchHeads, SetFeatures, ShiftFeatures, Steer
 from .errors import FormatError, JfigError, OptionError, ShapeError, SiteError
 from .explorer import attribution_json, explorer_payload, render_page
 from .graph import GraphDiff, InteractionGraph, diff_graphs, load_graph
+from .integration import integration_neurons, intervention_design, stimulus_design
 from .interactions import (adversarial_pairs, dominance_test, feature_distribution, metric_predictions,
                            neuron_interactions, qk_terms, query_overlap, rank_interactions, search_pair)
 from .measure import (Effects, GatingEffects, crosscoder_effects, feature_importance, measure_effects, measure_gating,
@@ -25,7 +27,7 @@ from .models.registry import DEFAULT_MODEL, load_model
 from .models.tokenizer import Tokenizer
 from .pipeline import BuildOptions, build_graph, crosscoder_graph
 from .saes import (SAE, Crosscoder, FeatureMatching, Transcoder, default_saes, load_crosscoder, save_crosscoder,
-                   train_crosscoder, load_sae, load_transcoders, match_features,
+                   NFM, load_nfm, nfm_metrics, save_nfm, train_crosscoder, train_nfm, load_sae, load_transcoders, match_features,
                    sae_metrics, save_clt, save_sae, save_transcoder, train_clt, train_sae, train_transcoder,
                    transcoder_metrics)
 from .steering import observe_cascade, predict_cascade
@@ -48,5 +50,8 @@ __all__ = [
     "metric_predictions", "rank_interactions", "adversarial_pairs", "search_pair",
     "FeatureMatching", "match_features",
     "save_clt", "train_clt",
+    "NFM", "load_nfm", "nfm_metrics", "save_nfm", "train_nfm",
+    "integration_neurons", "intervention_design", "stimulus_design",
+    "FeatureCircuit", "compare_circuits", "feature_circuit",
     "Crosscoder", "load_crosscoder", "save_crosscoder", "train_crosscoder", "crosscoder_effects", "crosscoder_graph",
 ]

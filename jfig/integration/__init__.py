@@ -6,9 +6,12 @@ from .designs import (FourCellFit, InterventionDesign, Readout, feature_readout,
                       logit_readout, neuron_readout, site_values)
 from .neurons import (GatingEnrichment, IntegrationNeurons, gating_enrichment, gating_pairs,
                       integration_from_activations, integration_neurons)
+from .nfm_reading import (Context, DimensionReading, ablate_interaction, dimension_strength, gini, interaction_contexts,
+                          read_dimensions)
 from .stimulus import StimulusDesign, fit_stimulus_design, load_design_prompts, prompt_features, stimulus_design
 
-__all__: list[str] = ["FourCellFit", "GatingEnrichment", "IntegrationNeurons", "InterventionDesign", "Readout",
+__all__: list[str] = ["Context", "DimensionReading", "ablate_interaction", "dimension_strength", "gini",
+                      "interaction_contexts", "read_dimensions", "FourCellFit", "GatingEnrichment", "IntegrationNeurons", "InterventionDesign", "Readout",
                       "StimulusDesign", "feature_readout", "fit_stimulus_design", "four_cell_fit", "gating_enrichment",
                       "gating_pairs", "integration_from_activations", "integration_neurons", "intervention_design",
                       "load_design_prompts", "logit_readout", "neuron_readout", "prompt_features", "site_values",

@@ -9,7 +9,8 @@ from jfig.saes.transcoder import Transcoder, attach_input_norms
 from jfig.saes.crosscoder import Crosscoder, load_crosscoder, save_crosscoder
 from jfig.saes.metrics import activation_metrics, sae_metrics, transcoder_metrics, transcoder_pair_metrics
 from jfig.saes.train import (CLTConfig, CrosscoderConfig, TrainConfig, TranscoderConfig, fit, fit_clt,
-                             fit_crosscoder, fit_transcoder, train_clt, train_crosscoder, train_sae, train_transcoder)
+                             fit_crosscoder, fit_transcoder, train_clt, train_crosscoder, train_nfm, train_sae,
+                             train_transcoder)
 from jfig.saes.defaults import DefaultSAESettings, default_saes
 from jfig.saes.matching import FeatureMatching, feature_correlation, match_features, match_sae_sets
 from jfig.saes.nfm import NFM, bi_interaction, load_nfm, nfm_params, save_nfm
@@ -22,4 +23,4 @@ __all__ = ["SAE", "DefaultSAESettings", "TrainConfig", "activation_metrics", "de
            "transcoder_pair_metrics", "FeatureMatching", "feature_correlation", "match_features", "match_sae_sets",
            "CLTConfig", "fit_clt", "save_clt", "train_clt", "Crosscoder", "CrosscoderConfig", "fit_crosscoder",
            "load_crosscoder", "save_crosscoder", "train_crosscoder", "NFM", "bi_interaction", "load_nfm",
-           "nfm_metrics", "nfm_params", "save_nfm"]
+           "nfm_metrics", "nfm_params", "save_nfm", "train_nfm"]
