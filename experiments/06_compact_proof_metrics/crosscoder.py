@@ -172,26 +172,27 @@ def main():
     write_csv(agree, res / "crosscoder_decoder_agreement.csv")
     prof = edge_profile(sae_graph, "per-layer SAEs") + edge_profile(cc_graph, "crosscoder")
     write_csv(prof, res / "crosscoder_edges_by_gap.csv")
-    matching = crosscoder_matching(plain, saes, min_similarity=0.5)
-    diff = jfig.diff_graphs(sae_graph, cc_graph, matching=matching)
-    counts = dict(diff.counts)
-    t = diff.table.to_pydict()
+    diffs, fair = {}, {}
     cc_sources = set(int(f) for f in cc_graph.manifest["sources"])
-    # SAE edges whose matched source the crosscoder graph measured: found again (same sign), flipped, absent
-    fair = {"same": 0, "flipped": 0, "lost": 0}
-    for status, sb in zip(t["status"], t["source_b"]):
-        if status in fair and sb is not None and int(sb) in cc_sources:
-            fair[status] += 1
+    for method in ("decoder", "activation"):
+        matching = crosscoder_matching(plain, saes, method=method, activations=xe, min_similarity=0.5)
+        diff = jfig.diff_graphs(sae_graph, cc_graph, matching=matching)
+        t = diff.table.to_pydict()
+        # SAE edges whose matched source the crosscoder graph measured: found again (same sign), flipped, absent
+        found = {"same": 0, "flipped": 0, "lost": 0}
+        for status, sb in zip(t["status"], t["source_b"]):
+            if status in found and sb is not None and int(sb) in cc_sources:
+                found[status] += 1
+        diffs[method] = {"matched_sae_features": {s: int((m >= 0).sum()) for s, m in matching.items()},
+                         "status_counts": dict(diff.counts), "sae_edges_with_measured_matched_source": found}
+        log(f"diff through {method} matching: {diffs[method]}")
     summary = {"training": rows, "decoder_agreement": agree, "edges_by_gap": prof,
-               "matched_sae_features": {s: int((m >= 0).sum()) for s, m in matching.items()},
-               "diff_status_counts": counts, "sae_edges_with_measured_matched_source": fair, "sae_graph_tested": sae_graph.manifest.get("n_tested"),
+               "diffs": diffs, "sae_graph_tested": sae_graph.manifest.get("n_tested"),
                "crosscoder_graph_tested": cc_graph.manifest.get("n_tested"),
                "crosscoder_graph_edges": cc_graph.edges.num_rows, "sae_graph_edges": sae_graph.edges.num_rows,
                "seconds": time.time() - T0}
     (res / "crosscoder_summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    log("summary: " + json.dumps({k: summary[k] for k in ("matched_sae_features", "diff_status_counts",
-                                                           "sae_edges_with_measured_matched_source",
-                                                           "crosscoder_graph_edges", "sae_graph_edges")}))
+    log("summary: " + json.dumps({k: summary[k] for k in ("diffs", "crosscoder_graph_edges", "sae_graph_edges")}))
 
 
 if __name__ == "__main__":

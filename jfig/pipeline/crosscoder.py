@@ -24,6 +24,7 @@ from ..graph.assemble import EdgeRecords, NodeInfo, assemble_graph
 from ..measure.crosscoder import check_crosscoder, crosscoder_effects, stacked_values
 from ..measure.prefix import clean_prefix
 from ..saes import Crosscoder, match_features
+from ..saes.matching import empty_moments, fold_moments, moments_correlation, mutual_best
 from ..stats import CORRECTIONS, decide, pair_thresholds, robust_pvalues
 
 log = logging.getLogger(__name__)
@@ -103,20 +104,46 @@ def crosscoder_graph(model, crosscoder: Crosscoder, tokens, *, sources=None, sou
     return graph
 
 
-def crosscoder_matching(crosscoder: Crosscoder, saes, *, min_similarity: float = 0.5) -> dict[str, np.ndarray]:
-    """{site: [d_sae] crosscoder id per SAE feature (-1: none)} for the SAEs at the crosscoder's sites:
-    one-to-one by decoder cosine between the SAE's decoder and the crosscoder's decoder into that layer
-    (``match_features(..., method="decoder")``), keeping only crosscoder features whose home is that
-    site, the ones a crosscoder graph places there. Pass it to ``diff_graphs(sae_graph, crosscoder_graph,
-    matching=...)``."""
+def crosscoder_matching(crosscoder: Crosscoder, saes, *, method: str = "decoder", activations=None,
+                        min_similarity: float = 0.5, batch_rows: int = 1024) -> dict[str, np.ndarray]:
+    """{site: [d_sae] crosscoder id per SAE feature (-1: none)} for the SAEs at the crosscoder's sites,
+    one to one by mutual best similarity, keeping only crosscoder features whose home is that site (the
+    ones a crosscoder graph places there). Pass it to ``diff_graphs(sae_graph, crosscoder_graph,
+    matching=...)``.
+
+    method "decoder": cosine between the SAE's decoder rows and the crosscoder's decoder rows into that
+    layer (``match_features(..., method="decoder")`` on ``crosscoder.decoder_view(site)``). method
+    "activation": Pearson correlation over the tokens of ``activations [n, L, d]`` (the crosscoder's
+    sites stacked, e.g. ``jfig.saes.train.capture_stacked``) between each SAE feature (its own layer's
+    row) and each crosscoder feature (all layers), streamed ``batch_rows`` rows at a time."""
+    if method not in ("decoder", "activation"):
+        raise JfigError(f"unknown method {method!r}; expected 'decoder' or 'activation'")
+    if method == "activation" and activations is None:
+        raise JfigError("method='activation' needs activations= [n, L, d] at the crosscoder's sites")
     saes = {s.site: s for s in saes} if not isinstance(saes, dict) else saes
     homes = np.asarray(crosscoder.home_sites())
     out = {}
     for site, sae in saes.items():
         if site not in crosscoder.sites:
             continue
-        m = match_features(sae, crosscoder.decoder_view(site), method="decoder", min_similarity=min_similarity)
-        fwd = np.asarray(m.match, np.int64).copy()
+        if method == "decoder":
+            match = match_features(sae, crosscoder.decoder_view(site), method="decoder",
+                                   min_similarity=min_similarity).match
+        else:
+            xs = jnp.asarray(activations, jnp.float32)
+            if xs.ndim != 3 or xs.shape[1:] != (crosscoder.n_layers, crosscoder.d_model):
+                raise JfigError(f"activations have shape {tuple(xs.shape)}; expected [n, L={crosscoder.n_layers}, "
+                                f"d={crosscoder.d_model}]")
+            l = crosscoder.layer_index(site)
+            moments = empty_moments(sae.d_sae, crosscoder.d_sae)
+            for b in range(0, xs.shape[0], batch_rows):
+                rows = xs[b: b + batch_rows]
+                moments = fold_moments(moments, sae.encode(rows[:, l]), crosscoder.encode(rows),
+                                       jnp.ones(rows.shape[0]))
+            corr, _ = moments_correlation(moments)
+            match = mutual_best(None, None, method="activation", min_similarity=min_similarity,
+                                correlation=corr).match
+        fwd = np.asarray(match, np.int64).copy()
         fwd[(fwd >= 0) & (homes[np.maximum(fwd, 0)] != site)] = -1
         out[site] = fwd
     if not out:

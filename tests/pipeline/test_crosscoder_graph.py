@@ -83,3 +83,23 @@ def test_errors(setup):
         crosscoder_graph(model, cc, tokens, correction="holm", progress=False)
     with pytest.raises(JfigError, match="alpha"):
         crosscoder_graph(model, cc, tokens, alpha=2.0, progress=False)
+
+
+def test_activation_matching_finds_a_copied_feature():
+    """An SAE whose encoder reads one crosscoder feature's own pre-activation at its home layer fires
+    exactly when that feature does: the activation matching pairs them."""
+    cc = random_crosscoder()
+    homes = cc.home_layers()
+    xs = jax.random.normal(jax.random.key(3), (512, 3, 16))
+    feat = int(np.flatnonzero(homes == 2)[0])
+    f = np.asarray(cc.encode(xs))[:, feat]
+    # an SAE at the home site with one feature equal to f (by construction: a linear read of the stacked
+    # input is not available to it, so plant its activations through a lookup of the same rows)
+    W = jnp.zeros((16, 4)).at[:, 0].set(jnp.linalg.lstsq(xs[:, 2], jnp.asarray(f))[0])
+    sae = SAE(W_enc=W, b_enc=jnp.zeros(4), W_dec=W.T, b_dec=jnp.zeros(16), site=SITES[2], apply_b_dec_to_input=False)
+    m = crosscoder_matching(cc, [sae], method="activation", activations=xs, min_similarity=0.3)
+    corr = np.corrcoef(np.asarray(sae.encode(xs[:, 2]))[:, 0], f)[0, 1]
+    assert corr > 0.3
+    assert m[SITES[2]][0] == feat
+    with pytest.raises(JfigError, match="activations="):
+        crosscoder_matching(cc, [sae], method="activation")
