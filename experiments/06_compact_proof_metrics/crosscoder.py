@@ -172,7 +172,7 @@ def main():
     write_csv(agree, res / "crosscoder_decoder_agreement.csv")
     prof = edge_profile(sae_graph, "per-layer SAEs") + edge_profile(cc_graph, "crosscoder")
     write_csv(prof, res / "crosscoder_edges_by_gap.csv")
-    diffs, fair = {}, {}
+    diffs = {}
     cc_sources = set(int(f) for f in cc_graph.manifest["sources"])
     for method in ("decoder", "activation"):
         matching = crosscoder_matching(plain, saes, method=method, activations=xe, min_similarity=0.5)
