@@ -6,7 +6,8 @@ models -> data -> saes -> atlas -> measure | interactions -> candidates / stats 
 | attribution -> explorer -> pipeline -> cli.
 """
 from . import data, edits, errors, sites
-from .analysis import Analysis, EstimatorComparison, analyze, compare_estimators
+from .analysis import (Analysis, EstimatorComparison, analyze, compare_estimators, feature_chains, feature_manifolds,
+                       feature_splitting)
 from .atlas import Atlas, build_atlas
 from .attribution import AttributionGraph, attribution_graph
 from .behaviors import (BehaviorCircuit, BehaviorSuite, FeatureCircuit, behavior_subgraph, behavior_suite,
@@ -27,7 +28,7 @@ from .models.registry import DEFAULT_MODEL, load_model
 from .models.tokenizer import Tokenizer
 from .pipeline import BuildOptions, build_graph, crosscoder_graph
 from .saes import (SAE, Crosscoder, FeatureMatching, Transcoder, default_saes, load_crosscoder, save_crosscoder,
-                   NFM, load_nfm, nfm_metrics, save_nfm, train_crosscoder, train_nfm, load_sae, load_transcoders, match_features,
+                   NFM, load_nfm, match_across, nfm_metrics, save_nfm, train_crosscoder, train_nfm, load_sae, load_transcoders, match_features,
                    sae_metrics, save_clt, save_sae, save_transcoder, train_clt, train_sae, train_transcoder,
                    transcoder_metrics)
 from .steering import observe_cascade, predict_cascade
@@ -53,5 +54,6 @@ __all__ = [
     "NFM", "load_nfm", "nfm_metrics", "save_nfm", "train_nfm",
     "integration_neurons", "intervention_design", "stimulus_design",
     "FeatureCircuit", "compare_circuits", "feature_circuit",
+    "feature_chains", "feature_manifolds", "feature_splitting", "match_across",
     "Crosscoder", "load_crosscoder", "save_crosscoder", "train_crosscoder", "crosscoder_effects", "crosscoder_graph",
 ]
