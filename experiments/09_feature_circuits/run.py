@@ -30,7 +30,8 @@ import pyarrow.csv as pacsv
 import jfig
 from jfig.behaviors import (behavior_subgraph, compare_circuits, feature_circuit, logit_diff, random_circuits,
                             set_faithfulness)
-from jfig.behaviors.circuit_search import candidate_attribution, rows_for, search_data, suite_tokens
+from jfig.behaviors.circuit_runs import rows_for, search_data, suite_tokens
+from jfig.behaviors.circuit_search import candidate_attribution
 from jfig.graph import load_graph
 from jfig.pipeline.behavior import cached_saes_for
 

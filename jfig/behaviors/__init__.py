@@ -1,8 +1,9 @@
 """Behaviours: prompt suites with a metric, seed features, k-hop subgraphs of the interaction graph,
 and the tests that make a subgraph a circuit (sufficiency, necessity, self-containment, heads)."""
 from .circuit import HEAD_CIRCUITS, BehaviorCircuit, behavior_subgraph, circuit_report
-from .circuit_search import (CircuitComparison, CircuitEdge, FeatureCircuit, compare_circuits, direct_circuit_metric,
-                             feature_circuit, random_circuits, set_faithfulness)
+from .circuit_faithfulness import (CircuitComparison, CircuitEdge, FeatureCircuit, compare_circuits,
+                                   direct_circuit_metric, random_circuits, set_faithfulness)
+from .circuit_search import feature_circuit
 from .heads import EdgeHeads, HeadEffects, can_carry, edge_heads, head_patching
 from .metric import Baseline, logit_diff, suite_baseline
 from .modularity import overlap, self_containment
