@@ -15,8 +15,10 @@ resumes; build_graph itself resumes block by block):
    for the base model (seed 0: jfig's cached defaults), the base model again with seed 1 (the null: a
    retrain without any model change) and the fine-tuned model with seed 2 (so base-vs-fine-tuned, like
    the null, compares SAEs that start from different initialisations and token orders).
-3. graphs: build_graph on the same tokens and options for base, base-seed-1 and fine-tuned.
-4. match + diff: match_features (decoder cosine, activation correlation on the same default-corpus
+3. graphs: build_graph on the same tokens and options for base, base-seed-1 and fine-tuned (each with its
+   own SAEs), and with the base SAEs for the fine-tuned model and for the base model at measurement seed 1
+   (the same-SAE diff and its null; BUILDS).
+4. match + diff: graphs of the same SAEs feature by feature; the others through match_features (decoder cosine, activation correlation on the same default-corpus
    tokens, model A's activations for SAE A and model B's for SAE B) and diff_graphs(ratio=2) for
    base vs fine-tuned and base vs base-seed-1; the same counts restricted to edges whose source was
    measured in both builds; most_changed among features matched with similarity >= 0.9 and their atlas
@@ -49,6 +51,7 @@ from jfig.pipeline.demo import DEMO_OPTIONS
 from jfig.pipeline.view import measured_sources
 from jfig.saes import default_saes, match_features
 from jfig.saes.defaults import DefaultSAESettings
+from jfig.saes.metrics import activation_metrics
 
 from .finetune import MLP_KEYS, finetune, merge, text_loss, with_params
 
@@ -62,6 +65,12 @@ GRAPH_OPTIONS = {**DEMO_OPTIONS, "top_k": 16, "gating": False}
 for k in ("gating_max_targets", "gating_max_pairs"):
     GRAPH_OPTIONS.pop(k, None)
 CHANGED = ("gained", "lost", "flipped", "strengthened", "weakened")
+# graph name: (model, SAE set, options beyond GRAPH_OPTIONS). The first three compare retrained SAEs through
+# a matching; the last two keep the base SAEs and compare feature by feature (the fine-tuned model read
+# through the base model's SAEs, and its null: the base build again with another measurement seed).
+BUILDS = {"base": ("base", "base", {}), "base_seed1": ("base", "base_seed1", {}),
+          "finetuned": ("finetuned", "finetuned", {}), "finetuned_base_saes": ("finetuned", "base", {}),
+          "base_build_seed1": ("base", "base", {"seed": 1})}
 T0 = time.time()
 
 
@@ -146,14 +155,14 @@ def stage_graphs(models: dict, saes: dict, base, out: Path):
     tokens = tokens_from(default_corpus(base), base, GRAPH_OPTIONS["seq_len"], seed=0,
                          max_tokens=GRAPH_OPTIONS["max_sequences"] * GRAPH_OPTIONS["seq_len"])
     graphs, seconds = {}, {}
-    for name in ("base", "base_seed1", "finetuned"):
+    for name, (model_name, sae_name, extra) in BUILDS.items():
         build = out / "graphs" / name
         t = time.time()
         if (build / "graph").exists():
             graphs[name] = jfig.load_graph(build / "graph")
         else:
-            graphs[name] = jfig.build_graph(models[name], saes[name], tokens, out_dir=build, progress=False,
-                                             **GRAPH_OPTIONS)
+            graphs[name] = jfig.build_graph(models[model_name], saes[sae_name], tokens, out_dir=build,
+                                             progress=False, **{**GRAPH_OPTIONS, **extra})
         seconds[name] = round(time.time() - t, 1)
         log(f"graph {name}: {graphs[name].summary()} ({seconds[name]} s)")
     return graphs, seconds
@@ -228,9 +237,10 @@ def concentration(table: pa.Table, ranks: dict) -> dict:
     changed against same edges (Mann-Whitney), among edges whose features are matched."""
     t = table.filter(pc.invert(pc.is_in(table["status"], pa.array(["unmatched", "untested"]))))
     ss, s, ts, tt, st = (t[c].to_pylist() for c in ("source_site", "source", "target_site", "target", "status"))
-    score = np.array([max(ranks[a][x], ranks[b][y]) for a, x, b, y in zip(ss, s, ts, tt)])
-    changed = np.array([x in CHANGED for x in st])
-    out = {"n_changed": int(changed.sum()), "n_same": int((~changed).sum())}
+    score = np.array([max(ranks[a][x], ranks[b][y]) for a, x, b, y in zip(ss, s, ts, tt)], float)
+    changed = np.array([x in CHANGED for x in st], bool)
+    out = {"n_changed": int(changed.sum()), "n_same": int((~changed).sum()), "auc": float("nan"), "p": float("nan"),
+           "mean_score_changed": float("nan"), "mean_score_same": float("nan")}
     if changed.any() and (~changed).any():
         u = sps.mannwhitneyu(score[changed], score[~changed], alternative="two-sided")
         out.update(auc=float(u.statistic / (changed.sum() * (~changed).sum())), p=float(u.pvalue),
@@ -259,18 +269,27 @@ def main():
     graphs, graph_seconds = stage_graphs(models, saes, base, out)
     timings["graphs"] = round(time.time() - t, 1)
 
+    analyse(args, base, tuned, test, saes, manifests, graphs, {n: out / "graphs" / n / "graph" for n in graphs},
+            graph_seconds, ft_metrics, timings, res)
+
+
+def analyse(args, base, tuned, test, saes, manifests, graphs, graph_dirs, graph_seconds, ft_metrics, timings, res):
+    """Stage 4: matchings, diffs, concentration; the tables, setting.json and the figure under `res`."""
     t = time.time()
     match_tokens = tokens_from(default_corpus(base), base, 64, seed=7, max_tokens=args.match_tokens)
     acts = {"base": site_activations(base, match_tokens), "finetuned": site_activations(tuned, match_tokens)}
     act_model = {"base": "base", "base_seed1": "base", "finetuned": "finetuned"}
     shift = suite_feature_shift(base, tuned, saes["base"], test)
     ranks = shift_rank(shift)
-    sources = {n: measured_sources(out / "graphs" / n / "graph", g) for n, g in graphs.items()}
+    sources = {n: measured_sources(graph_dirs[n], g) for n, g in graphs.items()}
     rows, match_rows, top_rows, conc_rows = [], [], [], []
-    for other in ("finetuned", "base_seed1"):
-        for method in ("decoder", "activation"):
-            m = matchings(saes, acts, ("base", other), method, act_model)
-            for site, fm in m.items():
+    fits = [{"sae": "base", "site": sae.site, "model": name, **activation_metrics(sae, acts[name][sae.site])}
+            for sae in saes["base"] for name in ("base", "finetuned")]
+    pairs = [("finetuned", "decoder"), ("finetuned", "activation"), ("base_seed1", "decoder"),
+             ("base_seed1", "activation"), ("finetuned_base_saes", "same SAEs"), ("base_build_seed1", "same SAEs")]
+    for other, method in pairs:
+            m = None if method == "same SAEs" else matchings(saes, acts, ("base", other), method, act_model)
+            for site, fm in (m or {}).items():
                 sim = fm.similarity[fm.match >= 0]
                 match_rows.append({"comparison": f"base vs {other}", "method": method, "site": site,
                                    "matched": fm.n_matched, "of": fm.d_sae_a,
@@ -306,7 +325,7 @@ def main():
     timings["total_this_run"] = round(time.time() - T0, 1)
 
     # ---- tables
-    for name, table in (("diff_counts", rows), ("matching", match_rows), ("most_changed", top_rows),
+    for name, table in (("base_sae_fit", fits), ("diff_counts", rows), ("matching", match_rows), ("most_changed", top_rows),
                         ("concentration", conc_rows)):
         if table:
             pacsv.write_csv(pa.Table.from_pylist(table), res / f"{name}.csv")
@@ -333,17 +352,19 @@ def figure(rows, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
     for ax, scope in zip(axes, ("all edges", "untested apart")):
         sel = [r for r in rows if r["scope"] == scope]
-        labels = [f"{r['comparison'].replace('base vs ', 'vs ')}\n({r['matching']})" for r in sel]
+        short = {"finetuned": "fine-tuned", "base_seed1": "base seed 1", "finetuned_base_saes": "fine-tuned",
+                 "base_build_seed1": "base build\nseed 1"}
+        labels = [f"{short[r['comparison'].replace('base vs ', '')]}\n({r['matching']})" for r in sel]
         bottom = np.zeros(len(sel))
         for status in ("same", *CHANGED, "unmatched", "untested"):
             v = np.array([r[status] for r in sel], float)
             ax.bar(labels, v, bottom=bottom, label=status)
             bottom += v
         ax.set_title(scope)
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=7, rotation=60)
     axes[0].set_ylabel("edges in either graph")
     axes[1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
