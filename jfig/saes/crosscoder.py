@@ -10,7 +10,8 @@ which is an SAE on the stacked vector ``concat_l x_l`` (the encoder subtracts ``
 jfig's SAEs do by default). :class:`Crosscoder` holds that flat SAE and the layer structure. A
 feature's decoder rows ``W_dec[i, l]`` say what it writes at each layer; its **home layer** (where it
 is clamped when measured as a source, and where it sits in a graph) is the layer of its largest
-decoder row. Saved as a folder: ``crosscoder.json`` + ``crosscoder.safetensors`` (arrays in the
+decoder row relative to that layer's typical activation norm (``layer_norms``, recorded by training;
+the residual grows with depth, so raw norms would put almost every feature at the last layer). Saved as a folder: ``crosscoder.json`` + ``crosscoder.safetensors`` (arrays in the
 stacked shapes below), written atomically.
 """
 from __future__ import annotations
@@ -41,14 +42,16 @@ class Crosscoder(eqx.Module):
 
     Arrays (stacked shapes): ``W_enc [L, d, n]``, ``b_enc [n]``, ``W_dec [n, L, d]``, ``b_dec [L, d]``,
     ``threshold [n]`` (jumprelu). ``architecture`` "relu" | "jumprelu" | "topk" (``k`` kept per token).
-    ``metadata``: a JSON-able dict (training config and metrics)."""
+    ``layer_norms``: each layer's mean activation norm on the training data (None: unknown, raw decoder
+    norms decide home layers). ``metadata``: a JSON-able dict (training config and metrics)."""
 
     sae: SAE
     sites: tuple[str, ...] = eqx.field(static=True)
     d_model: int = eqx.field(static=True)
+    layer_norms: tuple[float, ...] | None = eqx.field(static=True)
 
     def __init__(self, W_enc, b_enc, W_dec, b_dec, sites, *, threshold=None, architecture: str = "relu",
-                 k: int | None = None, metadata: dict | None = None):
+                 k: int | None = None, layer_norms=None, metadata: dict | None = None):
         W_enc, W_dec, b_dec = jnp.asarray(W_enc), jnp.asarray(W_dec), jnp.asarray(b_dec)
         sites = tuple(str(s) for s in sites)
         if W_enc.ndim != 3 or W_dec.ndim != 3 or b_dec.ndim != 2:
@@ -59,7 +62,11 @@ class Crosscoder(eqx.Module):
             raise ShapeError(f"crosscoder arrays disagree: W_enc {W_enc.shape} needs W_dec {(n, L, d)}, b_dec "
                              f"{(L, d)} and b_enc {(n,)}; got {W_dec.shape}, {b_dec.shape} and {jnp.shape(b_enc)}")
         check_crosscoder_sites(sites, L)
-        self.sites, self.d_model = sites, int(d)
+        if layer_norms is not None:
+            layer_norms = tuple(float(v) for v in np.asarray(layer_norms, np.float64).reshape(-1))
+            if len(layer_norms) != L or not all(np.isfinite(v) and v > 0 for v in layer_norms):
+                raise ShapeError(f"layer_norms must be {L} positive numbers (one per site), got {layer_norms}")
+        self.sites, self.d_model, self.layer_norms = sites, int(d), layer_norms
         self.sae = SAE(W_enc=W_enc.reshape(L * d, n), b_enc=b_enc, W_dec=W_dec.reshape(n, L * d),
                        b_dec=b_dec.reshape(L * d), site=FLAT_SITE, threshold=threshold, architecture=architecture,
                        k=k, metadata=metadata or {})
@@ -97,9 +104,15 @@ class Crosscoder(eqx.Module):
         """[n, L]: the norm of each feature's decoder row at each layer."""
         return jnp.linalg.norm(self.W_dec, axis=-1)
 
+    def relative_decoder_norms(self) -> jax.Array:
+        """[n, L]: decoder row norms divided by each layer's mean activation norm (raw without
+        ``layer_norms``): how much of a typical activation the feature writes at each layer."""
+        norms = self.decoder_norms()
+        return norms if self.layer_norms is None else norms / jnp.asarray(self.layer_norms)
+
     def home_layers(self) -> np.ndarray:
-        """int [n]: each feature's home layer index (into ``sites``): its largest decoder row."""
-        return np.asarray(jnp.argmax(self.decoder_norms(), axis=-1))
+        """int [n]: each feature's home layer index (into ``sites``): its largest relative decoder row."""
+        return np.asarray(jnp.argmax(self.relative_decoder_norms(), axis=-1))
 
     def home_sites(self) -> tuple[str, ...]:
         """Each feature's home site, [n]."""
@@ -168,7 +181,8 @@ def save_crosscoder(cc: Crosscoder, path) -> Path:
     if path.exists() and (not path.is_dir() or set(p.name for p in path.iterdir()) - {CONFIG_FILE, WEIGHTS_FILE}):
         raise FormatError(f"{path}: exists and holds other files; save_crosscoder writes a folder of its own")
     cfg = {"format": CROSSCODER_FORMAT, "version": 1, "sites": list(cc.sites), "d_model": cc.d_model,
-           "d_sae": cc.d_sae, "architecture": cc.architecture, "k": cc.sae.k, "metadata": cc.meta}
+           "d_sae": cc.d_sae, "architecture": cc.architecture, "k": cc.sae.k,
+           "layer_norms": list(cc.layer_norms) if cc.layer_norms is not None else None, "metadata": cc.meta}
     tensors = {"W_enc": np.asarray(cc.W_enc), "b_enc": np.asarray(cc.sae.b_enc), "W_dec": np.asarray(cc.W_dec),
                "b_dec": np.asarray(cc.b_dec)}
     if cc.sae.threshold is not None:
@@ -201,4 +215,5 @@ def load_crosscoder(path) -> Crosscoder:
     if missing:
         raise FormatError(f"{weights}: missing arrays {sorted(missing)}")
     return Crosscoder(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg["sites"], threshold=t.get("threshold"),
-                      architecture=cfg["architecture"], k=cfg.get("k"), metadata=cfg.get("metadata") or {})
+                      architecture=cfg["architecture"], k=cfg.get("k"), layer_norms=cfg.get("layer_norms"),
+                      metadata=cfg.get("metadata") or {})

@@ -22,6 +22,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jfig.errors import JfigError
@@ -477,7 +478,7 @@ def crosscoder_from_state(state: TrainState, sites: list[str], *, metadata: dict
                           ) -> Crosscoder:
     """The inference :class:`~jfig.saes.crosscoder.Crosscoder` of a training state, taking raw
     activations: layer l's scale ``s_l`` folded in (``W_enc_l * s_l``, ``W_dec[:, l] / s_l``,
-    ``b_dec_l / s_l``); jumprelu gets ``threshold = exp(log_threshold)``; topk keeps ``k``."""
+    ``b_dec_l / s_l``) and recorded as the layer's mean norm ``sqrt(d) / s_l`` (``layer_norms``); jumprelu gets ``threshold = exp(log_threshold)``; topk keeps ``k``."""
     cfg = state.cfg
     p = jax.device_get(state.params)
     s = jnp.asarray(state.scale)
@@ -488,6 +489,7 @@ def crosscoder_from_state(state: TrainState, sites: list[str], *, metadata: dict
     b_dec = jnp.asarray(p["b_dec"]).reshape(n_layers, d_in) / s[:, None]
     meta = {"sites": list(sites), "train_config": dataclasses.asdict(cfg), "train_steps": int(state.step),
             **(metadata or {})}
+    norms = math.sqrt(d_in) / np.asarray(s, np.float64) if cfg.scale_activations else None  # mean ||x_l||
     return Crosscoder(W_enc, p["b_enc"], W_dec, b_dec, sites,
                       threshold=jnp.exp(p["log_threshold"]) if cfg.architecture == "jumprelu" else None,
-                      architecture=cfg.architecture, k=cfg.k, metadata=meta)
+                      architecture=cfg.architecture, k=cfg.k, layer_norms=norms, metadata=meta)
