@@ -16,19 +16,16 @@ stacked shapes below), written atomically.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from jfig.data.files import atomic_folder
-from jfig.errors import FormatError, JfigError, ShapeError
+from jfig.errors import JfigError, ShapeError
 from jfig.saes.sae import SAE
+from jfig.saes.weight_folder import read_weight_folder, write_weight_folder
 from jfig.sites import parse_site, site_key
 
 CROSSCODER_FORMAT = "jfig-crosscoder"
@@ -177,9 +174,6 @@ def check_crosscoder_sites(sites: tuple[str, ...], n_layers: int) -> None:
 
 def save_crosscoder(cc: Crosscoder, path) -> Path:
     """Write ``cc`` to the folder ``path`` (config + safetensors), atomically."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or set(p.name for p in path.iterdir()) - {CONFIG_FILE, WEIGHTS_FILE}):
-        raise FormatError(f"{path}: exists and holds other files; save_crosscoder writes a folder of its own")
     cfg = {"format": CROSSCODER_FORMAT, "version": 1, "sites": list(cc.sites), "d_model": cc.d_model,
            "d_sae": cc.d_sae, "architecture": cc.architecture, "k": cc.sae.k,
            "layer_norms": list(cc.layer_norms) if cc.layer_norms is not None else None, "metadata": cc.meta}
@@ -187,33 +181,14 @@ def save_crosscoder(cc: Crosscoder, path) -> Path:
                "b_dec": np.asarray(cc.b_dec)}
     if cc.sae.threshold is not None:
         tensors["threshold"] = np.asarray(cc.sae.threshold)
-    with atomic_folder(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str))
-    return path
+    return write_weight_folder(path, cfg, tensors, config_file=CONFIG_FILE, weights_file=WEIGHTS_FILE,
+                               what="a crosscoder")
 
 
 def load_crosscoder(path) -> Crosscoder:
     """Read a folder :func:`save_crosscoder` wrote. FormatError names a missing or corrupt file."""
-    path = Path(path)
-    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for f in (cfg_file, weights):
-        if not f.is_file():
-            raise FormatError(f"{path}: no {f.name}; expected a crosscoder folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise FormatError(f"{cfg_file}: not valid JSON ({e})") from None
-    if cfg.get("format") != CROSSCODER_FORMAT:
-        raise FormatError(f"{cfg_file}: format {cfg.get('format')!r}; expected {CROSSCODER_FORMAT!r}")
-    try:
-        with safe_open(str(weights), framework="numpy") as f:
-            t = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:  # safetensors raises its own error types on truncated or corrupt files
-        raise FormatError(f"{weights}: cannot read ({e})") from None
-    missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(t)
-    if missing:
-        raise FormatError(f"{weights}: missing arrays {sorted(missing)}")
+    cfg, t = read_weight_folder(path, config_file=CONFIG_FILE, weights_file=WEIGHTS_FILE, fmt=CROSSCODER_FORMAT,
+                                what="a crosscoder", required=("W_enc", "b_enc", "W_dec", "b_dec"))
     return Crosscoder(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg["sites"], threshold=t.get("threshold"),
                       architecture=cfg["architecture"], k=cfg.get("k"), layer_norms=cfg.get("layer_norms"),
                       metadata=cfg.get("metadata") or {})

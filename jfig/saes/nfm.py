@@ -22,7 +22,6 @@ the next component reads; the NFM's output then replaces the reconstruction). Sa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from jfig.data.files import atomic_folder
 from jfig.errors import FormatError, JfigError, ShapeError
 from jfig.saes.sae import freeze_metadata, thaw_metadata
+from jfig.saes.weight_folder import read_weight_folder, write_weight_folder
 
 NFM_FORMAT = "jfig-nfm"
 CONFIG_FILE = "nfm.json"
@@ -199,38 +196,19 @@ def nfm_params(n: int, d: int, k: int, hidden: int) -> int:
 
 def save_nfm(nfm: NFM, path) -> Path:
     """Write ``nfm`` to the folder ``path`` (``nfm.json`` + ``nfm.safetensors``), atomically."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or {p.name for p in path.iterdir()} - {CONFIG_FILE, WEIGHTS_FILE}):
-        raise FormatError(f"{path}: exists and holds other files; save_nfm writes a folder of its own")
     cfg = {"format": NFM_FORMAT, "version": 1, "site": nfm.site, "target": nfm.target, "n_features": nfm.n_features,
            "d_out": nfm.d_out, "k": nfm.k, "hidden": nfm.hidden, "metadata": nfm.meta}
     tensors = {name: np.asarray(getattr(nfm, name), np.float32) for name in ("W_lin", "b", "V", "W_out")}
     if nfm.W_hidden is not None:
         tensors["W_hidden"] = np.asarray(nfm.W_hidden, np.float32)
-    with atomic_folder(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str))
-    return path
+    return write_weight_folder(path, cfg, tensors, config_file=CONFIG_FILE, weights_file=WEIGHTS_FILE, what="an NFM")
 
 
 def load_nfm(path) -> NFM:
     """Read a folder :func:`save_nfm` wrote. FormatError names a missing, corrupt or mismatched file."""
-    path = Path(path)
-    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for file in (cfg_file, weights):
-        if not file.is_file():
-            raise FormatError(f"{path}: no {file.name}; expected an NFM folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise FormatError(f"{cfg_file}: not valid JSON ({e})") from None
-    if cfg.get("format") != NFM_FORMAT:
-        raise FormatError(f"{cfg_file}: format {cfg.get('format')!r}; expected {NFM_FORMAT!r}")
-    try:
-        with safe_open(str(weights), framework="numpy") as f:
-            t = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:  # safetensors raises its own error types on truncated or corrupt files
-        raise FormatError(f"{weights}: cannot read ({e})") from None
+    cfg, t = read_weight_folder(path, config_file=CONFIG_FILE, weights_file=WEIGHTS_FILE, fmt=NFM_FORMAT,
+                                what="an NFM")
+    weights, cfg_file = Path(path) / WEIGHTS_FILE, Path(path) / CONFIG_FILE
     need = {"W_lin", "b", "V", "W_out"} | ({"W_hidden"} if cfg.get("hidden") else set())
     if need - set(t):
         raise FormatError(f"{weights}: missing arrays {sorted(need - set(t))}")
