@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfig.errors import JfigError, ShapeError
-from jfig.saes.train.config import CLTConfig, TrainConfig
+from jfig.saes.train.config import CLTConfig, TrainConfig, config_as
 from jfig.saes.train.loop import BatchSource, Part, run_loop, run_meta, start_state
 from jfig.saes.train.step import clt_from_state, clt_train_step, empty_clt_state, init_clt_state
 from jfig.saes.train.transcoder import (capture_all, capture_tokens, check_train_request, check_transcoder_sites,
@@ -146,13 +146,6 @@ def stream_clt_pairs(model: Any, tokens: Any, layers: Any = None, *, batch_size:
     return streamed(_CLTCapture(model, tokens, reads, writes, drop_first), batch_size, seed)
 
 
-def _clt_config(cfg: Any) -> CLTConfig:
-    if isinstance(cfg, CLTConfig):
-        return cfg
-    if isinstance(cfg, TrainConfig):
-        return CLTConfig(**{f: getattr(cfg, f) for f in TrainConfig.__dataclass_fields__})
-    raise JfigError(f"cfg must be a CLTConfig, got {type(cfg).__name__}")
-
 
 def fit_clt(pairs: Any, read_sites: list[str], write_sites: list[str], d_in: int, d_out: int, cfg: TrainConfig, *,
             model: Any = None, checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
@@ -173,7 +166,7 @@ def fit_clt(pairs: Any, read_sites: list[str], write_sites: list[str], d_in: int
     if len(read_sites) != len(write_sites) or not read_sites:
         raise JfigError(f"fit_clt needs one write site per read site; got {len(read_sites)} and {len(write_sites)}")
     d_in, d_out, n_layers = int(d_in), int(d_out), len(read_sites)
-    cfg = _clt_config(cfg)
+    cfg = config_as(cfg, CLTConfig)
     for read, write in zip(read_sites, write_sites):
         check_transcoder_sites(read, write, model)
     site = f"CLT {read_sites[0]} .. {read_sites[-1]} -> {write_sites[0]} .. {write_sites[-1]}"

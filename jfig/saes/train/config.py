@@ -171,3 +171,13 @@ class CrosscoderConfig(TrainConfig):
         value = self.interaction_penalty
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not value >= 0:
             raise JfigError(f"CrosscoderConfig.interaction_penalty must be a number >= 0, got {value!r}")
+
+
+def config_as(cfg, cls: type):
+    """``cfg`` as a ``cls`` (a TrainConfig subclass): itself when it is one, a plain :class:`TrainConfig`
+    lifted with the subclass's own fields at their defaults; JfigError for anything else."""
+    if isinstance(cfg, cls):
+        return cfg
+    if isinstance(cfg, TrainConfig):
+        return cls(**{f: getattr(cfg, f) for f in TrainConfig.__dataclass_fields__})
+    raise JfigError(f"cfg must be a {cls.__name__}, got {type(cfg).__name__}")

@@ -23,7 +23,7 @@ import numpy as np
 
 from jfig.errors import JfigError, ShapeError
 from jfig.saes.crosscoder import Crosscoder, check_crosscoder_sites
-from jfig.saes.train.config import CrosscoderConfig, TrainConfig
+from jfig.saes.train.config import CrosscoderConfig, TrainConfig, config_as
 from jfig.saes.train.loop import BatchSource, Part, run_loop, run_meta, start_state
 from jfig.saes.train.step import (crosscoder_from_state, crosscoder_train_step, empty_crosscoder_state,
                                   init_crosscoder_state)
@@ -109,13 +109,6 @@ def check_readers(readers: Any, n_layers: int, d_in: int) -> jax.Array:
     return jnp.asarray(r / np.maximum(norms, 1e-12))
 
 
-def _crosscoder_config(cfg: Any) -> CrosscoderConfig:
-    if isinstance(cfg, CrosscoderConfig):
-        return cfg
-    if isinstance(cfg, TrainConfig):
-        return CrosscoderConfig(**{f: getattr(cfg, f) for f in TrainConfig.__dataclass_fields__})
-    raise JfigError(f"cfg must be a CrosscoderConfig, got {type(cfg).__name__}")
-
 
 def fit_crosscoder(data: Any, sites: list[str], d_in: int, cfg: TrainConfig, *, readers: Any = None,
                    checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
@@ -130,7 +123,7 @@ def fit_crosscoder(data: Any, sites: list[str], d_in: int, cfg: TrainConfig, *, 
     checkpoints in ``checkpoint_dir``, exact resume, ``max_steps`` and ``callback`` as :func:`fit`."""
     if not isinstance(d_in, (int, np.integer)) or isinstance(d_in, bool) or d_in < 1:
         raise ShapeError(f"d_in must be a positive int, got {d_in!r}")
-    cfg = _crosscoder_config(cfg)
+    cfg = config_as(cfg, CrosscoderConfig)
     sites = list(sites)
     n_layers = len(sites)
     check_crosscoder_sites(tuple(sites), n_layers)

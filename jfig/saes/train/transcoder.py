@@ -27,7 +27,7 @@ import numpy as np
 
 from jfig.errors import JfigError, ShapeError, SiteError
 from jfig.saes.train.checkpoint import checkpoint_dirs
-from jfig.saes.train.config import TrainConfig, TranscoderConfig
+from jfig.saes.train.config import TrainConfig, TranscoderConfig, config_as
 from jfig.saes.train.loop import BatchSource, Part, run_loop, run_meta, start_state
 from jfig.saes.train.step import (empty_transcoder_state, init_transcoder_state, transcoder_from_state,
                                   transcoder_train_step)
@@ -243,7 +243,7 @@ def fit_transcoder(pairs: PairSource, d_in: int, d_out: int, read_site: str, wri
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ShapeError(f"{name} must be a positive int, got {value!r}")
     d_in, d_out = int(d_in), int(d_out)
-    cfg = _transcoder_config(cfg)
+    cfg = config_as(cfg, TranscoderConfig)
     check_transcoder_sites(read_site, write_site, model)
     site = f"{read_site} -> {write_site}"
     label = f"the transcoder {site}"
@@ -261,13 +261,6 @@ def fit_transcoder(pairs: PairSource, d_in: int, d_out: int, read_site: str, wri
         tc = tc.with_input_norm(model)
     return tc, history
 
-
-def _transcoder_config(cfg: Any) -> TranscoderConfig:
-    if isinstance(cfg, TranscoderConfig):
-        return cfg
-    if isinstance(cfg, TrainConfig):
-        return TranscoderConfig(**{f: getattr(cfg, f) for f in TrainConfig.__dataclass_fields__})
-    raise JfigError(f"cfg must be a TranscoderConfig, got {type(cfg).__name__}")
 
 
 def train_transcoder(model: Any, tokens_or_pairs: Any, read_site: str | None = None, write_site: str | None = None,
