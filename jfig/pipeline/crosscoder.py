@@ -42,7 +42,7 @@ def busiest_sources(crosscoder: Crosscoder, firing: np.ndarray, per_layer: int) 
 
 
 def crosscoder_graph(model, crosscoder: Crosscoder, tokens, *, sources=None, sources_per_layer: int = 32,
-                     inputs_per_source: int = 16, method: str = "clamp", read: str = "pre", alpha: float = 0.01,
+                     inputs_per_source: int = 32, method: str = "clamp", read: str = "pre", alpha: float = 0.01,
                      correction: str = "bonferroni", null_sources: int = 8, null_quantile: float = 0.99,
                      seed: int = 0, batch_size: int = 16, chunk_size: int = 4, out_dir=None,
                      progress: bool = True) -> InteractionGraph:
@@ -51,6 +51,8 @@ def crosscoder_graph(model, crosscoder: Crosscoder, tokens, *, sources=None, sou
     sources: feature ids, or None for the ``sources_per_layer`` most often active features of each home
     layer but the last. Targets: every feature whose home layer comes after the source's. ``null_sources``
     sources per home layer are measured again along random directions for τ (0 skips the null: τ = 0).
+    Inputs: 32 by default; the smallest two-sided sign-flip p-value of m inputs is 2 / 2^m, so 16 inputs
+    cannot pass Bonferroni over the ~10^5 pairs of a few dozen sources.
     method / read / inputs_per_source as :func:`jfig.measure.crosscoder.crosscoder_effects`. With
     ``out_dir`` the graph is saved there (Parquet folder)."""
     if correction not in CORRECTIONS:
