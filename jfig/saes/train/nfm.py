@@ -39,7 +39,7 @@ from jfig.saes.train.config import DECAYS, TrainConfig
 from jfig.saes.train.fit import fit
 from jfig.saes.train.loop import BatchSource, Part, run_loop, run_meta, start_state
 from jfig.saes.train.step import make_optimizer, make_schedule
-from jfig.saes.train.transcoder import capture_tokens, streamed
+from jfig.saes.train.transcoder import capture_all, capture_tokens, streamed
 
 # Fields the update step never reads (runs differing only in these share one compiled step), and those
 # a resumed run may change.
@@ -305,35 +305,29 @@ class FeatureCapture:
         self.site = check_sae_site(model, sae)
         self.model, self.sae, self.target, self.drop_first = model, sae, target, drop_first
         self.tokens = capture_tokens(model, tokens, drop_first)
-        self.x = None if stream else self._capture_all(capture_batch_size)
+        self.x = None if stream else self.capture_site(capture_batch_size)
 
     @property
     def rows_per_sequence(self) -> int:
         return self.tokens.shape[1] - (1 if self.drop_first else 0)
 
-    def _run(self, batch: np.ndarray, n: int) -> jax.Array:
-        return _site_rows(self.model, self.sae, jnp.asarray(batch, jnp.int32), n, 1 if self.drop_first else 0)
+    def run(self, batch: np.ndarray, n: int) -> tuple[jax.Array]:
+        """The site's rows ``[n * rows_per_sequence, ...]`` of the first ``n`` sequences of ``batch``."""
+        return (_site_rows(self.model, self.sae, jnp.asarray(batch, jnp.int32), n, 1 if self.drop_first else 0),)
 
-    def _capture_all(self, batch_size: int) -> jax.Array:
-        n_seq = self.tokens.shape[0]
-        bs = max(1, min(batch_size, n_seq))
-        parts = []
-        for start in range(0, n_seq, bs):
-            batch = self.tokens[start:start + bs]
-            n = batch.shape[0]
-            if n < bs:  # pad to one shape so the run compiles once
-                batch = np.concatenate([batch, np.repeat(batch[:1], bs - n, axis=0)])
-            parts.append(self._run(batch, n))
-        x = jnp.concatenate(parts)
+    def capture_site(self, batch_size: int) -> jax.Array:
+        """Every sequence's site activations ``[n_seq, rows_per_sequence, ...]`` (``capture_all``: padded
+        batches, one compilation), checked finite."""
+        x = capture_all(self, batch_size)[0]
         if not bool(jnp.all(jnp.isfinite(x))):
             raise JfigError(f"the model's activations at {self.site} contain NaN or inf values; check the model's "
                             f"parameters")
-        return x.reshape(n_seq, self.rows_per_sequence, *x.shape[1:])
+        return x.reshape(self.tokens.shape[0], self.rows_per_sequence, *x.shape[1:])
 
     def sequences(self, index: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """``(f, y)`` rows of the sequences ``index`` (one device computation, no host transfer)."""
         if self.x is None:
-            x = self._run(self.tokens[index], len(index))
+            x = self.run(self.tokens[index], len(index))[0]
         else:
             x = self.x[jnp.asarray(index)]
             x = x.reshape(-1, *x.shape[2:])
